@@ -1,0 +1,52 @@
+"""What rig needs on disk besides its own code, and whether it is there (``rig assets status``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rigcli.detect import MODEL_FILES, models_dir
+from rigcli.store import Store
+
+_PURPOSE = {
+    "landmarks": "68-point face landmarks (needed)",
+    "cnn": "CNN face detector (--detector cnn)",
+    "recognition": "128-D identity embedding (needed)",
+}
+
+
+@dataclass(frozen=True)
+class AssetLine:
+    """One row of the status table: what, whether it is ready, and a detail (path, version, hint)."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+def asset_status(store: Store) -> list[AssetLine]:
+    """Check the store root, dlib and its model files, and torch."""
+    lines = [
+        AssetLine("store", store.root.is_dir(), str(store.root) + ("" if store.root.is_dir() else " (not created yet)"))
+    ]
+    try:
+        import dlib
+
+        lines.append(AssetLine("dlib", True, f"version {dlib.__version__}"))
+    except ImportError:
+        lines.append(AssetLine("dlib", False, "not installed: pip install dlib-bin"))
+    folder = models_dir()
+    for key, filename in MODEL_FILES.items():
+        path = folder / filename if folder else None
+        if path is not None and path.is_file():
+            detail = f"{_PURPOSE[key]}: {path} ({path.stat().st_size / 1e6:.1f} MB)"
+            lines.append(AssetLine(filename, True, detail))
+        else:
+            lines.append(AssetLine(filename, False, f"{_PURPOSE[key]}: missing; pip install face_recognition_models"))
+    try:
+        import torch
+
+        cuda = "CUDA " + torch.version.cuda if torch.cuda.is_available() else "CPU only"
+        lines.append(AssetLine("torch", True, f"version {torch.__version__} ({cuda})"))
+    except ImportError:
+        lines.append(AssetLine("torch", False, "not installed: pip install torch (see README)"))
+    return lines

@@ -1,0 +1,367 @@
+"""The ``rig`` command line: a thin table of contents over the Python API.
+
+Every command turns a RigError into one red line on stderr and exit code 2; Ctrl-C exits 130 after
+saying what was kept. Progress goes to stderr, results (tables, JSON) to stdout.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from rigcli import RigError, __version__
+from rigcli.store import LockHolder, Store
+
+app = typer.Typer(
+    name="rig",
+    help="Learn a person's face from ~20 photos, then edit new photos of them (DiffusionRig).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+people_app = typer.Typer(help="List, inspect and remove the people in the store.", no_args_is_help=True)
+assets_app = typer.Typer(help="Model files and data rig needs besides its code.", no_args_is_help=True)
+app.add_typer(people_app, name="people")
+app.add_typer(assets_app, name="assets")
+
+STATUS_STYLE = {
+    "added": "green",
+    "duplicate": "cyan",
+    "outlier": "yellow",
+    "no face": "red",
+    "too small": "red",
+    "unreadable": "red",
+    "ok": "green",
+}
+
+
+def out() -> Console:
+    return Console(soft_wrap=False)
+
+
+def err() -> Console:
+    return Console(stderr=True, soft_wrap=True)
+
+
+def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Show RigError as one line (exit 2) and Ctrl-C as 'interrupted' (exit 130), never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RigError as exc:
+            err().print(f"[bold red]error:[/] {escape(str(exc))}")
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err().print("[bold red]interrupted[/]: the store is as it was, plus any photo fully added before")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def store_of(ctx: typer.Context) -> Store:
+    return ctx.find_root().obj
+
+
+def _say_waiting(holder: LockHolder | None) -> None:
+    who = holder.describe() if holder else "another rig process"
+    err().print(f"[yellow]waiting[/]: this person is locked by {escape(who)}")
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=err(),
+        transient=True,
+    )
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    home: Annotated[
+        Path | None,
+        typer.Option(
+            "--home",
+            envvar="RIG_HOME",
+            help="Store root folder (people, models). Default: $RIG_HOME, else the platform's user data folder.",
+            show_default=False,
+        ),
+    ] = None,
+    version: Annotated[bool, typer.Option("--version", help="Print rig's version and exit.")] = False,
+) -> None:
+    """Learn a person's face from ~20 photos, then edit new photos of them (DiffusionRig)."""
+    if version:
+        print(f"rig {__version__}")
+        raise typer.Exit()
+    ctx.obj = Store(home)
+
+
+class Detector(str, Enum):
+    hog = "hog"
+    cnn = "cnn"
+
+
+def _add(store: Store, name: str, photos: list[Path], **options: Any):
+    """Run enroll.add_photos under a progress bar; print the report table. Returns the report."""
+    from rigcli.enroll import add_photos, collect_inputs
+
+    total = len(collect_inputs(photos))  # validates paths before any work
+    done: list = []
+    with _progress() as progress:
+        task = progress.add_task("adding", total=total)
+
+        def started(index: int, path: Path) -> None:
+            progress.update(task, completed=index, description=f"{escape(path.name)[:40]:40s}")
+
+        try:
+            report = add_photos(
+                store, name, photos, on_start=started, on_outcome=done.append, on_wait=_say_waiting, **options
+            )
+        except KeyboardInterrupt:
+            progress.stop()
+            _outcome_table(name, done)
+            raise
+        progress.update(task, completed=total)
+    _outcome_table(name, report.outcomes)
+    manifest = report.manifest
+    counts: dict[str, int] = {}
+    for o in report.outcomes:
+        counts[o.status] = counts.get(o.status, 0) + 1
+    summary = ", ".join(f"{n} {status}" for status, n in counts.items())
+    training = sum(p.train for p in manifest.photos)
+    out().print(f"{escape(name)}: {summary}. Album: {len(manifest.photos)} photos, {training} used for training.")
+    if report.usable == 0:
+        reasons = "; ".join(f"{o.source.name}: {o.detail}" for o in report.outcomes[:3])
+        raise RigError(f"nothing usable was added to {name} ({reasons})")
+    return report
+
+
+def _outcome_table(name: str, outcomes: list) -> None:
+    if not outcomes:
+        return
+    table = Table(title=f"add-person {escape(name)}", title_justify="left")
+    table.add_column("photo", overflow="fold")
+    table.add_column("id")
+    table.add_column("status")
+    table.add_column("detail", overflow="fold")
+    for o in outcomes:
+        style = STATUS_STYLE.get(o.status, "")
+        table.add_row(escape(o.source.name), o.photo_id or "", f"[{style}]{o.status}[/]", escape(o.detail))
+    out().print(table)
+
+
+@app.command("add-person")
+@handles_errors
+def add_person(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The person's name: letters, digits, '-' and '_', at most 64.")],
+    photos: Annotated[
+        list[Path], typer.Argument(help="Photo files (JPEG, PNG, WebP, BMP, TIFF) and/or folders of them.")
+    ],
+    detector: Annotated[
+        Detector, typer.Option(help="Face detector: hog (fast) or cnn (finds harder faces; ~10 s per photo on a CPU).")
+    ] = Detector.hog,
+    size: Annotated[
+        int | None,
+        typer.Option(
+            help="Aligned crop size, 256 (the paper's) or 512; set when the person is created.", show_default=False
+        ),
+    ] = None,
+    min_face: Annotated[int, typer.Option(help="Smallest face accepted, in photo pixels.")] = 48,
+    keep_outliers: Annotated[
+        bool | None,
+        typer.Option(
+            "--keep-outliers/--drop-outliers",
+            help="Use photos that look like someone else for training anyway (default: keep the person's setting, "
+            "initially drop).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Add a person, or more photos of them: detect, landmark, align and embed each photo, and store it."""
+    store = store_of(ctx)
+    _add(store, name, photos, detector=detector.value, size=size, min_face=min_face, keep_outliers=keep_outliers)
+
+
+@people_app.command("list")
+@handles_errors
+def people_list(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list instead of a table.")] = False,
+) -> None:
+    """List the people in the store."""
+    store = store_of(ctx)
+    rows = []
+    for name in store.people():
+        m = store.load(name)
+        rows.append(
+            {
+                "name": name,
+                "photos": len(m.photos),
+                "train": sum(p.train for p in m.photos),
+                "outliers": sum(p.status == "outlier" for p in m.photos),
+                "created": m.created,
+                "updated": m.updated,
+            }
+        )
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        out().print(f"no people yet in {escape(str(store.root))}; add one with: rig add-person NAME PHOTOS...")
+        return
+    table = Table(title=f"people in {escape(str(store.root))}", title_justify="left")
+    for column in ("name", "photos", "train", "outliers", "created", "updated"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(*(escape(str(v)) for v in r.values()))
+    out().print(table)
+
+
+@people_app.command("show")
+@handles_errors
+def people_show(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The person to show.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with every stored field.")] = False,
+) -> None:
+    """Show a person's photos: status, face box, and where the original and aligned crop are stored."""
+    from rigcli.enroll import describe
+
+    info = describe(store_of(ctx), name)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    photos = info["photos"]
+    training = sum(p["train"] for p in photos)
+    console = out()
+    console.print(f"[bold]{escape(info['name'])}[/]  created {info['created']}  updated {info['updated']}")
+    console.print(f"folder {escape(info['folder'])}  crops {info['align_size']} px")
+    console.print(f"{len(photos)} photos, {training} used for training")
+    table = Table()
+    for column in ("id", "source", "status", "train", "face px", "photo size", "added"):
+        table.add_column(column)
+    for p in photos:
+        x0, _, x1, _ = p["face_box"]
+        style = STATUS_STYLE.get(p["status"], "")
+        table.add_row(
+            p["id"],
+            escape(p["source"]),
+            f"[{style}]{p['status']}[/]",
+            "yes" if p["train"] else "no",
+            f"{x1 - x0:.0f}",
+            "x".join(map(str, p["image_size"])),
+            p["added"],
+        )
+    console.print(table)
+
+
+@people_app.command("remove-photo")
+@handles_errors
+def people_remove_photo(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The person.")],
+    photo_id: Annotated[str, typer.Argument(help="The photo's id (or a unique prefix of 4+ characters).")],
+) -> None:
+    """Remove one photo (original, crop and face data) from a person."""
+    from rigcli.enroll import remove_photo
+
+    record = remove_photo(store_of(ctx), name, photo_id)
+    out().print(f"removed photo {record.id} ({escape(record.source)}) from {escape(name)}")
+
+
+@people_app.command("remove")
+@handles_errors
+def people_remove(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The person to delete, with all their photos and data.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete a person and everything stored for them."""
+    store = store_of(ctx)
+    store.require(name)
+    count = len(store.load(name).photos)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise RigError(f"removing {name} deletes {count} photos and all their data: pass --yes to confirm")
+        typer.confirm(f"Delete {name} and {count} photos from {store.root}?", abort=True)
+    with store.locked(name, on_wait=_say_waiting):
+        store.remove_person(name)
+    out().print(f"removed {escape(name)} ({count} photos)")
+
+
+@assets_app.command("status")
+@handles_errors
+def assets_status(ctx: typer.Context) -> None:
+    """Show which model files and libraries are installed, and where."""
+    from rigcli.assets import asset_status
+
+    table = Table(title="rig assets", title_justify="left")
+    for column in ("asset", "status", "detail"):
+        table.add_column(column, overflow="fold")
+    lines = asset_status(store_of(ctx))
+    for line in lines:
+        table.add_row(escape(line.name), "[green]ok[/]" if line.ok else "[red]missing[/]", escape(line.detail))
+    out().print(table)
+
+
+@app.command("demo")
+@handles_errors
+def demo(
+    ctx: typer.Context,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the demo's album, store and sheets.")] = Path(
+        "rig-demo"
+    ),
+    photos: Annotated[int, typer.Option(min=3, max=40, help="How many album photos to generate.")] = 12,
+) -> None:
+    """Run the pipeline on a generated album of the public-domain astronaut photo (no downloads).
+
+    Writes the album to OUT/album, a store to OUT/home (unless --home is given) and a sheet of the
+    aligned crops with their landmarks to OUT/aligned.png.
+    """
+    from rigcli.demo import make_album
+    from rigcli.photo import encode_png
+    from rigcli.sheet import aligned_sheet
+    from rigcli.store import atomic_write_bytes
+
+    explicit_home = ctx.find_root().params.get("home") is not None
+    store = store_of(ctx) if explicit_home else Store(out_dir / "home")
+    err().print(f"making an album of {photos} photos in {escape(str(out_dir / 'album'))}")
+    album = make_album(out_dir / "album", photos)
+    _add(store, "astronaut", [a.path for a in album])
+    sheet_path = out_dir / "aligned.png"
+    atomic_write_bytes(sheet_path, encode_png(aligned_sheet(store, "astronaut")))
+    out().print(f"aligned crops with landmarks: {escape(str(sheet_path))}")
+    out().print(
+        "This version of rig stops after adding photos: the 3D face fit, training and editing steps are not built yet."
+    )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="rig")

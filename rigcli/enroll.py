@@ -1,0 +1,318 @@
+"""Add photos to a person: read, detect, align, embed and store each one; flag likely other people.
+
+This is the Python API behind ``rig add-person``; the CLI only draws progress and tables. Each photo
+is committed on its own (its files, then the manifest), so an interrupted run keeps every photo that
+was fully processed and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rigcli import RigError
+from rigcli.align import DEFAULT_SIZE, SIZES, Alignment, align_face
+from rigcli.detect import MIN_FACE_PX, Face, FaceAnalyzer
+from rigcli.photo import IMAGE_EXTENSIONS, Photo, PhotoError, decode_photo, encode_png
+from rigcli.store import LockHolder, Manifest, PhotoRecord, Store, now_iso
+
+ADDED, DUPLICATE, NO_FACE, TOO_SMALL, UNREADABLE, OUTLIER = (
+    "added",
+    "duplicate",
+    "no face",
+    "too small",
+    "unreadable",
+    "outlier",
+)
+
+OUTLIER_DISTANCE = 0.5
+"""A photo whose embedding is further than this from the album's median embedding is flagged.
+
+dlib's own rule is "same person below 0.6" for a pair of faces; the median of an album sits closer to
+each of its true members than they sit to each other, so its limit is tighter."""
+MIN_ALBUM_FOR_OUTLIERS = 3
+
+
+@dataclass
+class Outcome:
+    """What happened to one input of an add: status is one of the six report words above."""
+
+    source: Path
+    status: str
+    detail: str
+    photo_id: str | None = None
+
+
+@dataclass
+class AddReport:
+    """The result of an add: one outcome per input, and the person's manifest afterwards."""
+
+    outcomes: list[Outcome]
+    manifest: Manifest
+
+    @property
+    def usable(self) -> int:
+        """Inputs that are now usable photos of the person (added, or already there)."""
+        return sum(o.status in (ADDED, DUPLICATE) for o in self.outcomes)
+
+
+@dataclass
+class Analysis:
+    """A photo that passed every check, with its face, aligned crop and identity embedding."""
+
+    photo: Photo
+    face: Face
+    alignment: Alignment
+    embedding: np.ndarray
+
+
+def collect_inputs(inputs: Sequence[Path | str]) -> list[Path]:
+    """Expand folders to the image files they hold (not recursive); refuse missing paths and empty folders."""
+    if not inputs:
+        raise RigError("no photos given: name image files or a folder of them")
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            images = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not images:
+                raise RigError(f"{item} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+            found.extend(images)
+        elif item.is_file():
+            found.append(item)
+        elif item.exists():
+            raise RigError(f"{item} is neither a file nor a folder")
+        else:
+            raise RigError(f"{item} does not exist")
+    unique = list(dict.fromkeys(p.absolute() for p in found))
+    return unique
+
+
+def photo_id(data: bytes) -> str:
+    """A photo's id: the first 16 hex digits of the SHA-256 of its bytes (same photo, same id)."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def analyze(photo: Photo, analyzer: FaceAnalyzer, size: int = DEFAULT_SIZE, min_face: float = MIN_FACE_PX) -> Analysis:
+    """Detect, landmark, align and embed one decoded photo; PhotoError(no face / too small) otherwise."""
+    face = analyzer.find_face(photo.pixels)
+    if face is None:
+        hint = "" if analyzer.detector_name == "cnn" else " (the slower --detector cnn may find it)"
+        raise PhotoError(f"no face found{hint}", NO_FACE)
+    if face.box.width < min_face:
+        raise PhotoError(f"face is {face.box.width:.0f} px wide; at least {min_face:.0f} px is needed", TOO_SMALL)
+    alignment = align_face(photo.pixels, face.landmarks, size)
+    embedding = analyzer.embed(photo.pixels, face.landmarks)
+    return Analysis(photo, face, alignment, embedding)
+
+
+def outlier_distances(embeddings: dict[str, np.ndarray]) -> dict[str, float]:
+    """Distance of each embedding from the album's element-wise median (empty for tiny albums)."""
+    if len(embeddings) < MIN_ALBUM_FOR_OUTLIERS:
+        return {}
+    ids = list(embeddings)
+    stack = np.stack([embeddings[i] for i in ids])
+    median = np.median(stack, axis=0)
+    return {i: float(d) for i, d in zip(ids, np.linalg.norm(stack - median, axis=1), strict=True)}
+
+
+def flag_outliers(manifest: Manifest, embeddings: dict[str, np.ndarray]) -> None:
+    """Set each photo's status, distance and training flag from the album's current median."""
+    distances = outlier_distances({p.id: embeddings[p.id] for p in manifest.photos if p.id in embeddings})
+    for record in manifest.photos:
+        distance = distances.get(record.id)
+        record.outlier_distance = None if distance is None else round(distance, 4)
+        record.status = OUTLIER if distance is not None and distance > OUTLIER_DISTANCE else "ok"
+        record.train = record.status == "ok" or manifest.keep_outliers
+
+
+def read_face(store: Store, name: str, record: PhotoRecord) -> dict:
+    """The per-photo face file (box, landmarks, transform, embedding) of a stored photo."""
+    return json.loads((store.person_dir(name) / record.face).read_text())
+
+
+def album_embeddings(store: Store, name: str, manifest: Manifest) -> dict[str, np.ndarray]:
+    """The stored 128-D embedding of each photo in the manifest, by photo id."""
+    return {r.id: np.asarray(read_face(store, name, r)["embedding"], dtype=np.float64) for r in manifest.photos}
+
+
+def _face_json(pid: str, source: str, analysis: Analysis, detector: str) -> dict:
+    face = analysis.face
+    return {
+        "id": pid,
+        "source": source,
+        "image_size": list(analysis.photo.size),
+        "detector": detector,
+        "face_box": [round(v, 2) for v in face.box.box],
+        "detector_score": round(face.box.score, 4),
+        "other_faces": [{"face_box": [round(v, 2) for v in o.box], "score": round(o.score, 4)} for o in face.others],
+        "landmarks": [[round(x, 2), round(y, 2)] for x, y in face.landmarks],
+        "crop_size": int(analysis.alignment.crop.shape[0]),
+        "crop_to_photo": [[round(v, 8) for v in row] for row in analysis.alignment.crop_to_photo],
+        "embedding": [round(float(v), 7) for v in analysis.embedding],
+    }
+
+
+def _added_detail(analysis: Analysis) -> str:
+    face = analysis.face
+    detail = f"face {face.box.width:.0f} px"
+    if face.others:
+        detail += f"; {len(face.others) + 1} faces found, used the largest"
+    return detail
+
+
+def _outlier_detail(record: PhotoRecord, keep: bool) -> str:
+    use = "kept for training (--keep-outliers)" if keep else "kept out of training (--keep-outliers uses it)"
+    return (
+        f"may be someone else: {record.outlier_distance:.2f} from the album's median face "
+        f"(limit {OUTLIER_DISTANCE}); {use}"
+    )
+
+
+def add_photos(
+    store: Store,
+    name: str,
+    inputs: Sequence[Path | str],
+    *,
+    detector: str = "hog",
+    size: int | None = None,
+    min_face: float = MIN_FACE_PX,
+    keep_outliers: bool | None = None,
+    on_start: Callable[[int, Path], None] | None = None,
+    on_outcome: Callable[[Outcome], None] | None = None,
+    on_wait: Callable[[LockHolder | None], None] | None = None,
+) -> AddReport:
+    """Add photos (files or folders) to ``name``, creating the person on the first usable photo.
+
+    ``keep_outliers`` None keeps the person's setting. ``on_start(index, path)`` and
+    ``on_outcome(outcome)`` report progress. Returns the outcomes and the final manifest.
+    """
+    paths = collect_inputs(inputs)
+    if size is not None and size not in SIZES:
+        raise RigError(f"unsupported crop size {size}; choose one of {', '.join(map(str, SIZES))}")
+    analyzer = FaceAnalyzer(detector)
+    outcomes: list[Outcome] = []
+
+    def report(outcome: Outcome) -> None:
+        outcomes.append(outcome)
+        if on_outcome:
+            on_outcome(outcome)
+
+    with store.locked(name, on_wait=on_wait):
+        if store.exists(name):
+            manifest = store.load(name)
+            if size is not None and size != manifest.align_size:
+                raise RigError(
+                    f"{name}'s photos are aligned at {manifest.align_size} px; --size {size} would mix sizes"
+                )
+        else:
+            store.check_new_name(name)
+            manifest = Manifest(name, now_iso(), now_iso(), size or DEFAULT_SIZE)
+        if keep_outliers is not None:
+            manifest.keep_outliers = keep_outliers
+        embeddings = album_embeddings(store, name, manifest)
+        for index, path in enumerate(paths):
+            if on_start:
+                on_start(index, path)
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                report(Outcome(path, UNREADABLE, f"cannot read: {exc.strerror or exc}"))
+                continue
+            pid = photo_id(data)
+            known = manifest.find_photo(pid)
+            if known is not None:
+                report(Outcome(path, DUPLICATE, f"same content as photo {pid} ({known.source})", pid))
+                continue
+            try:
+                analysis = analyze(decode_photo(data), analyzer, manifest.align_size, min_face)
+            except PhotoError as exc:
+                report(Outcome(path, exc.reason, str(exc)))
+                continue
+            record = PhotoRecord(
+                id=pid,
+                source=path.name,
+                original=f"photos/{pid}{analysis.photo.extension}",
+                aligned=f"aligned/{pid}.png",
+                face=f"faces/{pid}.json",
+                added=now_iso(),
+            )
+            # files first, manifest last: a kill in between leaves only unreferenced files
+            store.write_file(name, record.original, data)
+            store.write_file(name, record.aligned, encode_png(analysis.alignment.crop))
+            face = _face_json(pid, path.name, analysis, detector)
+            store.write_file(name, record.face, (json.dumps(face, indent=1) + "\n").encode())
+            manifest.photos.append(record)
+            embeddings[pid] = analysis.embedding
+            flag_outliers(manifest, embeddings)
+            store.save(manifest)
+            report(Outcome(path, ADDED, _added_detail(analysis), pid))
+        flag_outliers(manifest, embeddings)
+        if manifest.photos:
+            store.save(manifest)
+    for outcome in outcomes:
+        record = manifest.find_photo(outcome.photo_id) if outcome.status == ADDED else None
+        if record is not None and record.status == OUTLIER:
+            outcome.status, outcome.detail = OUTLIER, _outlier_detail(record, manifest.keep_outliers)
+    return AddReport(outcomes, manifest)
+
+
+def remove_photo(store: Store, name: str, photo: str) -> PhotoRecord:
+    """Remove one photo (by id or a unique id prefix of at least 4 digits) and its files."""
+    store.require(name)
+    with store.locked(name):
+        manifest = store.load(name)
+        matches = [p for p in manifest.photos if p.id == photo] or (
+            [p for p in manifest.photos if p.id.startswith(photo)] if len(photo) >= 4 else []
+        )
+        if not matches:
+            ids = ", ".join(p.id for p in manifest.photos) or "none"
+            raise RigError(f"{name} has no photo {photo!r} (photo ids: {ids})")
+        if len(matches) > 1:
+            raise RigError(f"photo id prefix {photo!r} is ambiguous: {', '.join(p.id for p in matches)}")
+        record = matches[0]
+        manifest.photos.remove(record)
+        flag_outliers(manifest, album_embeddings(store, name, manifest))
+        store.save(manifest)  # the manifest forgets the photo before its files go
+        store.remove_files(name, [record.original, record.aligned, record.face])
+    return record
+
+
+def describe(store: Store, name: str) -> dict:
+    """A person as one JSON-ready object: manifest fields plus each photo's face data and paths."""
+    manifest = store.load(name)
+    folder = store.person_dir(name)
+    photos = []
+    for record in manifest.photos:
+        face = read_face(store, name, record)
+        photos.append(
+            {
+                "id": record.id,
+                "source": record.source,
+                "status": record.status,
+                "train": record.train,
+                "outlier_distance": record.outlier_distance,
+                "added": record.added,
+                "face_box": face["face_box"],
+                "landmarks": face["landmarks"],
+                "image_size": face["image_size"],
+                "detector": face["detector"],
+                "crop_to_photo": face["crop_to_photo"],
+                "original": str(folder / record.original),
+                "aligned": str(folder / record.aligned),
+            }
+        )
+    return {
+        "name": manifest.name,
+        "created": manifest.created,
+        "updated": manifest.updated,
+        "schema_version": manifest.schema_version,
+        "align_size": manifest.align_size,
+        "keep_outliers": manifest.keep_outliers,
+        "folder": str(folder),
+        "photos": photos,
+    }
