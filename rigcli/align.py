@@ -47,8 +47,8 @@ def ffhq_square(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     eye_to_eye = eye_right - eye_left
     mouth_avg = (lm[MOUTH_LEFT] + lm[MOUTH_RIGHT]) / 2
     eye_to_mouth = mouth_avg - eye_avg
-    # Rotate eye_to_mouth a quarter turn (so it points along the eye line) and blend it in.
-    x = eye_to_eye - np.array([eye_to_mouth[1], -eye_to_mouth[0]])
+    # Turn eye_to_mouth a quarter turn (down -> right, along the eye line) and average the directions.
+    x = eye_to_eye + np.array([eye_to_mouth[1], -eye_to_mouth[0]])
     x = x / np.hypot(*x)
     x = x * max(np.hypot(*eye_to_eye) * 2.0, np.hypot(*eye_to_mouth) * 1.8)
     y = np.array([-x[1], x[0]])

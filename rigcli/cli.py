@@ -129,7 +129,9 @@ class Detector(str, Enum):
 def _add(store: Store, name: str, photos: list[Path], **options: Any):
     """Run enroll.add_photos under a progress bar; print the report table. Returns the report."""
     from rigcli.enroll import add_photos, collect_inputs
+    from rigcli.store import check_name
 
+    check_name(name)
     total = len(collect_inputs(photos))  # validates paths before any work
     done: list = []
     with _progress() as progress:

@@ -19,7 +19,7 @@ from rigcli import RigError
 from rigcli.align import DEFAULT_SIZE, SIZES, Alignment, align_face
 from rigcli.detect import MIN_FACE_PX, Face, FaceAnalyzer
 from rigcli.photo import IMAGE_EXTENSIONS, Photo, PhotoError, decode_photo, encode_png
-from rigcli.store import LockHolder, Manifest, PhotoRecord, Store, now_iso
+from rigcli.store import LockHolder, Manifest, PhotoRecord, Store, check_name, now_iso
 
 ADDED, DUPLICATE, NO_FACE, TOO_SMALL, UNREADABLE, OUTLIER = (
     "added",
@@ -191,6 +191,7 @@ def add_photos(
     ``keep_outliers`` None keeps the person's setting. ``on_start(index, path)`` and
     ``on_outcome(outcome)`` report progress. Returns the outcomes and the final manifest.
     """
+    check_name(name)
     paths = collect_inputs(inputs)
     if size is not None and size not in SIZES:
         raise RigError(f"unsupported crop size {size}; choose one of {', '.join(map(str, SIZES))}")

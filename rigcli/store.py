@@ -338,7 +338,9 @@ class Store:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise RigError(f"the store {self.root} is not writable ({exc.strerror or exc})") from exc
+            raise RigError(
+                f"the store folder {self.root} cannot be created or written ({exc.strerror or exc})"
+            ) from exc
 
     @contextlib.contextmanager
     def locked(self, name: str, on_wait: Callable[[LockHolder | None], None] | None = None) -> Iterator[None]:
