@@ -72,7 +72,7 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             err().print(f"[bold red]error:[/] {escape(str(exc))}")
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            err().print("[bold red]interrupted[/]: the store is as it was, plus any photo fully added before")
+            err().print("[bold red]interrupted[/]: nothing half-written was left in the store")
             raise typer.Exit(130) from None
 
     return wrapper
