@@ -47,3 +47,26 @@ def run_rig(*args: str, home: Path, env: dict | None = None, timeout: float = 12
         timeout=timeout,
         **kwargs,
     )
+
+
+ICT = SHARED / "assets" / "ict-facekit"
+
+
+@pytest.fixture(scope="session")
+def ict_store(tmp_path_factory):
+    """A store with ICT FaceKit imported from ../shared (the import runs once per test session)."""
+    from rigcli.facemodel import import_ict
+    from rigcli.store import Store
+
+    if not ICT.is_dir():
+        pytest.fail(f"ICT FaceKit test data not found at {ICT}")
+    store = Store(tmp_path_factory.mktemp("ict-home"))
+    import_ict(ICT, store)
+    return store
+
+
+@pytest.fixture(scope="session")
+def face_model(ict_store):
+    from rigcli.facemodel import load_face_model
+
+    return load_face_model(ict_store)

@@ -1,0 +1,102 @@
+"""Importing ICT FaceKit: folder or zip, .obj or .obj.gz, the cached model and its checks."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from rigcli import RigError
+from rigcli.facemodel import ICT_NAME, import_ict, installed, load_face_model, model_folder, parse_obj_vertices
+from rigcli.store import Store
+from tests.conftest import ICT
+
+
+def test_cached_model_shapes_and_regions(face_model, ict_store):
+    m = face_model
+    assert m.neutral.shape == (14388, 3) and m.identity_basis.shape == (100, 14388, 3)
+    assert m.expression_basis.shape == (53, 14388, 3) and len(m.expression_names) == 53
+    assert {"jawOpen", "mouthSmile_L", "eyeBlink_R"} <= set(m.expression_names)
+    assert m.triangles.max() < 14388 and m.triangles.min() >= 0
+    assert m.landmark_vertices.shape == (68,)
+    lm = m.neutral[m.landmark_vertices]
+    assert lm[0, 0] < 0 < lm[16, 0] and lm[8, 1] < lm[30, 1] < lm[27, 1]  # jaw ends, chin < nose < brows
+    assert m.regions["face"].sum() == 9409 and m.regions["eyeball_left"].sum() == 1570
+    assert (model_folder(ict_store) / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_basis_reproduces_the_source_meshes(face_model):
+    # vertices(identity = e_7) must equal identity007.obj, restricted to the kept vertices
+    raw = parse_obj_vertices(gzip.decompress((ICT / "FaceXModel" / "identity007.obj.gz").read_bytes()))
+    neutral = parse_obj_vertices(gzip.decompress((ICT / "FaceXModel" / "generic_neutral_mesh.obj.gz").read_bytes()))
+    keep = np.r_[0:11248, 21451:24591]
+    ident = torch.zeros(1, 100)
+    ident[0, 7] = 1.0
+    got = face_model.vertices(ident, torch.zeros(1, 53))[0].numpy()
+    np.testing.assert_allclose(got, raw[keep], atol=1e-4)
+    smile = parse_obj_vertices(gzip.decompress((ICT / "FaceXModel" / "mouthSmile_L.obj.gz").read_bytes()))
+    expr = torch.zeros(1, 53)
+    expr[0, face_model.expression_names.index("mouthSmile_L")] = 0.5
+    got = face_model.vertices(torch.zeros(1, 100), expr)[0].numpy()
+    np.testing.assert_allclose(got, (neutral + 0.5 * (smile - neutral))[keep], atol=1e-4)
+    index = face_model.landmark_vertices
+    assert torch.allclose(face_model.vertices(ident, expr, index), face_model.vertices(ident, expr)[:, index])
+
+
+def test_zip_of_the_repository_gives_the_same_model(tmp_path, face_model):
+    # the repository's zip holds ICT-FaceKit-master/FaceXModel/...; plain .obj and .obj.gz both read
+    archive = tmp_path / "ICT-FaceKit-master.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:
+        for path in (ICT / "FaceXModel").iterdir():
+            name = f"ICT-FaceKit-master/FaceXModel/{path.name}"
+            if path.name == "generic_neutral_mesh.obj.gz":
+                z.writestr(name[: -len(".gz")], gzip.decompress(path.read_bytes()))
+            else:
+                z.write(path, name)
+        z.write(ICT / "LICENSE", "ICT-FaceKit-master/LICENSE")
+    store = Store(tmp_path / "home")
+    import_ict(archive, store)
+    model = load_face_model(store)
+    assert model.model_id == face_model.model_id
+    assert (model_folder(store) / "LICENSE").is_file()
+
+
+def test_import_errors_are_clear(tmp_path):
+    store = Store(tmp_path / "home")
+    with pytest.raises(RigError, match="does not exist"):
+        import_ict(tmp_path / "nope", store)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RigError, match=r"vertex_indices\.json"):
+        import_ict(tmp_path / "empty", store)
+    (tmp_path / "junk.zip").write_bytes(b"not a zip")
+    with pytest.raises(RigError, match="neither a folder nor a zip"):
+        import_ict(tmp_path / "junk.zip", store)
+    partial = tmp_path / "partial" / "FaceXModel"
+    partial.mkdir(parents=True)
+    (partial / "vertex_indices.json").write_bytes((ICT / "FaceXModel" / "vertex_indices.json").read_bytes())
+    (partial / "generic_neutral_mesh.obj.gz").write_bytes(
+        (ICT / "FaceXModel" / "generic_neutral_mesh.obj.gz").read_bytes()
+    )
+    with pytest.raises(RigError, match=r"identity000\.obj .* missing"):
+        import_ict(tmp_path / "partial", store)
+    assert not installed(store, ICT_NAME)  # a failed import leaves no model behind
+
+
+def test_missing_or_damaged_model_says_how_to_get_one(tmp_path, ict_store):
+    with pytest.raises(RigError, match="rig assets download-ict"):
+        load_face_model(Store(tmp_path))
+    damaged = Store(tmp_path / "copy")
+    folder = model_folder(damaged)
+    folder.mkdir(parents=True)
+    source = model_folder(ict_store)
+    (folder / "model.json").write_text((source / "model.json").read_text())
+    blob = bytearray((source / "model.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (folder / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(RigError, match="damaged"):
+        load_face_model(damaged)
+    assert json.loads((folder / "model.json").read_text())["name"] == "ict"
