@@ -1,0 +1,335 @@
+"""Fit the face model to photos, in the aligned crop's frame: pose, expression, identity, light, albedo.
+
+Geometry comes from the 68 landmarks in one batched optimization over the album: per photo a head
+rotation (yaw, pitch, roll), a weak-perspective scale and 2D translation (see ``render``) and the
+expression weights in [0, 1]; per person one identity vector shared by all photos (the paper fits
+one mean shape per person), or held fixed when fitting a new photo of a known person. The loss is
+the landmark reprojection error over the inter-ocular distance, plus a Gaussian prior on identity
+(ICT's components are PCA-scaled) and an L1 prior on expression, which prefers few blendshapes.
+The 17 jaw landmarks are silhouette points: each has a strip of candidate vertices along an
+outward ray on the mesh, and at every step the outermost projected candidate is the one that has
+to meet the detected point ("landmark marching").
+
+Light and albedo then come from the pixels: with the geometry fixed, the visible skin (face minus
+eyes, brows and lips) gives per colour a least-squares fit on the 9 SH shading functions of the
+rendered normals; a second pass drops the worst-fitting tenth (hair, specular spots, shadows).
+The product albedo x light is split so that albedo is the skin's colour under unit ambient light
+(one RGB per photo: never per-pixel colour, which would copy the photo into the buffer).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from rigcli.facemodel import LinearFaceModel
+from rigcli.render import (
+    SH_CONSTANTS,
+    euler_to_matrix,
+    project,
+    rasterize,
+    sh_basis,
+    sh_shading,
+    vertex_normals,
+)
+
+FITTER_VERSION = 1
+JAW = list(range(17))
+INNER = list(range(17, 68))
+OUTER_EYE_CORNERS = (36, 45)
+EYE_ALBEDO = (0.75, 0.72, 0.70)
+IDENTITY_PRIOR = 1e-5  # per photo, against a loss measured in (inter-ocular distances)^2
+EXPRESSION_L1 = 2e-5
+EXPRESSION_L2 = 1e-5
+JAW_WEIGHT = 0.5
+UNSEEN_BY_LANDMARKS = ("eyeLook",)
+ACTIVE = 0.1  # shapes above this after the L1 stage are refitted without the L1 penalty
+SYMMETRY = 5e-5  # faces mostly move both sides together: a soft pull of X_L toward X_R
+
+
+@dataclass
+class FaceFit:
+    """Fitted parameters of a batch of photos (tensors with a leading batch axis, except identity)."""
+
+    yaw: torch.Tensor  # radians
+    pitch: torch.Tensor
+    roll: torch.Tensor
+    scale: torch.Tensor  # crop pixels per centimetre
+    translation: torch.Tensor  # (B, 2) crop pixels
+    expression: torch.Tensor  # (B, E) in [0, 1]
+    identity: torch.Tensor  # (I,)
+    light: torch.Tensor | None = None  # (B, 9, 3)
+    albedo: torch.Tensor | None = None  # (B, 3)
+    landmark_error: torch.Tensor | None = None  # (B,) mean error / inter-ocular distance
+
+    @property
+    def rotation(self) -> torch.Tensor:
+        return euler_to_matrix(self.yaw, self.pitch, self.roll)
+
+    def __len__(self) -> int:
+        return int(self.yaw.shape[0])
+
+    def select(self, index: list[int]) -> FaceFit:
+        """The fit of some photos of the batch."""
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return FaceFit(
+            self.yaw[index],
+            self.pitch[index],
+            self.roll[index],
+            self.scale[index],
+            self.translation[index],
+            self.expression[index],
+            self.identity,
+            pick(self.light),
+            pick(self.albedo),
+            pick(self.landmark_error),
+        )
+
+
+# ---------------------------------------------------------------- landmarks
+
+
+def silhouette_candidates(model: LinearFaceModel, band: float = 0.45) -> torch.Tensor:
+    """(17, K) vertex ids per jaw landmark: face vertices near the ray from the face's centre through
+    that landmark's vertex (neutral mesh, image plane), padded by repeating the landmark vertex."""
+    neutral = model.neutral.double()
+    face = model.regions["face"] & (neutral[:, 2] > neutral[model.landmark_vertices[JAW], 2].min() - 2.0)
+    centre = neutral[model.landmark_vertices[27:36], :2].mean(0)
+    rows = []
+    for k in JAW:
+        vid = int(model.landmark_vertices[k])
+        ray = neutral[vid, :2] - centre
+        radius = ray.norm()
+        ray = ray / radius
+        rel = neutral[:, :2] - centre
+        along = rel @ ray
+        across = (rel - along[:, None] * ray).norm(dim=1)
+        chosen = face & (across < band) & (along > 0.8 * radius) & (along < 1.25 * radius)
+        ids = torch.nonzero(chosen).flatten().tolist()
+        rows.append([vid, *[i for i in ids if i != vid]])
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [r[0]] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def project_landmarks(
+    model: LinearFaceModel,
+    fit: FaceFit,
+    candidates: torch.Tensor,
+) -> torch.Tensor:
+    """The 68 landmarks a fit puts in the crop (B, 68, 2), jaw points on the silhouette."""
+    inner_ids = model.landmark_vertices[INNER]
+    index = torch.cat([inner_ids, candidates.flatten(), model.landmark_vertices[27:36]])
+    batch = len(fit)
+    identity = fit.identity.expand(batch, -1)
+    verts = model.vertices(identity, fit.expression, index)
+    screen, _ = project(verts, fit.rotation, fit.scale, fit.translation)
+    uv = screen[..., :2]
+    n_inner, n_cand = len(INNER), candidates.numel()
+    inner = uv[:, :n_inner]
+    cand = uv[:, n_inner : n_inner + n_cand].reshape(batch, *candidates.shape, 2)
+    centre = uv[:, n_inner + n_cand :].mean(1)  # nose, projected
+    outward = cand[:, :, 0] - centre[:, None]  # direction through each jaw landmark's own vertex
+    outward = outward / outward.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    reach = ((cand - centre[:, None, None]) * outward[:, :, None]).sum(-1)  # (B, 17, K)
+    pick = reach.argmax(-1)  # the outermost candidate is on the silhouette
+    jaw = torch.gather(cand, 2, pick[..., None, None].expand(-1, -1, 1, 2)).squeeze(2)
+    return torch.cat([jaw, inner], 1)
+
+
+def mirrored_pairs(names: list[str]) -> tuple[list[int], list[int]]:
+    """Indices of (X_L, X_R) blendshape pairs."""
+    left = [i for i, n in enumerate(names) if n.endswith("_L") and n[:-2] + "_R" in names]
+    return left, [names.index(names[i][:-2] + "_R") for i in left]
+
+
+def interocular(landmarks: torch.Tensor) -> torch.Tensor:
+    a, b = OUTER_EYE_CORNERS
+    return (landmarks[:, a] - landmarks[:, b]).norm(dim=-1)
+
+
+def _initial_pose(model: LinearFaceModel, landmarks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and translation that match the neutral face's inner landmarks to the detected ones."""
+    lm3d = model.neutral[model.landmark_vertices[INNER]].to(landmarks)
+    flat = torch.stack([lm3d[:, 0], -lm3d[:, 1]], 1)
+    target = landmarks[:, INNER]
+    spread_model = (flat - flat.mean(0)).norm(dim=1).mean()
+    spread_image = (target - target.mean(1, keepdim=True)).norm(dim=2).mean(1)
+    scale = spread_image / spread_model
+    translation = target.mean(1) - scale[:, None] * flat.mean(0)
+    return scale, translation
+
+
+def fit_landmarks(
+    model: LinearFaceModel,
+    landmarks: torch.Tensor,
+    identity: torch.Tensor | None = None,
+    steps: int = 300,
+    progress: Callable[[int, int], None] | None = None,
+    seed: int = 0,
+) -> FaceFit:
+    """Fit pose, camera, expression (and one shared identity, unless given) to (B, 68, 2) landmarks."""
+    torch.manual_seed(seed)
+    lm = landmarks.to(torch.float32)
+    batch = lm.shape[0]
+    candidates = silhouette_candidates(model)
+    scale0, trans0 = _initial_pose(model, lm)
+    iod = interocular(lm).clamp_min(1.0)
+    angles = torch.zeros(batch, 3, requires_grad=True)
+    log_scale = scale0.log().clone().requires_grad_(True)
+    shift = torch.zeros(batch, 2, requires_grad=True)  # translation offset in inter-ocular distances
+    expression = torch.zeros(batch, len(model.expression_names), requires_grad=True)
+    fixed_identity = identity is not None
+    ident = (identity.to(torch.float32).clone() if fixed_identity else torch.zeros(model.identity_size)).requires_grad_(
+        not fixed_identity
+    )
+    # gaze moves the iris, which none of the 68 landmarks sees: those shapes stay at zero here
+    visible = torch.tensor([not name.startswith(UNSEEN_BY_LANDMARKS) for name in model.expression_names])
+    weights = torch.ones(68)
+    weights[JAW] = JAW_WEIGHT
+    left, right = mirrored_pairs(model.expression_names)
+
+    def current() -> FaceFit:
+        return FaceFit(*angles.unbind(1), log_scale.exp(), trans0 + shift * iod[:, None], expression, ident)
+
+    def loss_fn(rigid: bool) -> torch.Tensor:
+        fit = current()
+        if rigid:
+            fit.expression = expression.detach() * 0
+        pred = project_landmarks(model, fit, candidates)
+        err = ((pred - lm) ** 2).sum(-1) / iod[:, None] ** 2  # (B, 68)
+        loss = (err * weights).sum(1).mean() / weights.sum()
+        if not rigid:
+            l1 = (expression * l1_weight).sum(1).mean()
+            loss = loss + EXPRESSION_L1 * l1 + EXPRESSION_L2 * (expression**2).sum(1).mean()
+            if len(left):
+                loss = loss + SYMMETRY * ((expression[:, left] - expression[:, right]) ** 2).sum(1).mean()
+            if not fixed_identity:
+                loss = loss + IDENTITY_PRIOR * (ident**2).sum() / batch
+        return loss
+
+    l1_weight = torch.ones_like(expression)
+    free = [angles, log_scale, shift, expression] + ([] if fixed_identity else [ident])
+    stages = [  # rigid start; all parameters with L1 selecting shapes; "relaxed lasso" refit
+        ([angles, log_scale, shift], steps // 3, 0.03, True),
+        (free, steps, 0.02, False),
+        (free, steps // 2, 0.01, False),
+    ]
+    done, total = 0, sum(s[1] for s in stages)
+    for stage, (params, count, lr, rigid) in enumerate(stages):
+        if stage == 2:  # lift the L1 penalty from the shapes it selected, which removes its shrinkage
+            l1_weight = (expression.detach() <= ACTIVE).to(l1_weight)
+        optimizer = torch.optim.Adam(params, lr=lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, count, eta_min=lr * 0.05)
+        for _ in range(count):
+            optimizer.zero_grad()
+            loss_fn(rigid).backward()
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():
+                expression.clamp_(0.0, 1.0)
+                expression[:, ~visible] = 0.0
+            done += 1
+            if progress:
+                progress(done, total)
+    with torch.no_grad():
+        fit = current()
+        fit = FaceFit(*(t.detach().clone() for t in (fit.yaw, fit.pitch, fit.roll, fit.scale, fit.translation)),
+                      expression.detach().clone(), ident.detach().clone())  # fmt: skip
+        pred = project_landmarks(model, fit, candidates)
+        fit.landmark_error = (pred - lm).norm(dim=-1).mean(1) / iod
+    return fit
+
+
+# ---------------------------------------------------------------- pixels
+
+
+def skin_vertices(model: LinearFaceModel, radius: float = 1.0) -> torch.Tensor:
+    """(V,) bool: the narrow face area minus the eyes, brows and lips (near their landmark vertices)."""
+    neutral = model.neutral
+    skin = model.regions["narrow_face"].clone()
+    features = model.landmark_vertices[17:27].tolist() + model.landmark_vertices[36:68].tolist()
+    centres = neutral[features]
+    dist = torch.cdist(neutral, centres).min(1).values
+    return skin & (dist > radius)
+
+
+def vertex_albedo(model: LinearFaceModel, skin_rgb: torch.Tensor) -> torch.Tensor:
+    """Per-vertex albedo (B, V, 3): the skin colour everywhere but the eyeballs."""
+    batch = skin_rgb.shape[0]
+    eyes = model.regions["eyeball_left"] | model.regions["eyeball_right"]
+    albedo = skin_rgb[:, None, :].expand(batch, model.vertex_count, 3).clone()
+    albedo[:, eyes] = torch.tensor(EYE_ALBEDO, dtype=albedo.dtype)
+    return albedo
+
+
+@dataclass
+class Geometry:
+    """A fit rasterized at crop resolution: fragments, per-pixel unit normals, per-vertex data."""
+
+    fragments: object
+    normals: torch.Tensor  # (B, H, W, 3) unit camera-space normals, zero off the mesh
+    vertices_cam: torch.Tensor  # (B, V, 3)
+    screen: torch.Tensor  # (B, V, 3)
+
+
+def rasterize_fit(model: LinearFaceModel, fit: FaceFit, size: int) -> Geometry:
+    """Rasterize the fitted meshes into size x size crops (the fit's own frame)."""
+    batch = len(fit)
+    verts = model.vertices(fit.identity.expand(batch, -1), fit.expression)
+    screen, cam = project(verts, fit.rotation, fit.scale, fit.translation)
+    frags = rasterize(screen, model.triangles, size, size)
+    normals = frags.interpolate(vertex_normals(cam, model.triangles), model.triangles)
+    normals = normals / normals.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    return Geometry(frags, normals * frags.mask[..., None], cam, screen)
+
+
+def fit_light(
+    model: LinearFaceModel, fit: FaceFit, images: torch.Tensor, geometry: Geometry | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SH light (B, 9, 3) and skin albedo (B, 3) from crops (B, H, W, 3) in [0, 1]."""
+    batch, size = images.shape[0], images.shape[1]
+    geometry = geometry or rasterize_fit(model, fit, size)
+    skin = skin_vertices(model).to(torch.float32)[None, :, None].expand(batch, -1, 1)
+    skin_px = geometry.fragments.interpolate(skin, model.triangles)[..., 0] > 0.999
+    design_all = sh_basis(geometry.normals) * SH_CONSTANTS.to(torch.float32)
+    lights, albedos = [], []
+    for i in range(batch):  # one small least-squares problem per photo
+        mask = skin_px[i]
+        design = design_all[i][mask].double()
+        target = images[i][mask].double()
+        if design.shape[0] < 50:
+            lights.append(torch.zeros(9, 3))
+            albedos.append(target.mean(0) if len(target) else torch.full((3,), 0.5))
+            continue
+        keep = torch.ones(design.shape[0], dtype=torch.bool)
+        for _ in range(2):  # fit, drop the worst-fitting tenth, fit again
+            coef = _ridge(design[keep], target[keep])
+            residual = (design @ coef - target).abs().sum(1)
+            keep = residual <= torch.quantile(residual, 0.9)
+        coef = _ridge(design[keep], target[keep])  # (9, 3): albedo x light
+        albedo = (coef[0] / math.sqrt(4 * math.pi)).clamp_min(1e-3)  # unit ambient light -> albedo
+        lights.append((coef / albedo).float())
+        albedos.append(albedo.float())
+    return torch.stack(lights), torch.stack(albedos)
+
+
+def _ridge(design: torch.Tensor, target: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
+    """Least squares with a little damping (a frontal face sees only half the sphere of normals)."""
+    gram = design.T @ design
+    gram = gram + damping * torch.trace(gram) / gram.shape[0] * torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(gram, design.T @ target)
+
+
+def render_buffers(model: LinearFaceModel, fit: FaceFit, size: int, geometry: Geometry | None = None) -> torch.Tensor:
+    """DiffusionRig's buffers (B, 9, size, size): shaded, normal, albedo; zero off the face."""
+    geometry = geometry or rasterize_fit(model, fit, size)
+    albedo_v = vertex_albedo(model, fit.albedo)
+    albedo = geometry.fragments.interpolate(albedo_v, model.triangles)
+    shading = sh_shading(geometry.normals, fit.light)
+    mask = geometry.fragments.mask[..., None]
+    shaded = albedo * shading * mask
+    buffers = torch.cat([shaded, geometry.normals, albedo], -1)
+    return buffers.permute(0, 3, 1, 2).contiguous()
