@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from rigcli.detect import MODEL_FILES, models_dir
@@ -42,6 +43,21 @@ def asset_status(store: Store) -> list[AssetLine]:
             lines.append(AssetLine(filename, True, detail))
         else:
             lines.append(AssetLine(filename, False, f"{_PURPOSE[key]}: missing; pip install face_recognition_models"))
+    from rigcli.facemodel import installed, model_folder
+
+    folder = model_folder(store)
+    if installed(store):
+        meta = json.loads((folder / "model.json").read_text())
+        detail = f"{meta['model_id']}: {meta['vertices']} vertices, {meta['triangles']} triangles, in {folder}"
+        lines.append(AssetLine("face model (ICT FaceKit)", True, detail))
+    else:
+        lines.append(
+            AssetLine(
+                "face model (ICT FaceKit)",
+                False,
+                "needed for the 3D fit: `rig assets download-ict` or `rig assets import-ict PATH`",
+            )
+        )
     try:
         import torch
 

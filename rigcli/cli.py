@@ -140,9 +140,25 @@ def _add(store: Store, name: str, photos: list[Path], **options: Any):
         def started(index: int, path: Path) -> None:
             progress.update(task, completed=index, description=f"{escape(path.name)[:40]:40s}")
 
+        fit_task = None
+
+        def fitting(step: int, steps: int) -> None:
+            nonlocal fit_task
+            if fit_task is None:
+                progress.update(task, completed=total)
+                fit_task = progress.add_task("fitting the 3D face", total=steps)
+            progress.update(fit_task, completed=step)
+
         try:
             report = add_photos(
-                store, name, photos, on_start=started, on_outcome=done.append, on_wait=_say_waiting, **options
+                store,
+                name,
+                photos,
+                on_start=started,
+                on_outcome=done.append,
+                on_wait=_say_waiting,
+                on_fit=fitting,
+                **options,
             )
         except KeyboardInterrupt:
             progress.stop()
@@ -157,6 +173,8 @@ def _add(store: Store, name: str, photos: list[Path], **options: Any):
     summary = ", ".join(f"{n} {status}" for status, n in counts.items())
     training = sum(p.train for p in manifest.photos)
     out().print(f"{escape(name)}: {summary}. Album: {len(manifest.photos)} photos, {training} used for training.")
+    if report.fit_note:
+        out().print(escape(report.fit_note))
     if report.usable == 0:
         reasons = "; ".join(f"{o.source.name}: {o.detail}" for o in report.outcomes[:3])
         raise RigError(f"nothing usable was added to {name} ({reasons})")
@@ -251,11 +269,26 @@ def people_show(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="The person to show.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with every stored field.")] = False,
+    sheet: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write a PNG with one row per photo: crop with landmarks and mesh outline, shaded, normal, albedo.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Show a person's photos: status, face box, and where the original and aligned crop are stored."""
+    """Show a person's photos: status, face box, fitted pose, and where the files are stored."""
     from rigcli.enroll import describe
 
-    info = describe(store_of(ctx), name)
+    store = store_of(ctx)
+    info = describe(store, name)
+    if sheet is not None:
+        from rigcli.photo import encode_png
+        from rigcli.sheet import fit_sheet
+        from rigcli.store import atomic_write_bytes
+
+        atomic_write_bytes(sheet, encode_png(fit_sheet(store, name)))
+        err().print(f"sheet written to {escape(str(sheet))}")
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -266,19 +299,28 @@ def people_show(
     console.print(f"folder {escape(info['folder'])}  crops {info['align_size']} px")
     console.print(f"{len(photos)} photos, {training} used for training")
     table = Table()
-    for column in ("id", "source", "status", "train", "face px", "photo size", "added"):
+    for column in ("id", "source", "status", "train", "face px", "yaw/pitch/roll", "top expression", "fit error"):
         table.add_column(column)
     for p in photos:
         x0, _, x1, _ = p["face_box"]
         style = STATUS_STYLE.get(p["status"], "")
+        fit = p["fit"]
+        if fit:
+            pose = "/".join(f"{fit['pose_deg'][k]:+.0f}" for k in ("yaw", "pitch", "roll"))
+            top = max(fit["expression"].items(), key=lambda kv: kv[1])
+            expression = f"{top[0]} {top[1]:.2f}" if top[1] >= 0.1 else "neutral"
+            error = f"{fit['landmark_error']:.3f}"
+        else:
+            pose = expression = error = "not fitted"
         table.add_row(
             p["id"],
             escape(p["source"]),
             f"[{style}]{p['status']}[/]",
             "yes" if p["train"] else "no",
             f"{x1 - x0:.0f}",
-            "x".join(map(str, p["image_size"])),
-            p["added"],
+            pose,
+            expression,
+            error,
         )
     console.print(table)
 
@@ -317,6 +359,73 @@ def people_remove(
     out().print(f"removed {escape(name)} ({count} photos)")
 
 
+@app.command("refit")
+@handles_errors
+def refit_command(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The person whose photos to fit again.")],
+) -> None:
+    """Fit the 3D face model to a person's photos again (after rig or the face model changed)."""
+    from rigcli.enroll import refit
+
+    with _progress() as progress:
+        task = progress.add_task("fitting the 3D face", total=None)
+        doc = refit(
+            store_of(ctx),
+            name,
+            on_fit=lambda step, steps: progress.update(task, completed=step, total=steps),
+            on_wait=_say_waiting,
+        )
+    worst = max(p["landmark_error"] for p in doc["photos"].values())
+    out().print(
+        f"fitted {doc['face_model']} to {len(doc['photos'])} photos of {escape(name)} "
+        f"(worst landmark error {worst:.3f} of eye distance)"
+    )
+
+
+@assets_app.command("import-ict")
+@handles_errors
+def assets_import_ict(
+    ctx: typer.Context,
+    path: Annotated[
+        Path, typer.Argument(help="ICT-FaceKit: its folder, its FaceXModel folder, or the repository's zip.")
+    ],
+) -> None:
+    """Import the ICT FaceKit face model (MIT) into the store, converted once into a compact cache."""
+    from rigcli.facemodel import import_ict
+
+    store = store_of(ctx)
+    store.ensure_writable()
+    with _progress() as progress:
+        task = progress.add_task("reading ICT-FaceKit meshes", total=None)
+        folder = import_ict(
+            path, store, progress=lambda done, total: progress.update(task, completed=done, total=total)
+        )
+    out().print(f"ICT FaceKit imported into {escape(str(folder))}")
+
+
+@assets_app.command("download-ict")
+@handles_errors
+def assets_download_ict(
+    ctx: typer.Context,
+    url: Annotated[str, typer.Option(help="Where to fetch the ICT-FaceKit repository's zip.")] = "",
+) -> None:
+    """Download the public ICT-FaceKit repository (MIT, about 400 MB) and import its face model."""
+    from rigcli.facemodel import ICT_REPOSITORY_ZIP, download_ict
+
+    store = store_of(ctx)
+    with _progress() as progress:
+        task = progress.add_task("downloading ICT-FaceKit", total=None)
+
+        def fetched(done: int, total: int | None) -> None:
+            progress.update(task, completed=done, total=total)
+            if total and done >= total:
+                progress.update(task, description="importing")
+
+        folder = download_ict(store, url or ICT_REPOSITORY_ZIP, progress=fetched)
+    out().print(f"ICT FaceKit imported into {escape(str(folder))}")
+
+
 @assets_app.command("status")
 @handles_errors
 def assets_status(ctx: typer.Context) -> None:
@@ -340,27 +449,48 @@ def demo(
         "rig-demo"
     ),
     photos: Annotated[int, typer.Option(min=3, max=40, help="How many album photos to generate.")] = 12,
+    ict: Annotated[
+        Path | None,
+        typer.Option(help="Import the ICT-FaceKit face model from this folder or zip first.", show_default=False),
+    ] = None,
+    download_ict: Annotated[
+        bool, typer.Option("--download-ict", help="Download ICT-FaceKit first (about 400 MB), if not installed.")
+    ] = False,
 ) -> None:
-    """Run the pipeline on a generated album of the public-domain astronaut photo (no downloads).
+    """Run the pipeline on a generated album of the public-domain astronaut photo.
 
-    Writes the album to OUT/album, a store to OUT/home (unless --home is given) and a sheet of the
-    aligned crops with their landmarks to OUT/aligned.png.
+    Writes the album to OUT/album, a store to OUT/home (unless --home is given), a sheet of the
+    aligned crops with their landmarks to OUT/aligned.png and, with a face model, a sheet of the
+    3D fit and its buffers to OUT/fit.png.
     """
     from rigcli.demo import make_album
+    from rigcli.facemodel import download_ict as fetch_ict
+    from rigcli.facemodel import import_ict, installed
     from rigcli.photo import encode_png
-    from rigcli.sheet import aligned_sheet
+    from rigcli.sheet import aligned_sheet, fit_sheet
     from rigcli.store import atomic_write_bytes
 
     explicit_home = ctx.find_root().params.get("home") is not None
     store = store_of(ctx) if explicit_home else Store(out_dir / "home")
+    store.ensure_writable()
+    if ict is not None:
+        err().print(f"importing ICT-FaceKit from {escape(str(ict))}")
+        import_ict(ict, store)
+    elif download_ict and not installed(store):
+        err().print("downloading ICT-FaceKit")
+        fetch_ict(store)
     err().print(f"making an album of {photos} photos in {escape(str(out_dir / 'album'))}")
     album = make_album(out_dir / "album", photos)
     _add(store, "astronaut", [a.path for a in album])
     sheet_path = out_dir / "aligned.png"
     atomic_write_bytes(sheet_path, encode_png(aligned_sheet(store, "astronaut")))
     out().print(f"aligned crops with landmarks: {escape(str(sheet_path))}")
+    if installed(store):
+        fit_path = out_dir / "fit.png"
+        atomic_write_bytes(fit_path, encode_png(fit_sheet(store, "astronaut")))
+        out().print(f"3D fit (crop with mesh outline | shaded | normal | albedo): {escape(str(fit_path))}")
     out().print(
-        "This version of rig stops after adding photos: the 3D face fit, training and editing steps are not built yet."
+        "This version of rig stops after adding photos and fitting the 3D face: training and editing are not built yet."
     )
 
 

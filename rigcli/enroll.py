@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from rigcli import RigError
-from rigcli.align import DEFAULT_SIZE, SIZES, Alignment, align_face
+from rigcli.align import DEFAULT_SIZE, SIZES, Alignment, align_face, apply_affine, invert_affine
 from rigcli.detect import MIN_FACE_PX, Face, FaceAnalyzer
 from rigcli.photo import IMAGE_EXTENSIONS, Photo, PhotoError, decode_photo, encode_png
-from rigcli.store import LockHolder, Manifest, PhotoRecord, Store, check_name, now_iso
+from rigcli.store import LockHolder, Manifest, PhotoRecord, Store, atomic_write_json, check_name, now_iso
 
 ADDED, DUPLICATE, NO_FACE, TOO_SMALL, UNREADABLE, OUTLIER = (
     "added",
@@ -36,6 +36,11 @@ OUTLIER_DISTANCE = 0.5
 dlib's own rule is "same person below 0.6" for a pair of faces; the median of an album sits closer to
 each of its true members than they sit to each other, so its limit is tighter."""
 MIN_ALBUM_FOR_OUTLIERS = 3
+FIT_FILE = "fit.json"
+NO_MODEL_NOTE = (
+    "no face model installed, so the photos were stored without a 3D fit: run `rig assets download-ict` "
+    "(or `rig assets import-ict PATH`), then `rig refit {name}`"
+)
 
 
 @dataclass
@@ -54,6 +59,7 @@ class AddReport:
 
     outcomes: list[Outcome]
     manifest: Manifest
+    fit_note: str = ""  # what happened to the 3D fit (fitted, skipped and why)
 
     @property
     def usable(self) -> int:
@@ -185,11 +191,13 @@ def add_photos(
     on_start: Callable[[int, Path], None] | None = None,
     on_outcome: Callable[[Outcome], None] | None = None,
     on_wait: Callable[[LockHolder | None], None] | None = None,
+    on_fit: Callable[[int, int], None] | None = None,
 ) -> AddReport:
-    """Add photos (files or folders) to ``name``, creating the person on the first usable photo.
+    """Add photos (files or folders) to ``name``, creating the person on the first usable photo,
+    then fit the face model to the album when one is installed.
 
-    ``keep_outliers`` None keeps the person's setting. ``on_start(index, path)`` and
-    ``on_outcome(outcome)`` report progress. Returns the outcomes and the final manifest.
+    ``keep_outliers`` None keeps the person's setting. ``on_start(index, path)``, ``on_outcome(outcome)``
+    and ``on_fit(step, steps)`` report progress. Returns the outcomes and the final manifest.
     """
     check_name(name)
     paths = collect_inputs(inputs)
@@ -253,13 +261,98 @@ def add_photos(
             store.save(manifest)
             report(Outcome(path, ADDED, _added_detail(analysis), pid))
         flag_outliers(manifest, embeddings)
+        fit_note = ""
         if manifest.photos:
             store.save(manifest)
+            fit_note = _fit_after_add(store, name, manifest, outcomes, on_fit)
     for outcome in outcomes:
         record = manifest.find_photo(outcome.photo_id) if outcome.status == ADDED else None
         if record is not None and record.status == OUTLIER:
             outcome.status, outcome.detail = OUTLIER, _outlier_detail(record, manifest.keep_outliers)
-    return AddReport(outcomes, manifest)
+    return AddReport(outcomes, manifest, fit_note)
+
+
+def _fit_after_add(store: Store, name: str, manifest: Manifest, outcomes: list[Outcome], on_fit) -> str:
+    from rigcli.facemodel import installed, load_face_model
+
+    if not installed(store):
+        return NO_MODEL_NOTE.format(name=name)
+    model = load_face_model(store)
+    current = read_fit(store, name)
+    changed = any(o.status == ADDED for o in outcomes)
+    if (
+        current
+        and not changed
+        and current["model_id"] == model.model_id
+        and set(current["photos"]) == {p.id for p in manifest.photos}
+    ):
+        return "3D fit unchanged"
+    doc = fit_person(store, name, manifest, model, on_fit)
+    worst = max(p["landmark_error"] for p in doc["photos"].values())
+    return f"fitted {model.name} to {len(doc['photos'])} photos (worst landmark error {worst:.3f} of eye distance)"
+
+
+def crop_landmarks(face: dict) -> np.ndarray:
+    """A photo's 68 landmarks in its aligned crop's pixels."""
+    return apply_affine(invert_affine(np.asarray(face["crop_to_photo"])), face["landmarks"])
+
+
+def read_fit(store: Store, name: str) -> dict | None:
+    """The person's stored 3D fit (``fit.json``), or None before the first fit."""
+    path = store.person_dir(name) / FIT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def fit_person(store: Store, name: str, manifest: Manifest, model, on_fit=None) -> dict:
+    """Fit the face model to all of a person's photos and store it (the caller holds the lock).
+
+    The identity is fitted on the photos used for training, shared by all of them; outliers are
+    fitted with that identity held fixed, as a new photo is at edit time.
+    """
+    import torch
+
+    from rigcli.fit import FITTER_VERSION, FaceFit, fit_landmarks, fit_light, photo_fit_json
+    from rigcli.photo import read_photo
+
+    folder = store.person_dir(name)
+    records = manifest.photos
+    landmarks = torch.tensor(
+        np.stack([crop_landmarks(read_face(store, name, r)) for r in records]), dtype=torch.float32
+    )
+    train = [i for i, r in enumerate(records) if r.train] or list(range(len(records)))
+    rest = [i for i in range(len(records)) if i not in train]
+    fits = [fit_landmarks(model, landmarks[train], progress=on_fit)]
+    if rest:
+        fits.append(fit_landmarks(model, landmarks[rest], identity=fits[0].identity))
+    order = train + rest
+    fit = FaceFit.cat(fits).select([order.index(i) for i in range(len(records))])
+    crops = np.stack([read_photo(folder / r.aligned).pixels for r in records])
+    fit.light, fit.albedo = fit_light(model, fit, torch.from_numpy(crops).float() / 255.0)
+    doc = {
+        "face_model": model.name,
+        "model_id": model.model_id,
+        "fitter_version": FITTER_VERSION,
+        "fitted": now_iso(),
+        "crop_size": manifest.align_size,
+        "camera": "weak perspective: u = s*x + tx, v = -s*y + ty in crop pixels, after yaw/pitch/roll",
+        "identity": [round(float(v), 5) for v in fit.identity],
+        "photos": {r.id: photo_fit_json(fit, i, model.expression_names) for i, r in enumerate(records)},
+    }
+    atomic_write_json(folder / FIT_FILE, doc)
+    return doc
+
+
+def refit(store: Store, name: str, on_fit=None, on_wait=None) -> dict:
+    """Fit the person's album again (after the fitter or the face model changed)."""
+    from rigcli.facemodel import load_face_model
+
+    store.require(name)
+    model = load_face_model(store)
+    with store.locked(name, on_wait=on_wait):
+        manifest = store.load(name)
+        if not manifest.photos:
+            raise RigError(f"{name} has no photos to fit")
+        return fit_person(store, name, manifest, model, on_fit)
 
 
 def remove_photo(store: Store, name: str, photo: str) -> PhotoRecord:
@@ -279,6 +372,10 @@ def remove_photo(store: Store, name: str, photo: str) -> PhotoRecord:
         manifest.photos.remove(record)
         flag_outliers(manifest, album_embeddings(store, name, manifest))
         store.save(manifest)  # the manifest forgets the photo before its files go
+        fit = read_fit(store, name)
+        if fit and record.id in fit["photos"]:
+            del fit["photos"][record.id]
+            atomic_write_json(store.person_dir(name) / FIT_FILE, fit)
         store.remove_files(name, [record.original, record.aligned, record.face])
     return record
 
@@ -287,6 +384,8 @@ def describe(store: Store, name: str) -> dict:
     """A person as one JSON-ready object: manifest fields plus each photo's face data and paths."""
     manifest = store.load(name)
     folder = store.person_dir(name)
+    fit = read_fit(store, name)
+    fitted = fit["photos"] if fit else {}
     photos = []
     for record in manifest.photos:
         face = read_face(store, name, record)
@@ -305,6 +404,7 @@ def describe(store: Store, name: str) -> dict:
                 "crop_to_photo": face["crop_to_photo"],
                 "original": str(folder / record.original),
                 "aligned": str(folder / record.aligned),
+                "fit": fitted.get(record.id),
             }
         )
     return {
@@ -315,5 +415,8 @@ def describe(store: Store, name: str) -> dict:
         "align_size": manifest.align_size,
         "keep_outliers": manifest.keep_outliers,
         "folder": str(folder),
+        "face_fit": None
+        if fit is None
+        else {k: fit[k] for k in ("face_model", "model_id", "fitter_version", "fitted", "camera", "identity")},
         "photos": photos,
     }

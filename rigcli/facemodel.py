@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import re
 import zipfile
@@ -318,6 +317,33 @@ def load_face_model(store: Store, name: str = ICT_NAME) -> LinearFaceModel:
     )
 
 
-def read_zip_bytes(data: bytes) -> zipfile.ZipFile:
-    """A zip archive from bytes (used by the downloader)."""
-    return zipfile.ZipFile(io.BytesIO(data))
+def download_ict(store: Store, url: str = ICT_REPOSITORY_ZIP, progress=None, timeout: float = 60) -> Path:
+    """Fetch the ICT-FaceKit repository's zip over HTTP(S) and import it; the zip is not kept.
+
+    ``progress(bytes_done, bytes_total_or_None)`` follows the download.
+    """
+    import contextlib
+    import urllib.error
+    import urllib.request
+    import uuid
+
+    store.ensure_writable()
+    tmp = store.root / f".tmp-ict-{uuid.uuid4().hex[:8]}.zip"
+    try:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+                total = response.headers.get("Content-Length")
+                total = int(total) if total and total.isdigit() else None
+                done = 0
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(done, total)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise RigError(f"could not download ICT-FaceKit from {url}: {reason}") from exc
+        return import_ict(tmp, store)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()

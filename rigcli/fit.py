@@ -13,8 +13,9 @@ to meet the detected point ("landmark marching").
 Light and albedo then come from the pixels: with the geometry fixed, the visible skin (face minus
 eyes, brows and lips) gives per colour a least-squares fit on the 9 SH shading functions of the
 rendered normals; a second pass drops the worst-fitting tenth (hair, specular spots, shadows).
-The product albedo x light is split so that albedo is the skin's colour under unit ambient light
-(one RGB per photo: never per-pixel colour, which would copy the photo into the buffer).
+The product albedo x light is split so that the shading averages 1 over the visible skin: albedo
+is the skin's mean colour, one RGB per photo (never per-pixel colour, which would copy the photo
+into the buffer), and the light carries the direction, contrast and any colour cast.
 """
 
 from __future__ import annotations
@@ -71,6 +72,17 @@ class FaceFit:
 
     def __len__(self) -> int:
         return int(self.yaw.shape[0])
+
+    @staticmethod
+    def cat(fits: list[FaceFit]) -> FaceFit:
+        """Photos of several fits, in order, as one batch (the identity of the first)."""
+        join = lambda name: (  # noqa: E731
+            None if getattr(fits[0], name) is None else torch.cat([getattr(f, name) for f in fits])
+        )
+        fields = ("yaw", "pitch", "roll", "scale", "translation", "expression")
+        return FaceFit(
+            *(join(n) for n in fields), fits[0].identity, join("light"), join("albedo"), join("landmark_error")
+        )
 
     def select(self, index: list[int]) -> FaceFit:
         """The fit of some photos of the batch."""
@@ -310,7 +322,10 @@ def fit_light(
             residual = (design @ coef - target).abs().sum(1)
             keep = residual <= torch.quantile(residual, 0.9)
         coef = _ridge(design[keep], target[keep])  # (9, 3): albedo x light
-        albedo = (coef[0] / math.sqrt(4 * math.pi)).clamp_min(1e-3)  # unit ambient light -> albedo
+        # Split so the shading averages 1 over the visible skin: albedo is the skin's mean colour.
+        # (Defining albedo by the constant term alone would be ill-posed: on mostly frontal normals
+        # the constant and 3z^2 - 1 terms are nearly collinear.)
+        albedo = (design @ coef).mean(0).clamp_min(1e-3)
         lights.append((coef / albedo).float())
         albedos.append(albedo.float())
     return torch.stack(lights), torch.stack(albedos)
@@ -333,3 +348,39 @@ def render_buffers(model: LinearFaceModel, fit: FaceFit, size: int, geometry: Ge
     shaded = albedo * shading * mask
     buffers = torch.cat([shaded, geometry.normals, albedo], -1)
     return buffers.permute(0, 3, 1, 2).contiguous()
+
+
+# ---------------------------------------------------------------- storage
+
+
+def photo_fit_json(fit: FaceFit, i: int, names: list[str]) -> dict:
+    """One photo's fitted parameters as a JSON-ready dict (the ``fit`` of ``people show --json``)."""
+    return {
+        "pose_deg": {
+            "yaw": round(math.degrees(float(fit.yaw[i])), 3),
+            "pitch": round(math.degrees(float(fit.pitch[i])), 3),
+            "roll": round(math.degrees(float(fit.roll[i])), 3),
+        },
+        "scale": round(float(fit.scale[i]), 5),
+        "translation": [round(float(v), 3) for v in fit.translation[i]],
+        "expression": {n: round(float(w), 4) for n, w in zip(names, fit.expression[i], strict=True)},
+        "light_sh": [[round(float(v), 5) for v in row] for row in fit.light[i]],
+        "albedo": [round(float(v), 5) for v in fit.albedo[i]],
+        "landmark_error": round(float(fit.landmark_error[i]), 5),
+    }
+
+
+def fit_from_json(photos: list[dict], identity: list[float], names: list[str]) -> FaceFit:
+    """Rebuild a batched FaceFit from stored per-photo dicts (the inverse of photo_fit_json)."""
+    deg = [[p["pose_deg"][k] for k in ("yaw", "pitch", "roll")] for p in photos]
+    angles = torch.deg2rad(torch.tensor(deg, dtype=torch.float32))
+    return FaceFit(
+        *angles.unbind(1),
+        torch.tensor([p["scale"] for p in photos], dtype=torch.float32),
+        torch.tensor([p["translation"] for p in photos], dtype=torch.float32),
+        torch.tensor([[p["expression"].get(n, 0.0) for n in names] for p in photos], dtype=torch.float32),
+        torch.tensor(identity, dtype=torch.float32),
+        torch.tensor([p["light_sh"] for p in photos], dtype=torch.float32),
+        torch.tensor([p["albedo"] for p in photos], dtype=torch.float32),
+        torch.tensor([p["landmark_error"] for p in photos], dtype=torch.float32),
+    )

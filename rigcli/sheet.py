@@ -47,3 +47,47 @@ def aligned_sheet(store, name: str, columns: int = 6) -> np.ndarray:
     if not tiles:
         raise ValueError(f"{name} has no photos")
     return grid(tiles, columns=min(columns, len(tiles)))
+
+
+def mask_outline(mask: np.ndarray) -> np.ndarray:
+    """Pixels of a boolean mask that touch a pixel outside it (the rendered mesh's outline)."""
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
+
+
+def fit_sheet(store, name: str) -> np.ndarray:
+    """Per photo a row: crop with landmarks and mesh outline | shaded | normal | albedo buffers."""
+    from rigcli import RigError
+    from rigcli.enroll import crop_landmarks, read_face, read_fit
+    from rigcli.facemodel import load_face_model
+    from rigcli.fit import fit_from_json, rasterize_fit, render_buffers
+    from rigcli.photo import read_photo
+
+    doc = read_fit(store, name)
+    if doc is None:
+        raise RigError(f"{name} has no 3D fit yet: run `rig refit {name}`")
+    model = load_face_model(store)
+    records = [r for r in store.load(name).photos if r.id in doc["photos"]]
+    fit = fit_from_json([doc["photos"][r.id] for r in records], doc["identity"], model.expression_names)
+    size = doc["crop_size"]
+    geometry = rasterize_fit(model, fit, size)
+    buffers = render_buffers(model, fit, size, geometry).permute(0, 2, 3, 1).numpy()
+    masks = geometry.fragments.mask.numpy()
+    tiles = []
+    for i, record in enumerate(records):
+        crop = read_photo(store.person_dir(name) / record.aligned).pixels.copy()
+        crop[mask_outline(masks[i])] = (255, 64, 64)
+        crop = draw_points(crop, crop_landmarks(read_face(store, name, record)))
+        shaded, normal, albedo = buffers[i, ..., 0:3], buffers[i, ..., 3:6], buffers[i, ..., 6:9]
+        normal = np.where(masks[i][..., None], normal * 0.5 + 0.5, 0.0)  # [-1, 1] shown as [0, 1]
+        tiles += [crop, *(to_uint8(image) for image in (shaded, normal, albedo))]
+    return grid(tiles, columns=4)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A [0, 1] float image as 8-bit (values outside are clipped)."""
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)

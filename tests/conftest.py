@@ -70,3 +70,31 @@ def face_model(ict_store):
     from rigcli.facemodel import load_face_model
 
     return load_face_model(ict_store)
+
+
+@pytest.fixture(scope="session")
+def ict_zip(tmp_path_factory) -> Path:
+    """ICT-FaceKit packed like the repository's zip (ICT-FaceKit-master/FaceXModel/...), with the
+    neutral mesh as plain .obj and the rest as .obj.gz, so both readers are exercised."""
+    import gzip
+    import zipfile
+
+    archive = tmp_path_factory.mktemp("zip") / "ICT-FaceKit-master.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:
+        for path in (ICT / "FaceXModel").iterdir():
+            name = f"ICT-FaceKit-master/FaceXModel/{path.name}"
+            if path.name == "generic_neutral_mesh.obj.gz":
+                z.writestr(name[: -len(".gz")], gzip.decompress(path.read_bytes()))
+            else:
+                z.write(path, name)
+        z.write(ICT / "LICENSE", "ICT-FaceKit-master/LICENSE")
+    return archive
+
+
+def home_with_model(tmp_path: Path, ict_store) -> Path:
+    """A fresh store root holding a copy of the imported face model."""
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(ict_store.root / "assets", home / "assets")
+    return home

@@ -104,9 +104,10 @@ def test_folder_with_bad_files_skips_them(tmp_path, inputs):
 def test_assets_status(tmp_path):
     result = rig(tmp_path, "assets", "status")
     assert result.exit_code == 0
-    for word in ("shape_predictor_68_face_landmarks.dat", "dlib_face_recognition_resnet_model_v1.dat", "torch"):
-        assert word in result.stdout
-    assert "missing" not in result.stdout
+    rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") >= 3}
+    for name in ("shape_predictor_68_face_landmarks.dat", "dlib_face_recognition_resnet_model_v1.dat", "torch", "dlib"):
+        assert "│ ok " in rows[name], rows
+    assert "│ missing " in rows["face model (ICT FaceKit)"] and "download-ict" in rows["face model (ICT FaceKit)"]
 
 
 @pytest.mark.parametrize(
@@ -120,6 +121,9 @@ def test_assets_status(tmp_path):
         ["people", "remove"],
         ["people", "remove-photo"],
         ["assets", "status"],
+        ["assets", "import-ict"],
+        ["assets", "download-ict"],
+        ["refit"],
         ["demo"],
     ],
 )

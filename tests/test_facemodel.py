@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import gzip
 import json
-import zipfile
 
 import numpy as np
 import pytest
 import torch
 
 from rigcli import RigError
-from rigcli.facemodel import ICT_NAME, import_ict, installed, load_face_model, model_folder, parse_obj_vertices
+from rigcli.facemodel import (
+    ICT_NAME,
+    download_ict,
+    import_ict,
+    installed,
+    load_face_model,
+    model_folder,
+    parse_obj_vertices,
+)
 from rigcli.store import Store
 from tests.conftest import ICT
 
@@ -47,22 +54,39 @@ def test_basis_reproduces_the_source_meshes(face_model):
     assert torch.allclose(face_model.vertices(ident, expr, index), face_model.vertices(ident, expr)[:, index])
 
 
-def test_zip_of_the_repository_gives_the_same_model(tmp_path, face_model):
-    # the repository's zip holds ICT-FaceKit-master/FaceXModel/...; plain .obj and .obj.gz both read
-    archive = tmp_path / "ICT-FaceKit-master.zip"
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:
-        for path in (ICT / "FaceXModel").iterdir():
-            name = f"ICT-FaceKit-master/FaceXModel/{path.name}"
-            if path.name == "generic_neutral_mesh.obj.gz":
-                z.writestr(name[: -len(".gz")], gzip.decompress(path.read_bytes()))
-            else:
-                z.write(path, name)
-        z.write(ICT / "LICENSE", "ICT-FaceKit-master/LICENSE")
+def test_zip_of_the_repository_gives_the_same_model(tmp_path, face_model, ict_zip):
     store = Store(tmp_path / "home")
-    import_ict(archive, store)
+    import_ict(ict_zip, store)
     model = load_face_model(store)
     assert model.model_id == face_model.model_id
     assert (model_folder(store) / "LICENSE").is_file()
+
+
+def test_download_from_a_local_server(tmp_path, face_model, ict_zip):
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(ict_zip.parent))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        store = Store(tmp_path / "home")
+        seen = []
+        url = f"http://127.0.0.1:{server.server_port}/{ict_zip.name}"
+        download_ict(store, url, progress=lambda done, total: seen.append((done, total)))
+        assert load_face_model(store).model_id == face_model.model_id
+        assert seen[-1] == (ict_zip.stat().st_size, ict_zip.stat().st_size)
+        assert not list(store.root.glob(".tmp-*"))  # the zip is not kept
+        with pytest.raises(RigError, match="could not download"):
+            download_ict(Store(tmp_path / "other"), f"http://127.0.0.1:{server.server_port}/missing.zip")
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(RigError, match="could not download"):
+        download_ict(Store(tmp_path / "third"), url, timeout=5)  # nobody listens any more
 
 
 def test_import_errors_are_clear(tmp_path):
