@@ -42,17 +42,25 @@ _ICT_KEEP = [(0, 11247), (21451, 24590)]  # the vertices those polygons use
 
 
 class FaceModel(Protocol):
-    """What the fitter, renderer and CLI need from a face model (ICT now, FLAME later)."""
+    """What the fitter, renderer and CLI need from a face model (ICT now, FLAME later).
+
+    ``regions`` must hold at least ``face`` (all facial skin), ``narrow_face`` (the skin the light
+    fit may use, before eyes, brows and lips are cut out) and ``eyeball_left`` / ``eyeball_right``.
+    """
 
     name: str
     model_id: str  # content hash of the model's data: checkpoints record it
     expression_names: list[str]
+    neutral: torch.Tensor  # (V, 3) the mean shape, neutral expression
     landmark_vertices: torch.Tensor  # (68,) long, iBUG order
     triangles: torch.Tensor  # (F, 3) long, counter-clockwise seen from outside
     regions: dict[str, torch.Tensor]  # name -> (V,) bool
 
     @property
     def identity_size(self) -> int: ...
+
+    @property
+    def vertex_count(self) -> int: ...
 
     def vertices(
         self, identity: torch.Tensor, expression: torch.Tensor, index: torch.Tensor | None = None

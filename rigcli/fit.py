@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rigcli.facemodel import LinearFaceModel
+from rigcli.facemodel import FaceModel
 from rigcli.render import (
     SH_CONSTANTS,
     euler_to_matrix,
@@ -104,7 +104,7 @@ class FaceFit:
 # ---------------------------------------------------------------- landmarks
 
 
-def silhouette_candidates(model: LinearFaceModel, band: float = 0.45) -> torch.Tensor:
+def silhouette_candidates(model: FaceModel, band: float = 0.45) -> torch.Tensor:
     """(17, K) vertex ids per jaw landmark: face vertices near the ray from the face's centre through
     that landmark's vertex (neutral mesh, image plane), padded by repeating the landmark vertex."""
     neutral = model.neutral.double()
@@ -127,7 +127,7 @@ def silhouette_candidates(model: LinearFaceModel, band: float = 0.45) -> torch.T
 
 
 def project_landmarks(
-    model: LinearFaceModel,
+    model: FaceModel,
     fit: FaceFit,
     candidates: torch.Tensor,
 ) -> torch.Tensor:
@@ -162,7 +162,7 @@ def interocular(landmarks: torch.Tensor) -> torch.Tensor:
     return (landmarks[:, a] - landmarks[:, b]).norm(dim=-1)
 
 
-def _initial_pose(model: LinearFaceModel, landmarks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _initial_pose(model: FaceModel, landmarks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and translation that match the neutral face's inner landmarks to the detected ones."""
     lm3d = model.neutral[model.landmark_vertices[INNER]].to(landmarks)
     flat = torch.stack([lm3d[:, 0], -lm3d[:, 1]], 1)
@@ -175,7 +175,7 @@ def _initial_pose(model: LinearFaceModel, landmarks: torch.Tensor) -> tuple[torc
 
 
 def fit_landmarks(
-    model: LinearFaceModel,
+    model: FaceModel,
     landmarks: torch.Tensor,
     identity: torch.Tensor | None = None,
     steps: int = 300,
@@ -258,7 +258,7 @@ def fit_landmarks(
 # ---------------------------------------------------------------- pixels
 
 
-def skin_vertices(model: LinearFaceModel, radius: float = 1.0) -> torch.Tensor:
+def skin_vertices(model: FaceModel, radius: float = 1.0) -> torch.Tensor:
     """(V,) bool: the narrow face area minus the eyes, brows and lips (near their landmark vertices)."""
     neutral = model.neutral
     skin = model.regions["narrow_face"].clone()
@@ -268,7 +268,7 @@ def skin_vertices(model: LinearFaceModel, radius: float = 1.0) -> torch.Tensor:
     return skin & (dist > radius)
 
 
-def vertex_albedo(model: LinearFaceModel, skin_rgb: torch.Tensor) -> torch.Tensor:
+def vertex_albedo(model: FaceModel, skin_rgb: torch.Tensor) -> torch.Tensor:
     """Per-vertex albedo (B, V, 3): the skin colour everywhere but the eyeballs."""
     batch = skin_rgb.shape[0]
     eyes = model.regions["eyeball_left"] | model.regions["eyeball_right"]
@@ -287,7 +287,7 @@ class Geometry:
     screen: torch.Tensor  # (B, V, 3)
 
 
-def rasterize_fit(model: LinearFaceModel, fit: FaceFit, size: int) -> Geometry:
+def rasterize_fit(model: FaceModel, fit: FaceFit, size: int) -> Geometry:
     """Rasterize the fitted meshes into size x size crops (the fit's own frame)."""
     batch = len(fit)
     verts = model.vertices(fit.identity.expand(batch, -1), fit.expression)
@@ -299,7 +299,7 @@ def rasterize_fit(model: LinearFaceModel, fit: FaceFit, size: int) -> Geometry:
 
 
 def fit_light(
-    model: LinearFaceModel, fit: FaceFit, images: torch.Tensor, geometry: Geometry | None = None
+    model: FaceModel, fit: FaceFit, images: torch.Tensor, geometry: Geometry | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SH light (B, 9, 3) and skin albedo (B, 3) from crops (B, H, W, 3) in [0, 1]."""
     batch, size = images.shape[0], images.shape[1]
@@ -338,7 +338,7 @@ def _ridge(design: torch.Tensor, target: torch.Tensor, damping: float = 1e-6) ->
     return torch.linalg.solve(gram, design.T @ target)
 
 
-def render_buffers(model: LinearFaceModel, fit: FaceFit, size: int, geometry: Geometry | None = None) -> torch.Tensor:
+def render_buffers(model: FaceModel, fit: FaceFit, size: int, geometry: Geometry | None = None) -> torch.Tensor:
     """DiffusionRig's buffers (B, 9, size, size): shaded, normal, albedo; zero off the face."""
     geometry = geometry or rasterize_fit(model, fit, size)
     albedo_v = vertex_albedo(model, fit.albedo)
