@@ -38,9 +38,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 people_app = typer.Typer(help="List, inspect and remove the people in the store.", no_args_is_help=True)
+models_app = typer.Typer(help="Base models (stage 1) registered in the store.", no_args_is_help=True)
+model_app = typer.Typer(help="The DiffusionRig network: sizes and costs of its presets.", no_args_is_help=True)
 assets_app = typer.Typer(help="Model files and data rig needs besides its code.", no_args_is_help=True)
 app.add_typer(people_app, name="people")
 app.add_typer(assets_app, name="assets")
+app.add_typer(models_app, name="models")
+app.add_typer(model_app, name="model")
 
 STATUS_STYLE = {
     "added": "green",
@@ -298,6 +302,12 @@ def people_show(
     console.print(f"[bold]{escape(info['name'])}[/]  created {info['created']}  updated {info['updated']}")
     console.print(f"folder {escape(info['folder'])}  crops {info['align_size']} px")
     console.print(f"{len(photos)} photos, {training} used for training")
+    if info["model"]:
+        m = info["model"]
+        origin = f"base {m['base']}" if m["base"] else "from scratch"
+        console.print(f"model: {m['steps']} steps ({origin}), final loss {m['final_loss']:.4f}, trained {m['trained']}")
+    else:
+        console.print("model: not fine-tuned yet (rig finetune)")
     table = Table()
     for column in ("id", "source", "status", "train", "face px", "yaw/pitch/roll", "top expression", "fit error"):
         table.add_column(column)
@@ -438,6 +448,134 @@ def assets_status(ctx: typer.Context) -> None:
     lines = asset_status(store_of(ctx))
     for line in lines:
         table.add_row(escape(line.name), "[green]ok[/]" if line.ok else "[red]missing[/]", escape(line.detail))
+    out().print(table)
+
+
+class Preset(str, Enum):
+    paper = "paper"
+    small = "small"
+    tiny = "tiny"
+
+
+@app.command("finetune")
+@handles_errors
+def finetune_command(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The person to personalize a model for.")],
+    base: Annotated[
+        str | None,
+        typer.Option(help="Registered base model to start from (see `rig models list`).", show_default=False),
+    ] = None,
+    from_scratch: Annotated[
+        bool, typer.Option("--from-scratch", help="Train encoder and UNet on the album alone (lower quality).")
+    ] = False,
+    preset: Annotated[
+        Preset | None, typer.Option(help="Model size when training from scratch (default tiny).", show_default=False)
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="Training steps (default 5000, the paper's).", show_default=False)
+    ] = None,
+    batch: Annotated[
+        int | None, typer.Option(min=1, help="Batch size (default 4, the paper's).", show_default=False)
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Learning rate (default 1e-5 from a base model, 1e-4 from scratch).", show_default=False),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed repeats a run exactly on one device.")] = 0,
+    device: Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1, ...")] = "cpu",
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="Steps between checkpoints.")] = 250,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Discard an interrupted run instead of resuming it.")
+    ] = False,
+) -> None:
+    """Stage 2: fine-tune a diffusion model on one person's photos (resumes an interrupted run)."""
+    from rigcli.train import finetune
+
+    with _progress() as progress:
+        task = progress.add_task("fine-tuning", total=steps or 5000)
+
+        def stepped(step: int, loss: float) -> None:
+            progress.update(task, completed=step, description=f"fine-tuning  loss {loss:.4f}")
+
+        info = finetune(
+            store_of(ctx),
+            name,
+            base=base,
+            from_scratch=from_scratch,
+            preset_name=preset.value if preset else None,
+            steps=steps,
+            batch=batch,
+            lr=lr,
+            seed=seed,
+            device=device,
+            restart=restart,
+            checkpoint_every=checkpoint_every,
+            on_step=stepped,
+        )
+    origin = f"base {info['base']}" if info["base"] else "from scratch"
+    out().print(f"{escape(name)}: {info['steps']} steps ({origin}), final loss {info['final_loss']:.4f}")
+    if info["from_scratch"]:
+        out().print("trained from scratch on one album: expect lower quality than from a stage-1 base model")
+
+
+@models_app.command("list")
+@handles_errors
+def models_list(ctx: typer.Context) -> None:
+    """List the registered base models."""
+    from rigcli.train import registered_models
+
+    models = registered_models(store_of(ctx))
+    if not models:
+        out().print("no base models registered; add one with: rig models add NAME PATH")
+        return
+    table = Table()
+    for column in ("name", "image size", "base channels", "face model", "steps", "saved"):
+        table.add_column(column)
+    for name, info in models.items():
+        cfg = info["config"]
+        table.add_row(
+            escape(name), str(cfg["image_size"]), str(cfg["base_channels"]), str(info.get("face_model_id")),
+            str(info.get("steps", "")), str(info.get("saved", "")),
+        )  # fmt: skip
+    out().print(table)
+
+
+@models_app.command("add")
+@handles_errors
+def models_add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Name to register the model under.")],
+    path: Annotated[Path, typer.Argument(help="Folder holding model.safetensors and model.json.")],
+) -> None:
+    """Register a trained model (for example a pretrain output) as a base for `rig finetune --base`."""
+    from rigcli.train import register_model
+
+    info = register_model(store_of(ctx), name, path)
+    out().print(f"registered {escape(name)} (face model {info.get('face_model_id')})")
+
+
+@model_app.command("info")
+@handles_errors
+def model_info_command(
+    preset: Annotated[Preset, typer.Option(help="Which configuration.")] = Preset.paper,
+    batch: Annotated[int, typer.Option(min=1, help="Batch size for the memory figures.")] = 1,
+) -> None:
+    """Parameters, FLOPs of one UNet call (counted) and training memory at a batch size."""
+    from rigcli.train import model_info
+    from rigcli.unet import PRESETS
+
+    info = model_info(PRESETS[preset.value], batch)
+    cfg = PRESETS[preset.value]
+    table = Table(title=f"preset {preset.value}: {cfg.image_size}x{cfg.image_size}, base {cfg.base_channels}")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_row("UNet parameters", f"{info['unet_parameters'] / 1e6:.1f} M")
+    table.add_row("encoder parameters (ResNet-18)", f"{info['encoder_parameters'] / 1e6:.1f} M")
+    table.add_row("GFLOPs per UNet call (per image)", f"{info['unet_gflops_per_call']:.1f}")
+    table.add_row("weights, fp32", f"{info['weights_mb']:.0f} MB")
+    table.add_row(f"training state (UNet grads + Adam), batch {batch}", f"{info['training_state_mb']:.0f} MB")
+    table.add_row(f"activations saved for backward, batch {batch}, fp32", f"{info['activations_mb']:.0f} MB")
     out().print(table)
 
 

@@ -418,5 +418,16 @@ def describe(store: Store, name: str) -> dict:
         "face_fit": None
         if fit is None
         else {k: fit[k] for k in ("face_model", "model_id", "fitter_version", "fitted", "camera", "identity")},
+        "model": _model_summary(folder),
         "photos": photos,
     }
+
+
+def _model_summary(folder) -> dict | None:
+    """What `finetune` left in the person's folder: base, steps, final loss, when."""
+    path = folder / "model" / "model.json"
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    keys = ("base", "from_scratch", "steps", "final_loss", "trained", "face_model_id")
+    return {k: info.get(k) for k in keys} | {"preset_size": info["config"]["image_size"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -62,7 +63,7 @@ def test_ddim_matches_the_closed_form_ode_solution():
         errors.append((out - exact).abs().max().item())
     assert errors == sorted(errors, reverse=True), errors  # shrinks as steps grow...
     # ...at first order, as an Euler step in DDIM's own variables should: 5x the steps, ~5x smaller
-    for coarse, fine in zip(errors, errors[1:], strict=False):
+    for coarse, fine in itertools.pairwise(errors):
         assert coarse / fine > 3.0, errors
     assert errors[-1] < 0.012  # 500 steps
 
@@ -76,6 +77,6 @@ def test_inversion_then_sampling_returns_the_input():
         ts = ddim_timesteps(count)
         x_t = ddim_invert(eps, x0, d, ts)
         errors.append((ddim_sample(eps, x_t, d, ts, clip=False) - x0).abs().max().item())
-    for coarse, fine in zip(errors, errors[1:], strict=False):  # first-order convergence
+    for coarse, fine in itertools.pairwise(errors):  # first-order convergence
         assert coarse / fine > 3.0, errors
     assert errors[-1] < 0.015  # every timestep: the round trip is nearly exact

@@ -1,0 +1,479 @@
+"""Training: the loop (stage 1 generic, stage 2 personal), its data, checkpoints and resume.
+
+The loop is the algorithm, top to bottom: sample a batch, noise it at random timesteps, encode the
+clean photos to the global latent, predict the noise, P2-weighted loss, backward, clip the gradient
+to 1.0, Adam step, EMA update; every N steps a JSONL log line, a preview grid and a checkpoint.
+Stage 2 (``freeze_encoder``) trains only the UNet, as the paper does.
+
+Checkpoints are a safetensors file (model, EMA, Adam state, random-generator states) and a JSON file
+written after it (step, config, face model id, data hash, the weights file's hash): a run that is
+killed resumes from the last pair and, seeded alike, ends with the same weights as a run that was
+never interrupted.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rigcli import RigError
+from rigcli.diffusion import Diffusion, ddim_sample, ddim_timesteps
+from rigcli.store import atomic_write_bytes, atomic_write_json, now_iso
+from rigcli.unet import DiffusionRig, ModelConfig
+
+RENDER_VERSION = 1  # bump when the buffers a fit renders to change
+
+
+@dataclass
+class TrainConfig:
+    """How to train (the paper's stage 2: lr 1e-5, batch 4, 5,000 steps, encoder frozen)."""
+
+    steps: int = 5000
+    batch: int = 4
+    lr: float = 1e-5
+    seed: int = 0
+    ema_decay: float = 0.9999
+    grad_clip: float = 1.0
+    freeze_encoder: bool = True
+    log_every: int = 10
+    checkpoint_every: int = 250
+    preview_every: int = 500
+
+
+@dataclass
+class TrainingData:
+    """Clean images in [-1, 1] (N, 3, S, S) and their buffers (N, 9, S, S)."""
+
+    images: torch.Tensor
+    buffers: torch.Tensor
+    data_hash: str
+    face_model_id: str
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+# ---------------------------------------------------------------- data
+
+
+def person_data(store, name: str, size: int) -> TrainingData:
+    """A person's training photos (crop + buffers at ``size``), rendered once and cached.
+
+    The cache key covers the fit, the face model and the renderer, so a refit or a new face model
+    makes a new cache.
+    """
+    from safetensors.torch import load_file, save
+
+    from rigcli.enroll import read_fit
+
+    fit_doc = read_fit(store, name)
+    if fit_doc is None:
+        raise RigError(
+            f"{name} has no 3D fit: install a face model (`rig assets download-ict`), then `rig refit {name}`"
+        )
+    manifest = store.load(name)
+    records = [r for r in manifest.photos if r.train and r.id in fit_doc["photos"]]
+    if not records:
+        raise RigError(f"{name} has no photos usable for training")
+    key = hashlib.sha256(
+        json.dumps([fit_doc["model_id"], fit_doc["fitted"], [r.id for r in records], size, RENDER_VERSION]).encode()
+    ).hexdigest()[:16]
+    cache = store.person_dir(name) / "cache" / f"train-{size}-{key}.safetensors"
+    if cache.is_file():
+        tensors = load_file(cache)
+        return TrainingData(tensors["images"], tensors["buffers"], key, fit_doc["model_id"])
+    images, buffers = render_training_pairs(store, name, records, fit_doc, size)
+    for old in cache.parent.glob(f"train-{size}-*.safetensors"):
+        old.unlink()
+    atomic_write_bytes(cache, save({"images": images.contiguous(), "buffers": buffers.contiguous()}))
+    return TrainingData(images, buffers, key, fit_doc["model_id"])
+
+
+def render_training_pairs(store, name: str, records, fit_doc: dict, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crops resized to ``size`` in [-1, 1], and the fit's buffers rendered at ``size``."""
+    from PIL import Image
+
+    from rigcli.facemodel import load_face_model
+    from rigcli.fit import fit_from_json, render_buffers
+    from rigcli.photo import read_photo
+
+    model = load_face_model(store)
+    if model.model_id != fit_doc["model_id"]:
+        raise RigError(f"{name} was fitted with another face model: run `rig refit {name}`")
+    fit = fit_from_json([fit_doc["photos"][r.id] for r in records], fit_doc["identity"], model.expression_names)
+    fit = rescale_fit(fit, fit_doc["crop_size"], size)
+    buffers = render_buffers(model, fit, size)
+    crops = []
+    for record in records:
+        crop = read_photo(store.person_dir(name) / record.aligned).pixels
+        if crop.shape[0] != size:
+            crop = np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.BOX))
+        crops.append(crop)
+    images = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return images, buffers
+
+
+def rescale_fit(fit, from_size: int, to_size: int):
+    """The same fit for a crop resized from ``from_size`` to ``to_size`` pixels (pixel centres kept)."""
+    factor = to_size / from_size
+    out = copy.copy(fit)
+    out.scale = fit.scale * factor
+    out.translation = (fit.translation + 0.5) * factor - 0.5
+    return out
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _rng_tensor(state: torch.Tensor) -> torch.Tensor:
+    return state.clone().to(torch.uint8)
+
+
+def save_checkpoint(folder: Path, model, ema, optimizer, generator, step: int, meta: dict) -> None:
+    """Write weights + EMA + Adam state + RNG states, then the JSON that points at them."""
+    from safetensors.torch import save
+
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    opt = optimizer.state_dict()
+    for i, state in opt["state"].items():
+        for k, v in state.items():
+            tensors[f"optim.{i}.{k}"] = torch.as_tensor(v)
+    tensors["rng.data"] = _rng_tensor(generator.get_state())
+    tensors["rng.torch"] = _rng_tensor(torch.get_rng_state())
+    blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    weights = folder / f"step-{step:07d}.safetensors"
+    atomic_write_bytes(weights, blob)
+    info = {**meta, "step": step, "weights": weights.name, "sha256": hashlib.sha256(blob).hexdigest(),
+            "param_groups": opt["param_groups"], "saved": now_iso()}  # fmt: skip
+    atomic_write_json(folder / "latest.json", info)
+    for old in folder.glob("step-*.safetensors"):
+        if old.name != weights.name:
+            old.unlink()
+
+
+def load_checkpoint(folder: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """The last complete checkpoint in ``folder`` (its JSON and tensors), or None."""
+    from safetensors.torch import load
+
+    pointer = folder / "latest.json"
+    if not pointer.is_file():
+        return None
+    info = json.loads(pointer.read_text())
+    blob = (folder / info["weights"]).read_bytes()
+    if hashlib.sha256(blob).hexdigest() != info["sha256"]:
+        raise RigError(f"checkpoint {folder / info['weights']} is damaged; delete {folder} to start over")
+    return info, load(blob)
+
+
+def _restore(tensors: dict, model, ema, optimizer, generator, info: dict) -> None:
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+    generator.set_state(tensors["rng.data"])
+    torch.set_rng_state(tensors["rng.torch"])
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+            e.lerp_(p, 1.0 - decay)
+        for e, b in zip(ema.buffers(), model.buffers(), strict=True):
+            e.copy_(b)
+
+
+def train(
+    model: DiffusionRig,
+    data: TrainingData,
+    cfg: TrainConfig,
+    run_dir: Path,
+    meta: dict,
+    device: str = "cpu",
+    on_step: Callable[[int, float], None] | None = None,
+) -> DiffusionRig:
+    """Train ``model`` on ``data``; resumes from ``run_dir`` when it holds a checkpoint. Returns the EMA model."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model = model.to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if cfg.freeze_encoder:
+        model.encoder.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    diffusion = Diffusion()
+    meta = {**meta, "train": asdict(cfg), "data_hash": data.data_hash, "face_model_id": data.face_model_id}
+    step = 0
+    resumed = load_checkpoint(run_dir)
+    if resumed is not None:
+        info, tensors = resumed
+        if info.get("data_hash") != data.data_hash or info.get("train") != asdict(cfg):
+            raise RigError(
+                f"{run_dir} holds a run with other data or settings; delete it or use the same settings to resume"
+            )
+        _restore(tensors, model, ema, optimizer, generator, info)
+        step = info["step"]
+    use_amp = device.startswith("cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    log = open(run_dir / "log.jsonl", "a")
+    images, buffers = data.images, data.buffers
+    started, losses = time.monotonic(), []
+    try:
+        while step < cfg.steps:
+            model.train()
+            if cfg.freeze_encoder:
+                model.encoder.eval()  # frozen: batch-norm statistics stay as the base model had them
+            index = torch.randint(0, len(data), (cfg.batch,), generator=generator)
+            x0, cond = images[index].to(device), buffers[index].to(device)
+            t = torch.randint(0, diffusion.steps, (cfg.batch,), generator=generator).to(device)
+            noise = torch.randn(x0.shape, generator=generator).to(device)
+            x_t = diffusion.q_sample(x0, t, noise)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+                with torch.set_grad_enabled(not cfg.freeze_encoder):
+                    latent = model.encode(x0)
+                loss = diffusion.loss(model(x_t, t, cond, latent), noise, t)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            # EMA with warm-up: early on it follows the model, later it averages (a function of the step
+            # alone, so a resumed run does exactly what an uninterrupted one does)
+            _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            step += 1
+            losses.append(loss.item())
+            if on_step:
+                on_step(step, losses[-1])
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                rate = len(losses) / max(time.monotonic() - started, 1e-9)
+                line = {"step": step, "loss": float(np.mean(losses[-cfg.log_every :])), "steps_per_s": round(rate, 3)}
+                log.write(json.dumps(line) + "\n")
+                log.flush()
+            if step % cfg.preview_every == 0 or step == cfg.steps:
+                write_preview(ema, data, run_dir / f"preview-{step:07d}.png", device)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                save_checkpoint(run_dir, model, ema, optimizer, generator, step, {**meta, "loss": losses[-1]})
+    finally:
+        log.close()
+    return ema
+
+
+@torch.no_grad()
+def write_preview(model: DiffusionRig, data: TrainingData, path: Path, device: str, count: int = 4) -> None:
+    """A grid: the first ``count`` training photos over samples drawn for their buffers (10 DDIM steps)."""
+    from rigcli.photo import encode_png
+    from rigcli.sheet import grid
+
+    count = min(count, len(data))
+    x0 = data.images[:count].to(device)
+    cond = data.buffers[:count].to(device)
+    latent = model.encode(x0)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(device)
+    samples = ddim_sample(lambda x, t: model(x, t, cond, latent), noise, Diffusion(), ddim_timesteps(10))
+    to8 = lambda x: ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # noqa: E731
+    atomic_write_bytes(path, encode_png(grid([*to8(x0), *to8(samples)], columns=count)))
+
+
+# ---------------------------------------------------------------- saved models
+
+
+def save_model(folder: Path, model: DiffusionRig, info: dict) -> None:
+    """A trained model: ``model.safetensors`` (weights) and ``model.json`` (config and provenance)."""
+    from safetensors.torch import save
+
+    blob = save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
+    atomic_write_bytes(folder / "model.safetensors", blob)
+    atomic_write_json(
+        folder / "model.json",
+        {**info, "config": model.cfg.to_json(), "sha256": hashlib.sha256(blob).hexdigest(), "saved": now_iso()},
+    )
+
+
+def load_model(folder: Path, device: str = "cpu") -> tuple[DiffusionRig, dict]:
+    """A saved model and its JSON (refusing a damaged or mismatched weights file)."""
+    from safetensors.torch import load
+
+    meta_path = folder / "model.json"
+    if not meta_path.is_file():
+        raise RigError(f"no model in {folder} (model.json missing)")
+    info = json.loads(meta_path.read_text())
+    blob = (folder / "model.safetensors").read_bytes()
+    if hashlib.sha256(blob).hexdigest() != info.get("sha256"):
+        raise RigError(f"the model weights in {folder} are damaged (hash mismatch)")
+    model = DiffusionRig(ModelConfig.from_json(info["config"]))
+    model.load_state_dict(load(blob))
+    return model.to(device).eval(), info
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1]."""
+    mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) ** 2).mean().item() / 4.0
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+# ---------------------------------------------------------------- stage 2 and the model registry
+
+
+def model_info(cfg: ModelConfig, batch: int = 1) -> dict:
+    """Parameters, FLOPs of one UNet call and training memory at ``batch``, counted on the meta device.
+
+    Memory is what a training step holds: fp32 weights, gradients and Adam's two moments, plus every
+    activation autograd saves for the backward pass (recorded by a saved-tensor hook).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rigcli.unet import count_parameters
+
+    size = cfg.image_size
+    with torch.device("meta"):
+        model = DiffusionRig(cfg)
+        x = torch.randn(batch, 3, size, size)
+        args = (
+            x,
+            torch.zeros(batch, dtype=torch.long),
+            torch.randn(batch, 9, size, size),
+            torch.randn(batch, cfg.latent_dim),
+        )
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*args)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t
+        ):
+            model(*args).sum()
+    unet = count_parameters(model.denoisingUNet)
+    encoder = count_parameters(model.encoder)
+    return {
+        "unet_parameters": unet,
+        "encoder_parameters": encoder,
+        "unet_gflops_per_call": counter.get_total_flops() / 1e9 / batch,
+        "batch": batch,
+        "weights_mb": (unet + encoder) * 4 / 2**20,
+        "training_state_mb": unet * 4 * 4 / 2**20,  # UNet weights, grads, Adam m and v (stage 2)
+        "activations_mb": sum(saved) / 2**20,
+    }
+
+
+def registry_dir(store) -> Path:
+    return store.root / "models"
+
+
+def registered_models(store) -> dict[str, dict]:
+    """Base models registered in the store, by name, with their model.json."""
+    folder = registry_dir(store)
+    if not folder.is_dir():
+        return {}
+    return {
+        p.name: json.loads((p / "model.json").read_text())
+        for p in sorted(folder.iterdir())
+        if (p / "model.json").is_file()
+    }
+
+
+def register_model(store, name: str, source: Path) -> dict:
+    """Copy a saved model (a folder with model.safetensors + model.json) into the registry as ``name``."""
+    from rigcli.store import check_name
+
+    check_name(name)
+    source = Path(source)
+    model, info = load_model(source)  # validates the files before anything is copied
+    del model
+    target = registry_dir(store) / name
+    if target.exists():
+        raise RigError(f"a model named {name!r} is already registered; remove it or pick another name")
+    store.ensure_writable()
+    atomic_write_bytes(target / "model.safetensors", (source / "model.safetensors").read_bytes())
+    atomic_write_json(target / "model.json", info)
+    return info
+
+
+def finetune(
+    store,
+    name: str,
+    *,
+    base: str | None = None,
+    from_scratch: bool = False,
+    preset_name: str | None = None,
+    steps: int | None = None,
+    batch: int | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    restart: bool = False,
+    checkpoint_every: int = 250,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict:
+    """Stage 2: personalize a base model on ``name``'s photos (or train from scratch); returns model.json.
+
+    Resumes an interrupted run with the same settings; ``restart`` discards it.
+    """
+    import shutil
+
+    from rigcli.unet import preset
+
+    store.require(name)
+    torch.manual_seed(seed)  # the fresh model's initial weights are part of the run
+    if base is None and not from_scratch:
+        available = ", ".join(registered_models(store)) or "none registered"
+        raise RigError(
+            f"no base model given (registered: {available}): add one with `rig models add NAME PATH` and pass "
+            "--base NAME, or pass --from-scratch to train on the album alone (lower quality)"
+        )
+    if base is not None:
+        models = registered_models(store)
+        if base not in models:
+            raise RigError(f"no base model named {base!r} (registered: {', '.join(models) or 'none'})")
+        model, base_info = load_model(registry_dir(store) / base)
+        if preset_name is not None and preset(preset_name).to_json() != model.cfg.to_json():
+            raise RigError(f"--preset {preset_name} does not match base model {base!r}'s configuration")
+        cfg = TrainConfig(steps=steps or 5000, batch=batch or 4, lr=lr or 1e-5, seed=seed, freeze_encoder=True)
+    else:
+        model, base_info = DiffusionRig(preset(preset_name or "tiny")), {}
+        # from scratch there is no prior to preserve: stage 1's learning rate, encoder trained too
+        cfg = TrainConfig(steps=steps or 5000, batch=batch or 4, lr=lr or 1e-4, seed=seed, freeze_encoder=False)
+    cfg.checkpoint_every = checkpoint_every
+    cfg.preview_every = max(checkpoint_every, cfg.steps // 10)
+    with store.locked(name):  # held for the whole run: one training per person at a time
+        data = person_data(store, name, model.cfg.image_size)
+        if base_info and base_info.get("face_model_id") != data.face_model_id:
+            raise RigError(
+                f"base model {base!r} was trained on buffers of face model {base_info.get('face_model_id')}, but "
+                f"{name} is fitted with {data.face_model_id}: the buffers would not match"
+            )
+        run_dir = store.person_dir(name) / "training"
+        if restart and run_dir.exists():
+            shutil.rmtree(run_dir)
+        meta = {"person": name, "base": base, "from_scratch": from_scratch, "config": model.cfg.to_json()}
+        ema = train(model, data, cfg, run_dir, meta, device=device, on_step=on_step)
+        log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+        info = {
+            "person": name,
+            "base": base,
+            "from_scratch": from_scratch,
+            "steps": cfg.steps,
+            "final_loss": log[-1]["loss"] if log else None,
+            "face_model_id": data.face_model_id,
+            "data_hash": data.data_hash,
+            "train": asdict(cfg),
+            "trained": now_iso(),
+        }
+        save_model(store.person_dir(name) / "model", ema, info)
+    return info
