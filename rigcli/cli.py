@@ -519,6 +519,54 @@ def finetune_command(
         out().print("trained from scratch on one album: expect lower quality than from a stage-1 base model")
 
 
+@app.command("pretrain")
+@handles_errors
+def pretrain_command(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Option(help="Folder of face photos (searched recursively), many people.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the prepared data, checkpoints and the model.")],
+    preset: Annotated[Preset, typer.Option(help="Model size.")] = Preset.tiny,
+    steps: Annotated[int, typer.Option(min=1, help="Training steps (the paper: 50,000).")] = 50_000,
+    batch: Annotated[int, typer.Option(min=1, help="Batch per process (the paper: 32 per GPU).")] = 32,
+    lr: Annotated[float, typer.Option(help="Learning rate (the paper: 1e-4).")] = 1e-4,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[
+        str, typer.Option(help="cpu or cuda (under torchrun each process takes its LOCAL_RANK GPU).")
+    ] = "cpu",
+    detector: Annotated[Detector, typer.Option(help="Face detector for preparing the photos.")] = Detector.hog,
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="Steps between checkpoints.")] = 1000,
+) -> None:
+    """Stage 1: train a generic model on many people's photos (resumable; scales out with torchrun).
+
+    Multi-process: torchrun --nproc-per-node N -m rigcli pretrain --data DIR --out OUT ...
+    Register the result with: rig models add NAME OUT/model
+    """
+    import os
+
+    from rigcli.train import pretrain
+
+    rank = int(os.environ.get("RANK", "0"))
+    with _progress() as progress:
+        prep = progress.add_task("preparing photos", total=None, visible=rank == 0)
+        task = progress.add_task("pre-training", total=steps, visible=False)
+
+        def stepped(step: int, loss: float) -> None:
+            if rank == 0:
+                progress.update(task, completed=step, visible=True, description=f"pre-training  loss {loss:.4f}")
+
+        info = pretrain(
+            store_of(ctx), data, out_dir, preset_name=preset.value, steps=steps, batch=batch, lr=lr, seed=seed,
+            device=device, detector=detector.value, checkpoint_every=checkpoint_every,
+            on_prepare=lambda done, total: progress.update(prep, completed=done, total=total), on_step=stepped,
+        )  # fmt: skip
+    if rank == 0:
+        used = info["photos"].get("used", 0)
+        skipped = ", ".join(f"{n} {k}" for k, n in sorted(info["photos"].items()) if k != "used") or "none"
+        out().print(f"pre-trained on {used} photos (skipped: {skipped}) with {info['processes']} process(es)")
+        where = escape(str(out_dir / "model"))
+        out().print(f"model in {where}; register it with: rig models add NAME {where}")
+
+
 @models_app.command("list")
 @handles_errors
 def models_list(ctx: typer.Context) -> None:

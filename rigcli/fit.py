@@ -61,7 +61,7 @@ class FaceFit:
     scale: torch.Tensor  # crop pixels per centimetre
     translation: torch.Tensor  # (B, 2) crop pixels
     expression: torch.Tensor  # (B, E) in [0, 1]
-    identity: torch.Tensor  # (I,)
+    identity: torch.Tensor  # (I,) shared by the batch, or (B, I) one per photo
     light: torch.Tensor | None = None  # (B, 9, 3)
     albedo: torch.Tensor | None = None  # (B, 3)
     landmark_error: torch.Tensor | None = None  # (B,) mean error / inter-ocular distance
@@ -81,7 +81,11 @@ class FaceFit:
         )
         fields = ("yaw", "pitch", "roll", "scale", "translation", "expression")
         return FaceFit(
-            *(join(n) for n in fields), fits[0].identity, join("light"), join("albedo"), join("landmark_error")
+            *(join(n) for n in fields),
+            torch.cat([f.identity for f in fits]) if fits[0].identity.dim() == 2 else fits[0].identity,
+            join("light"),
+            join("albedo"),
+            join("landmark_error"),
         )
 
     def select(self, index: list[int]) -> FaceFit:
@@ -94,7 +98,7 @@ class FaceFit:
             self.scale[index],
             self.translation[index],
             self.expression[index],
-            self.identity,
+            self.identity[index] if self.identity.dim() == 2 else self.identity,
             pick(self.light),
             pick(self.albedo),
             pick(self.landmark_error),
@@ -181,8 +185,13 @@ def fit_landmarks(
     steps: int = 300,
     progress: Callable[[int, int], None] | None = None,
     seed: int = 0,
+    shared_identity: bool = True,
 ) -> FaceFit:
-    """Fit pose, camera, expression (and one shared identity, unless given) to (B, 68, 2) landmarks."""
+    """Fit pose, camera, expression (and one shared identity, unless given) to (B, 68, 2) landmarks.
+
+    ``shared_identity=False`` fits one identity per photo (photos of different people, as in stage 1);
+    the fit's identity is then (B, I).
+    """
     torch.manual_seed(seed)
     lm = landmarks.to(torch.float32)
     batch = lm.shape[0]
@@ -194,9 +203,8 @@ def fit_landmarks(
     shift = torch.zeros(batch, 2, requires_grad=True)  # translation offset in inter-ocular distances
     expression = torch.zeros(batch, len(model.expression_names), requires_grad=True)
     fixed_identity = identity is not None
-    ident = (identity.to(torch.float32).clone() if fixed_identity else torch.zeros(model.identity_size)).requires_grad_(
-        not fixed_identity
-    )
+    start = torch.zeros(model.identity_size if shared_identity else (batch, model.identity_size))
+    ident = (identity.to(torch.float32).clone() if fixed_identity else start).requires_grad_(not fixed_identity)
     # gaze moves the iris, which none of the 68 landmarks sees: those shapes stay at zero here
     visible = torch.tensor([not name.startswith(UNSEEN_BY_LANDMARKS) for name in model.expression_names])
     weights = torch.ones(68)
@@ -219,7 +227,7 @@ def fit_landmarks(
             if len(left):
                 loss = loss + SYMMETRY * ((expression[:, left] - expression[:, right]) ** 2).sum(1).mean()
             if not fixed_identity:
-                loss = loss + IDENTITY_PRIOR * (ident**2).sum() / batch
+                loss = loss + IDENTITY_PRIOR * (ident**2).sum() / batch  # per photo, shared or not
         return loss
 
     l1_weight = torch.ones_like(expression)

@@ -5,10 +5,11 @@ clean photos to the global latent, predict the noise, P2-weighted loss, backward
 to 1.0, Adam step, EMA update; every N steps a JSONL log line, a preview grid and a checkpoint.
 Stage 2 (``freeze_encoder``) trains only the UNet, as the paper does.
 
-Checkpoints are a safetensors file (model, EMA, Adam state, random-generator states) and a JSON file
-written after it (step, config, face model id, data hash, the weights file's hash): a run that is
-killed resumes from the last pair and, seeded alike, ends with the same weights as a run that was
-never interrupted.
+Checkpoints are a safetensors file (model, EMA, Adam state) and a JSON file written after it (step,
+config, face model id, data hash, the weights file's hash). Each step's randomness is drawn from a
+generator seeded by (seed, process rank, step), so a run that is killed resumes from the last pair
+and ends with the same weights as a run that was never interrupted, and stage 1 scales out with
+DistributedDataParallel (``torchrun``) without any state to hand between processes.
 """
 
 from __future__ import annotations
@@ -134,12 +135,13 @@ def rescale_fit(fit, from_size: int, to_size: int):
 # ---------------------------------------------------------------- checkpoints
 
 
-def _rng_tensor(state: torch.Tensor) -> torch.Tensor:
-    return state.clone().to(torch.uint8)
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one training step on one process."""
+    return (seed * 1_000_003 + rank * 10_007 + step) % (2**63)
 
 
-def save_checkpoint(folder: Path, model, ema, optimizer, generator, step: int, meta: dict) -> None:
-    """Write weights + EMA + Adam state + RNG states, then the JSON that points at them."""
+def save_checkpoint(folder: Path, model, ema, optimizer, step: int, meta: dict) -> None:
+    """Write weights + EMA + Adam state, then the JSON that points at them."""
     from safetensors.torch import save
 
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -148,8 +150,6 @@ def save_checkpoint(folder: Path, model, ema, optimizer, generator, step: int, m
     for i, state in opt["state"].items():
         for k, v in state.items():
             tensors[f"optim.{i}.{k}"] = torch.as_tensor(v)
-    tensors["rng.data"] = _rng_tensor(generator.get_state())
-    tensors["rng.torch"] = _rng_tensor(torch.get_rng_state())
     blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     weights = folder / f"step-{step:07d}.safetensors"
     atomic_write_bytes(weights, blob)
@@ -175,7 +175,7 @@ def load_checkpoint(folder: Path) -> tuple[dict, dict[str, torch.Tensor]] | None
     return info, load(blob)
 
 
-def _restore(tensors: dict, model, ema, optimizer, generator, info: dict) -> None:
+def _restore(tensors: dict, model, ema, optimizer, info: dict) -> None:
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     state: dict = {}
@@ -184,8 +184,6 @@ def _restore(tensors: dict, model, ema, optimizer, generator, info: dict) -> Non
             _, i, name = k.split(".", 2)
             state.setdefault(int(i), {})[name] = v
     optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
-    generator.set_state(tensors["rng.data"])
-    torch.set_rng_state(tensors["rng.torch"])
 
 
 # ---------------------------------------------------------------- the loop
@@ -208,16 +206,22 @@ def train(
     device: str = "cpu",
     on_step: Callable[[int, float], None] | None = None,
 ) -> DiffusionRig:
-    """Train ``model`` on ``data``; resumes from ``run_dir`` when it holds a checkpoint. Returns the EMA model."""
+    """Train ``model`` on ``data``; resumes from ``run_dir`` when it holds a checkpoint. Returns the EMA model.
+
+    Under ``torchrun`` (torch.distributed initialized) each process trains on its own batches of
+    ``cfg.batch`` with DistributedDataParallel; process 0 writes the log, previews and checkpoints.
+    """
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    model = model.to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    net = model.to(device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
     if cfg.freeze_encoder:
-        model.encoder.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
+        net.encoder.requires_grad_(False)
+    params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
-    generator = torch.Generator().manual_seed(cfg.seed)
     diffusion = Diffusion()
     meta = {**meta, "train": asdict(cfg), "data_hash": data.data_hash, "face_model_id": data.face_model_id}
     step = 0
@@ -228,27 +232,43 @@ def train(
             raise RigError(
                 f"{run_dir} holds a run with other data or settings; delete it or use the same settings to resume"
             )
-        _restore(tensors, model, ema, optimizer, generator, info)
+        _restore(tensors, net, ema, optimizer, info)
         step = info["step"]
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(
+            net, device_ids=[torch.device(device).index] if device.startswith("cuda") else None
+        )
+    else:
+        model = net
     use_amp = device.startswith("cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    log = open(run_dir / "log.jsonl", "a")
+    log = open(run_dir / "log.jsonl", "a") if rank == 0 else None
     images, buffers = data.images, data.buffers
     started, losses = time.monotonic(), []
     try:
         while step < cfg.steps:
-            model.train()
+            net.train()
             if cfg.freeze_encoder:
-                model.encoder.eval()  # frozen: batch-norm statistics stay as the base model had them
+                net.encoder.eval()  # frozen: batch-norm statistics stay as the base model had them
+            # this step's randomness depends only on (seed, rank, step): resumed and distributed runs
+            # draw exactly what an uninterrupted single run would
+            generator = torch.Generator().manual_seed(step_seed(cfg.seed, rank, step))
+            torch.manual_seed(step_seed(cfg.seed, rank, step))  # dropout
             index = torch.randint(0, len(data), (cfg.batch,), generator=generator)
             x0, cond = images[index].to(device), buffers[index].to(device)
             t = torch.randint(0, diffusion.steps, (cfg.batch,), generator=generator).to(device)
             noise = torch.randn(x0.shape, generator=generator).to(device)
             x_t = diffusion.q_sample(x0, t, noise)
             with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-                with torch.set_grad_enabled(not cfg.freeze_encoder):
-                    latent = model.encode(x0)
-                loss = diffusion.loss(model(x_t, t, cond, latent), noise, t)
+                if cfg.freeze_encoder:
+                    with torch.no_grad():
+                        latent = net.encode(x0)
+                    eps = model(x_t, t, cond, latent)
+                else:
+                    eps = model(x_t, t, cond, images=x0)
+                loss = diffusion.loss(eps, noise, t)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -257,22 +277,27 @@ def train(
             scaler.update()
             # EMA with warm-up: early on it follows the model, later it averages (a function of the step
             # alone, so a resumed run does exactly what an uninterrupted one does)
-            _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            _ema_update(ema, net, min(cfg.ema_decay, (1 + step) / (10 + step)))
             step += 1
             losses.append(loss.item())
             if on_step:
                 on_step(step, losses[-1])
+            if rank != 0:
+                continue
             if step % cfg.log_every == 0 or step == cfg.steps:
                 rate = len(losses) / max(time.monotonic() - started, 1e-9)
                 line = {"step": step, "loss": float(np.mean(losses[-cfg.log_every :])), "steps_per_s": round(rate, 3)}
+                if distributed:
+                    line["processes"] = dist.get_world_size()
                 log.write(json.dumps(line) + "\n")
                 log.flush()
             if step % cfg.preview_every == 0 or step == cfg.steps:
                 write_preview(ema, data, run_dir / f"preview-{step:07d}.png", device)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save_checkpoint(run_dir, model, ema, optimizer, generator, step, {**meta, "loss": losses[-1]})
+                save_checkpoint(run_dir, net, ema, optimizer, step, {**meta, "loss": losses[-1]})
     finally:
-        log.close()
+        if log is not None:
+            log.close()
     return ema
 
 
@@ -477,3 +502,160 @@ def finetune(
         }
         save_model(store.person_dir(name) / "model", ema, info)
     return info
+
+
+# ---------------------------------------------------------------- stage 1
+
+
+def prepare_folder(
+    store, data_dir: Path, cache_dir: Path, size: int, detector: str = "hog", chunk: int = 32, progress=None
+) -> tuple[TrainingData, dict[str, int]]:
+    """Detect, align and fit every face photo under ``data_dir`` into training pairs, in chunks.
+
+    Resumable: finished chunks are kept (``chunk-NNNNN.safetensors``) and ``index.json`` records
+    each file's outcome, so a rerun only processes what is new. Returns the data and the counts per
+    outcome ("used", "no face", "unreadable", ...).
+    """
+    from safetensors.torch import load_file, save
+
+    from rigcli.align import align_face, apply_affine, invert_affine
+    from rigcli.detect import MIN_FACE_PX, FaceAnalyzer
+    from rigcli.facemodel import load_face_model
+    from rigcli.fit import fit_landmarks, fit_light, render_buffers
+    from rigcli.photo import IMAGE_EXTENSIONS, PhotoError, read_photo
+
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise RigError(f"{data_dir} is not a folder of photos")
+    files = sorted(p for p in data_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise RigError(f"{data_dir} holds no images")
+    model = load_face_model(store)
+    index_path = cache_dir / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {"files": {}, "chunks": []}
+    if index.get("face_model_id", model.model_id) != model.model_id or index.get("size", size) != size:
+        raise RigError(f"{cache_dir} was prepared with another face model or size; use another --out")
+    index.update(face_model_id=model.model_id, size=size)
+    todo = [p for p in files if p.relative_to(data_dir).as_posix() not in index["files"]]
+    analyzer = FaceAnalyzer(detector)
+    for start in range(0, len(todo), chunk):
+        outcomes, crops, landmarks = {}, [], []
+        for path in todo[start : start + chunk]:
+            rel = path.relative_to(data_dir).as_posix()
+            try:
+                rgb = read_photo(path).pixels
+            except PhotoError as exc:
+                outcomes[rel] = exc.reason
+                continue
+            face = analyzer.find_face(rgb)
+            if face is None or face.box.width < MIN_FACE_PX:
+                outcomes[rel] = "no face" if face is None else "too small"
+                continue
+            aligned = align_face(rgb, face.landmarks, 256)
+            crops.append(aligned.crop)
+            landmarks.append(apply_affine(invert_affine(aligned.crop_to_photo), face.landmarks))
+            outcomes[rel] = "used"
+        if crops:
+            lm = torch.tensor(np.stack(landmarks), dtype=torch.float32)
+            fit = fit_landmarks(model, lm, shared_identity=False)
+            pixels = torch.from_numpy(np.stack(crops)).float() / 255.0
+            fit.light, fit.albedo = fit_light(model, fit, pixels)
+            small = rescale_fit(fit, 256, size)
+            chunk_buffers = render_buffers(model, small, size)
+            chunk_images = (
+                torch.nn.functional.interpolate(pixels.permute(0, 3, 1, 2), size=(size, size), mode="area") * 2 - 1
+            )
+            name = f"chunk-{len(index['chunks']):05d}.safetensors"
+            atomic_write_bytes(cache_dir / name, save({"images": chunk_images.contiguous(), "buffers": chunk_buffers}))
+            index["chunks"].append(name)
+        index["files"].update(outcomes)
+        atomic_write_json(index_path, index)  # after the chunk: a kill redoes at most one chunk
+        if progress:
+            progress(min(start + chunk, len(todo)), len(todo))
+    if not index["chunks"]:
+        raise RigError(f"no usable face photos in {data_dir}")
+    parts = [load_file(cache_dir / name) for name in index["chunks"]]
+    counts: dict[str, int] = {}
+    for outcome in index["files"].values():
+        counts[outcome] = counts.get(outcome, 0) + 1
+    digest = hashlib.sha256(json.dumps([index["chunks"], sorted(index["files"].items())]).encode()).hexdigest()[:16]
+    data = TrainingData(
+        torch.cat([p["images"] for p in parts]), torch.cat([p["buffers"] for p in parts]), digest, model.model_id
+    )
+    return data, counts
+
+
+def pretrain(
+    store,
+    data_dir: Path,
+    out_dir: Path,
+    *,
+    preset_name: str = "tiny",
+    steps: int = 50_000,
+    batch: int = 32,
+    lr: float = 1e-4,
+    seed: int = 0,
+    device: str = "cpu",
+    detector: str = "hog",
+    checkpoint_every: int = 1000,
+    on_prepare=None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict:
+    """Stage 1: a generic prior on a folder of face photos. Under ``torchrun`` it trains with DDP
+    (NCCL on GPUs, gloo on CPUs); process 0 prepares the data while the others wait."""
+    import os
+
+    import torch.distributed as dist
+
+    from rigcli.unet import preset
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.startswith("cuda"):
+            device = f"cuda:{local}"
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    cfg = preset(preset_name)
+    out_dir = Path(out_dir)
+    try:
+        if rank == 0:
+            prepare_folder(store, data_dir, out_dir / "data", cfg.image_size, detector, progress=on_prepare)
+        if dist.is_initialized():
+            dist.barrier()
+        data, counts = prepare_folder(store, data_dir, out_dir / "data", cfg.image_size, detector)
+        torch.manual_seed(seed)
+        model = DiffusionRig(cfg)
+        train_cfg = TrainConfig(
+            steps=steps, batch=batch, lr=lr, seed=seed, freeze_encoder=False, checkpoint_every=checkpoint_every,
+            preview_every=max(checkpoint_every, steps // 10),
+        )  # fmt: skip
+        meta = {"stage": 1, "data": str(data_dir), "config": cfg.to_json()}
+        ema = train(model, data, train_cfg, out_dir / "training", meta, device=device, on_step=on_step)
+        digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+        digests = [digest]
+        if dist.is_initialized():
+            digests = [None] * dist.get_world_size()
+            dist.all_gather_object(digests, digest)
+        log = (
+            [json.loads(x) for x in (out_dir / "training" / "log.jsonl").read_text().splitlines()] if rank == 0 else []
+        )
+        info = {
+            "stage": 1,
+            "steps": steps,
+            "final_loss": log[-1]["loss"] if log else None,
+            "face_model_id": data.face_model_id,
+            "data_hash": data.data_hash,
+            "photos": counts,
+            "processes": len(digests),
+            "replica_digests": digests,  # identical when the processes stayed in sync
+            "train": asdict(train_cfg),
+            "trained": now_iso(),
+        }
+        if rank == 0:
+            save_model(out_dir / "model", ema, info)
+        return info
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

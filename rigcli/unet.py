@@ -289,7 +289,18 @@ class DiffusionRig(nn.Module):
         """64-D global latent of clean images in [-1, 1], (B, 3, H, W) -> (B, latent_dim)."""
         return self.encoder(images)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, buffers: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        buffers: torch.Tensor,
+        latent: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predicted noise; the latent is given, or encoded here from the clean ``images`` (so that
+        DistributedDataParallel, which wraps forward, also synchronizes the encoder's gradients)."""
+        if latent is None:
+            latent = self.encode(images)
         return self.denoisingUNet(x_t, t, buffers, latent)
 
 
