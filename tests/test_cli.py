@@ -124,6 +124,11 @@ def test_assets_status(tmp_path):
         ["assets", "import-ict"],
         ["assets", "download-ict"],
         ["refit"],
+        ["finetune"],
+        ["pretrain"],
+        ["models", "list"],
+        ["models", "add"],
+        ["model", "info"],
         ["demo"],
     ],
 )
