@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -494,25 +495,36 @@ def finetune_command(
 
     with _progress() as progress:
         task = progress.add_task("fine-tuning", total=steps or 5000)
+        first: list[tuple[int, float]] = []
 
         def stepped(step: int, loss: float) -> None:
-            progress.update(task, completed=step, description=f"fine-tuning  loss {loss:.4f}")
+            if not first:
+                first.append((step, time.monotonic()))
+            rate = (step - first[0][0]) / max(time.monotonic() - first[0][1], 1e-9)
+            progress.update(task, completed=step, description=f"fine-tuning  loss {loss:.4f}  {rate:.2f} steps/s")
 
-        info = finetune(
-            store_of(ctx),
-            name,
-            base=base,
-            from_scratch=from_scratch,
-            preset_name=preset.value if preset else None,
-            steps=steps,
-            batch=batch,
-            lr=lr,
-            seed=seed,
-            device=device,
-            restart=restart,
-            checkpoint_every=checkpoint_every,
-            on_step=stepped,
-        )
+        try:
+            info = finetune(
+                store_of(ctx),
+                name,
+                base=base,
+                from_scratch=from_scratch,
+                preset_name=preset.value if preset else None,
+                steps=steps,
+                batch=batch,
+                lr=lr,
+                seed=seed,
+                device=device,
+                restart=restart,
+                checkpoint_every=checkpoint_every,
+                on_step=stepped,
+            )
+        except KeyboardInterrupt:
+            progress.stop()
+            err().print(
+                f"interrupted: run the same command to resume from the last checkpoint (every {checkpoint_every} steps)"
+            )
+            raise typer.Exit(130) from None
     origin = f"base {info['base']}" if info["base"] else "from scratch"
     out().print(f"{escape(name)}: {info['steps']} steps ({origin}), final loss {info['final_loss']:.4f}")
     if info["from_scratch"]:
