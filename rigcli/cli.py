@@ -15,6 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -637,6 +638,186 @@ def model_info_command(
     table.add_row(f"training state (UNet grads + Adam), batch {batch}", f"{info['training_state_mb']:.0f} MB")
     table.add_row(f"activations saved for backward, batch {batch}, fp32", f"{info['activations_mb']:.0f} MB")
     out().print(table)
+
+
+class LightSide(str, Enum):
+    left = "left"
+    right = "right"
+    top = "top"
+    bottom = "bottom"
+    front = "front"
+    back = "back"
+
+
+def _parse_blend(items: list[str]) -> dict[str, float]:
+    blend = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            blend[name] = float(value)
+        except ValueError:
+            raise RigError(f"--blend {item!r}: write NAME=WEIGHT, e.g. --blend jawOpen=0.5") from None
+        if not sep:
+            raise RigError(f"--blend {item!r}: write NAME=WEIGHT, e.g. --blend jawOpen=0.5")
+    return blend
+
+
+def _parse_pair(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        yaw, pitch = (float(v) for v in text.split(","))
+    except ValueError:
+        raise RigError(f"--light-dir {text!r}: write YAW,PITCH in degrees, e.g. --light-dir -45,20") from None
+    return yaw, pitch
+
+
+@app.command("edit")
+@handles_errors
+def edit_command(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The person in the photos (with a fine-tuned model).")],
+    inputs: Annotated[list[Path], typer.Argument(help="Photos of that person to edit.")],
+    light: Annotated[LightSide | None, typer.Option(help="Light from this side.", show_default=False)] = None,
+    light_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Light direction YAW,PITCH in degrees (yaw > 0: from the image's right).", show_default=False
+        ),
+    ] = None,
+    light_intensity: Annotated[
+        float | None,
+        typer.Option(
+            help="Directional light strength (default 0.8; given, the brightness is not kept).", show_default=False
+        ),
+    ] = None,
+    ambient: Annotated[float | None, typer.Option(help="Ambient light (default 0.35).", show_default=False)] = None,
+    light_from: Annotated[
+        Path | None, typer.Option(help="Copy the lighting of another photo.", show_default=False)
+    ] = None,
+    smile: Annotated[float | None, typer.Option(help="Smile weight, 0 to 1.", show_default=False)] = None,
+    jaw_open: Annotated[float | None, typer.Option(help="Open the jaw, 0 to 1.", show_default=False)] = None,
+    blink: Annotated[float | None, typer.Option(help="Close the eyes, 0 to 1.", show_default=False)] = None,
+    brow_raise: Annotated[float | None, typer.Option(help="Raise the brows, 0 to 1.", show_default=False)] = None,
+    frown: Annotated[float | None, typer.Option(help="Frown, 0 to 1.", show_default=False)] = None,
+    pucker: Annotated[float | None, typer.Option(help="Pucker the lips, 0 to 1.", show_default=False)] = None,
+    blend: Annotated[
+        list[str] | None,
+        typer.Option(help="Set any of the 53 ARKit blendshapes: NAME=WEIGHT (repeatable).", show_default=False),
+    ] = None,
+    expression_from: Annotated[
+        Path | None, typer.Option(help="Copy the expression of another photo.", show_default=False)
+    ] = None,
+    yaw: Annotated[float, typer.Option(help="Turn the head, degrees (> 0: nose to the image's right).")] = 0.0,
+    pitch: Annotated[float, typer.Option(help="Tilt the head, degrees (> 0: face up).")] = 0.0,
+    roll: Annotated[float, typer.Option(help="Roll the head, degrees (> 0: counter-clockwise).")] = 0.0,
+    pose_from: Annotated[
+        Path | None, typer.Option(help="Copy the head pose of another photo.", show_default=False)
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, max=1000, help="DDIM steps (the paper: 20).")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed for --no-invert noise.")] = 0,
+    batch: Annotated[int, typer.Option(min=1, help="Photos per model batch.")] = 8,
+    device: Annotated[str, typer.Option(help="torch device: cpu, cuda, ...")] = "cpu",
+    model: Annotated[
+        Path | None, typer.Option(help="A model folder instead of the person's fine-tuned one.", show_default=False)
+    ] = None,
+    no_invert: Annotated[
+        bool, typer.Option("--no-invert", help="Start from seeded noise instead of inverting the photo.")
+    ] = False,
+    paste_back: Annotated[
+        bool, typer.Option("--paste-back", help="Compose the edit back into the full photo.")
+    ] = False,
+    sheet: Annotated[
+        bool, typer.Option("--sheet", help="Also write input | original buffers | edited buffers | output.")
+    ] = False,
+    sweep: Annotated[
+        str | None,
+        typer.Option(help="Animate one control, e.g. smile=0:1:8 (GIF, one frame per value).", show_default=False),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Output file (one input only).", show_default=False)
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder for the outputs of several inputs.")] = Path(
+        "edits"
+    ),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")] = False,
+) -> None:
+    """Edit photos of a person: lighting, expression and head pose, keeping who they are."""
+    from rigcli.edit import Controls, Editor, edit_photos, parse_sweep, sheet_row, sweep_frames
+    from rigcli.edit import paste_back as compose
+    from rigcli.photo import encode_png
+    from rigcli.sheet import grid
+    from rigcli.store import atomic_write_bytes
+
+    expression = {
+        k: v
+        for k, v in dict(
+            smile=smile, jaw_open=jaw_open, blink=blink, brow_raise=brow_raise, frown=frown, pucker=pucker
+        ).items()
+        if v is not None
+    }
+    controls = Controls(
+        light=light.value if light else None, light_dir=_parse_pair(light_dir), light_intensity=light_intensity,
+        ambient=ambient, light_from=light_from, expression=expression, blend=_parse_blend(blend or []),
+        expression_from=expression_from, yaw=yaw, pitch=pitch, roll=roll, pose_from=pose_from,
+    )  # fmt: skip
+    if output is not None and len(inputs) != 1:
+        raise RigError("-o names one output file: with several inputs use --out-dir")
+    targets = {p: output or out_dir / f"{p.stem}-edited.png" for p in inputs}
+    extra = [t.with_name(t.stem + "-sheet.png") for t in targets.values()] if sheet else []
+    extra += [t.with_suffix(".gif") for t in targets.values()] if sweep else []
+    existing = [str(t) for t in [*targets.values(), *extra] if t.exists()]
+    if existing and not force:
+        raise RigError(f"output exists (pass --force to overwrite): {', '.join(existing[:3])}")
+    missing = [str(p) for p in inputs if not p.is_file()]
+    if missing:
+        raise RigError(f"no such photo: {', '.join(missing)}")
+    editor = Editor(store_of(ctx), name, model_dir=model, device=device)
+    controls.validate(editor.face_model.expression_names)
+    sweep_spec = parse_sweep(sweep, editor.face_model.expression_names) if sweep else None
+    with _progress() as progress:
+        task = progress.add_task("reading", total=len(inputs))
+
+        def moved(stage: str, done: int, total: int) -> None:
+            progress.update(task, description=stage, completed=done, total=total)
+
+        results = edit_photos(
+            editor, inputs, controls, steps=steps, invert=not no_invert, seed=seed, batch=batch, on_progress=moved
+        )
+        for result in results:
+            if result.output is None:
+                continue
+            target = targets[result.source]
+            picture = result.output
+            if paste_back:
+                mask = editor.face_masks(result.fit)[0]
+                picture = compose(result.prepared.pixels, result.output, result.prepared.crop_to_photo, mask)
+            atomic_write_bytes(target, encode_png(picture))
+            if sheet:
+                atomic_write_bytes(
+                    target.with_name(target.stem + "-sheet.png"), encode_png(grid(sheet_row(result, editor.size), 6))
+                )
+            if sweep_spec:
+                import imageio.v3 as iio
+
+                progress.update(task, description=f"sweep {sweep_spec[0]}")
+                frames = sweep_frames(
+                    editor, result, controls, *sweep_spec, steps=steps, seed=seed, invert=not no_invert
+                )
+                atomic_write_bytes(
+                    target.with_suffix(".gif"),
+                    iio.imwrite("<bytes>", np.stack(frames), extension=".gif", duration=150, loop=0),
+                )
+    table = Table(title=f"edit {escape(name)}", title_justify="left")
+    for column in ("photo", "status", "output / reason"):
+        table.add_column(column, overflow="fold")
+    for result in results:
+        ok = result.output is not None
+        detail = str(targets[result.source]) if ok else result.error
+        table.add_row(escape(result.source.name), "[green]edited[/]" if ok else "[red]failed[/]", escape(detail))
+    out().print(table)
+    if not any(r.output is not None for r in results):
+        raise RigError("no photo could be edited")
 
 
 @app.command("demo")

@@ -103,14 +103,20 @@ def photo_id(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def analyze(photo: Photo, analyzer: FaceAnalyzer, size: int = DEFAULT_SIZE, min_face: float = MIN_FACE_PX) -> Analysis:
-    """Detect, landmark, align and embed one decoded photo; PhotoError(no face / too small) otherwise."""
+def analyze_face(photo: Photo, analyzer: FaceAnalyzer, min_face: float = MIN_FACE_PX) -> Face:
+    """The photo's face with its landmarks; PhotoError(no face / too small) when there is none usable."""
     face = analyzer.find_face(photo.pixels)
     if face is None:
         hint = "" if analyzer.detector_name == "cnn" else " (the slower --detector cnn may find it)"
         raise PhotoError(f"no face found{hint}", NO_FACE)
     if face.box.width < min_face:
         raise PhotoError(f"face is {face.box.width:.0f} px wide; at least {min_face:.0f} px is needed", TOO_SMALL)
+    return face
+
+
+def analyze(photo: Photo, analyzer: FaceAnalyzer, size: int = DEFAULT_SIZE, min_face: float = MIN_FACE_PX) -> Analysis:
+    """Detect, landmark, align and embed one decoded photo; PhotoError(no face / too small) otherwise."""
+    face = analyze_face(photo, analyzer, min_face)
     alignment = align_face(photo.pixels, face.landmarks, size)
     embedding = analyzer.embed(photo.pixels, face.landmarks)
     return Analysis(photo, face, alignment, embedding)

@@ -1,0 +1,163 @@
+"""rig edit: reconstruction, the edited buffers carry the request, controls, errors, paste-back, sweep."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rigcli import RigError
+from rigcli.cli import app
+from rigcli.edit import LIGHT_DIRECTIONS, Controls, Editor, apply_controls, direction_from_angles, edit_photos
+from rigcli.enroll import add_photos
+from rigcli.fit import fit_landmarks, fit_light, project_landmarks, render_buffers, silhouette_candidates
+from rigcli.photo import read_photo
+from rigcli.render import dominant_direction, sh_shading
+from rigcli.store import Store
+from rigcli.train import finetune, psnr
+from tests.conftest import home_with_model
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained_home(tmp_path_factory, album, ict_store):
+    """The astronaut album, fitted, with a tiny model fine-tuned from scratch on it."""
+    home = home_with_model(tmp_path_factory.mktemp("edit"), ict_store)
+    store = Store(home)
+    add_photos(store, "astro", [p.path for p in album[:6]])
+    finetune(store, "astro", from_scratch=True, preset_name="tiny", steps=200, batch=4, lr=3e-4, checkpoint_every=200)
+    return home
+
+
+@pytest.fixture(scope="module")
+def editor(trained_home):
+    return Editor(Store(trained_home), "astro")
+
+
+def rig(home, *args):
+    return runner.invoke(app, ["--home", str(home), *args], env={"COLUMNS": "200"})
+
+
+def model_input(editor, result) -> torch.Tensor:
+    crop = torch.from_numpy(result.prepared.crop).permute(2, 0, 1)[None].float()
+    return torch.nn.functional.interpolate(crop, size=(editor.size,) * 2, mode="area") / 127.5 - 1
+
+
+def as_model_range(result) -> torch.Tensor:
+    return torch.from_numpy(result.output).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+def test_no_controls_with_inversion_reproduces_the_input(editor, album):
+    (inverted,) = edit_photos(editor, [album[0].path], Controls(), steps=20)
+    (finer,) = edit_photos(editor, [album[0].path], Controls(), steps=50)
+    (noise,) = edit_photos(editor, [album[0].path], Controls(), steps=20, invert=False)
+    target = model_input(editor, inverted)
+    at20, at50 = psnr(as_model_range(inverted), target), psnr(as_model_range(finer), target)
+    assert at20 > 20.0  # a tiny model after 200 CPU steps, the paper's 20 DDIM steps
+    assert at50 > at20 + 3.0  # and the round trip tightens as steps grow
+    assert at20 > psnr(as_model_range(noise), target) + 8.0  # inversion is what keeps the photo
+
+
+def test_light_edit_is_in_the_edited_buffers(editor, album):
+    result = edit_photos(editor, [album[1].path], Controls(), steps=2)[0]
+    names = editor.face_model.expression_names
+    for controls, want in ((Controls(light="left"), LIGHT_DIRECTIONS["left"]),
+                           (Controls(light_dir=(30.0, 25.0)), direction_from_angles(30.0, 25.0))):  # fmt: skip
+        edited = apply_controls(result.fit, controls, names, editor.skin_normals(result.fit))
+        shaded = render_buffers(editor.face_model, edited, editor.crop_size)[:, :3].permute(0, 2, 3, 1)
+        light, _ = fit_light(editor.face_model, edited, shaded)  # re-fit the edited shaded buffer
+        got = dominant_direction(light.double())[0]
+        want = torch.nn.functional.normalize(torch.tensor(want, dtype=torch.float64), dim=0)
+        assert math.degrees(math.acos(float((got * want).sum().clamp(-1, 1)))) < 15.0
+        # without explicit intensity the face keeps its brightness: mean shading over the skin stays 1
+        mean = sh_shading(editor.skin_normals(result.fit)[0][None], edited.light)[0].mean()
+        assert abs(float(mean) - 1.0) < 0.02
+
+
+def test_expression_and_pose_edits_are_in_the_geometry(editor, album):
+    result = edit_photos(editor, [album[2].path], Controls(), steps=2)[0]
+    names = editor.face_model.expression_names
+    controls = Controls(expression={"smile": 0.8, "brow_raise": 0.5}, blend={"jawOpen": 0.3}, yaw=15.0)
+    edited = apply_controls(result.fit, controls, names)
+    for name, weight in (("mouthSmile_L", 0.8), ("mouthSmile_R", 0.8), ("browOuterUp_R", 0.5), ("jawOpen", 0.3)):
+        assert edited.expression[0, names.index(name)].item() == pytest.approx(weight)
+    assert math.degrees((edited.yaw - result.fit.yaw).item()) == pytest.approx(15.0)
+    # re-fit the edited face from its own landmarks, identity held: the smile is found again
+    lm = project_landmarks(editor.face_model, edited, silhouette_candidates(editor.face_model))
+    again = fit_landmarks(editor.face_model, lm, identity=editor.identity)
+    assert abs(again.expression[0, names.index("mouthSmile_L")].item() - 0.8) < 0.15
+    assert abs(math.degrees(again.yaw.item()) - math.degrees(edited.yaw.item())) < 2.0
+
+
+def test_copy_controls_from_another_photo(editor, album):
+    reference = album[3].path  # a mirrored copy: its yaw has the other sign
+    result = edit_photos(editor, [album[0].path], Controls(pose_from=reference, light_from=reference), steps=2)[0]
+    from rigcli.edit import fit_reference
+
+    ref = fit_reference(editor, reference)
+    assert torch.allclose(result.edited_fit.yaw, ref.yaw) and torch.allclose(result.edited_fit.light, ref.light)
+
+
+def test_batch_with_bad_inputs_paste_back_and_sweep(trained_home, album, inputs, tmp_path):
+    out_dir = tmp_path / "out"
+    bad = [inputs / "bad_no_face.jpg", inputs / "bad_truncated.jpg"]
+    result = rig(trained_home, "edit", "astro", str(album[0].path), *map(str, bad), str(album[4].path),
+                 "--smile", "0.3", "--steps", "4", "--out-dir", str(out_dir), "--paste-back", "--sheet")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("edited") >= 2 and result.stdout.count("failed") == 2
+    assert "no face" in result.stdout and "truncated" in result.stdout
+    original = read_photo(album[0].path).pixels
+    pasted = read_photo(out_dir / f"{album[0].path.stem}-edited.png").pixels
+    assert pasted.shape == original.shape
+    assert np.array_equal(pasted[:20, :20], original[:20, :20]) and np.array_equal(
+        pasted[-20:, -20:], original[-20:, -20:]
+    )
+    assert (pasted != original).any()
+    assert read_photo(out_dir / f"{album[0].path.stem}-edited-sheet.png").pixels.shape[1] == 6 * 68 + 4
+    # outputs are not overwritten without --force
+    again = rig(trained_home, "edit", "astro", str(album[0].path), "--out-dir", str(out_dir))
+    assert again.exit_code == 2 and "--force" in again.stderr
+    gif = tmp_path / "sweep.png"
+    swept = rig(
+        trained_home, "edit", "astro", str(album[0].path), "--sweep", "smile=0:1:5", "--steps", "3", "-o", str(gif)
+    )
+    assert swept.exit_code == 0, swept.output
+    frames = iio.imread(gif.with_suffix(".gif"), index=None)
+    assert frames.shape[0] == 5
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--light", "left", "--light-dir", "10,10"], "choose one of"),
+        (["--light-dir", "ten"], "YAW,PITCH"),
+        (["--smile", "1.5"], "between 0 and 1"),
+        (["--blend", "nope=1"], "unknown blendshape 'nope'"),
+        (["--blend", "jawOpen"], "NAME=WEIGHT"),
+        (["--yaw", "120"], "within +-60"),
+        (["--sweep", "wink=0:1:3"], "unknown control 'wink'"),
+        (["--expression-from", "{photo}", "--smile", "0.5"], "copies a whole expression"),
+        (["--light-from", "{photo}", "--ambient", "0.5"], "not --light-from"),
+    ],
+)
+def test_bad_controls_are_one_line_errors(trained_home, album, tmp_path, args, words):
+    args = [a.format(photo=album[1].path) for a in args]
+    result = rig(trained_home, "edit", "astro", str(album[0].path), "--out-dir", str(tmp_path), *args)
+    assert result.exit_code == 2 and words in result.stderr and "Traceback" not in result.output
+
+
+def test_person_without_a_model_and_other_errors(trained_home, album, tmp_path):
+    home = tmp_path / "home"
+    shutil.copytree(trained_home, home, ignore=shutil.ignore_patterns("model"))
+    result = rig(home, "edit", "astro", str(album[0].path), "--out-dir", str(tmp_path))
+    assert result.exit_code == 2 and "rig finetune astro" in result.stderr
+    two = rig(trained_home, "edit", "astro", str(album[0].path), str(album[1].path), "-o", str(tmp_path / "x.png"))
+    assert two.exit_code == 2 and "--out-dir" in two.stderr
+    with pytest.raises(RigError, match="no person"):
+        Editor(Store(trained_home), "nobody")
