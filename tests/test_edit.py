@@ -161,3 +161,16 @@ def test_person_without_a_model_and_other_errors(trained_home, album, tmp_path):
     assert two.exit_code == 2 and "--out-dir" in two.stderr
     with pytest.raises(RigError, match="no person"):
         Editor(Store(trained_home), "nobody")
+
+
+def test_demo_quick_runs_end_to_end(tmp_path):
+    from tests.conftest import ICT
+
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--quick", "--ict", str(ICT), "--out", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for name in ("aligned.png", "fit.png", "edits/light-left.png", "edits/light-right.png", "edits/smile.png",
+                 "edits/yaw.png", "edits/sheet.png"):  # fmt: skip
+        assert read_photo(out / name).pixels.size > 0, name
+    assert "not the paper's quality" in result.stdout
+    assert read_photo(out / "edits" / "sheet.png").pixels.shape == (4 * 68 + 4, 6 * 68 + 4, 3)
