@@ -102,6 +102,10 @@ def test_copy_controls_from_another_photo(editor, album):
 
     ref = fit_reference(editor, reference)
     assert torch.allclose(result.edited_fit.yaw, ref.yaw) and torch.allclose(result.edited_fit.light, ref.light)
+    copied = apply_controls(result.fit, Controls(expression_from=reference), editor.face_model.expression_names,
+                            reference={reference: ref})  # fmt: skip
+    assert torch.equal(copied.expression[0], ref.expression[0])
+    assert torch.equal(copied.yaw, result.fit.yaw)  # only the expression was copied
 
 
 def test_batch_with_bad_inputs_paste_back_and_sweep(trained_home, album, inputs, tmp_path):
