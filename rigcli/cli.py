@@ -721,6 +721,9 @@ def edit_command(
     model: Annotated[
         Path | None, typer.Option(help="A model folder instead of the person's fine-tuned one.", show_default=False)
     ] = None,
+    engine: Annotated[
+        str, typer.Option(help="Runtime for the UNet: torch, or onnx (ONNX Runtime, exported once).")
+    ] = "torch",
     no_invert: Annotated[
         bool, typer.Option("--no-invert", help="Start from seeded noise instead of inverting the photo.")
     ] = False,
@@ -772,7 +775,7 @@ def edit_command(
     missing = [str(p) for p in inputs if not p.is_file()]
     if missing:
         raise RigError(f"no such photo: {', '.join(missing)}")
-    editor = Editor(store_of(ctx), name, model_dir=model, device=device)
+    editor = Editor(store_of(ctx), name, model_dir=model, device=device, engine=engine)
     controls.validate(editor.face_model.expression_names)
     sweep_spec = parse_sweep(sweep, editor.face_model.expression_names) if sweep else None
     with _progress() as progress:
@@ -826,6 +829,36 @@ DEMO_EDITS = {  # output name -> controls
     "smile": {"expression": {"smile": 0.9}},
     "yaw": {"yaw": 15.0},
 }
+
+
+@app.command("export-onnx")
+@handles_errors
+def export_onnx_command(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The person whose fine-tuned UNet to export.")],
+    fp16: Annotated[bool, typer.Option("--fp16", help="Half precision (for GPU execution providers).")] = False,
+    opset: Annotated[int, typer.Option(min=13, help="ONNX opset.")] = 17,
+    max_batch: Annotated[int, typer.Option(min=1, help="Largest batch the engine is meant for.")] = 32,
+    model: Annotated[
+        Path | None, typer.Option(help="A model folder instead of the person's.", show_default=False)
+    ] = None,
+) -> None:
+    """Export the conditioned UNet step (global latent as an input, dynamic batch) to ONNX."""
+    from engines.onnx import artifact, require_onnx
+    from rigcli.train import load_model
+
+    require_onnx()
+    store = store_of(ctx)
+    store.require(name)
+    folder = model or store.person_dir(name) / "model"
+    if not (folder / "model.json").is_file():
+        raise RigError(f"{name} has no fine-tuned model: run `rig finetune {name}` first (or pass --model DIR)")
+    net, _ = load_model(folder)
+    with store.locked(name, on_wait=_say_waiting):
+        path = artifact(
+            net.denoisingUNet, store.person_dir(name) / "engines", net.cfg.image_size, fp16, opset, max_batch
+        )
+    out().print(f"ONNX engine: {escape(str(path))}")
 
 
 @app.command("demo")

@@ -178,3 +178,19 @@ def test_demo_quick_runs_end_to_end(tmp_path):
         assert read_photo(out / name).pixels.size > 0, name
     assert "not the paper's quality" in result.stdout
     assert read_photo(out / "edits" / "sheet.png").pixels.shape == (4 * 68 + 4, 6 * 68 + 4, 3)
+
+
+def test_export_onnx_and_edit_with_the_onnx_engine(trained_home, album, tmp_path):
+    exported = rig(trained_home, "export-onnx", "astro")
+    assert exported.exit_code == 0, exported.output
+    assert list((trained_home / "people" / "astro" / "engines").glob("*/model.onnx"))
+    outputs = {}
+    for engine in ("torch", "onnx"):
+        target = tmp_path / f"{engine}.png"
+        result = rig(trained_home, "edit", "astro", str(album[0].path), "--light", "left", "--steps", "10",
+                     "--engine", engine, "-o", str(target))  # fmt: skip
+        assert result.exit_code == 0, result.output
+        outputs[engine] = torch.from_numpy(read_photo(target).pixels).float() / 127.5 - 1
+    assert psnr(outputs["onnx"], outputs["torch"]) > 35.0
+    bad = rig(trained_home, "edit", "astro", str(album[0].path), "--engine", "trt", "-o", str(tmp_path / "x.png"))
+    assert bad.exit_code == 2 and "unknown engine 'trt'" in bad.stderr
