@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from enum import Enum
@@ -84,6 +86,33 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+class SafeInterrupts:
+    """Ctrl-C is noted and acted on at the next safe point (``check``, between photos or steps), so it
+    never lands inside a library halfway through a file; a second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.previous = None
+
+    def __enter__(self) -> SafeInterrupts:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def _note(self, signum, frame) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def store_of(ctx: typer.Context) -> Store:
     return ctx.find_root().obj
 
@@ -140,16 +169,18 @@ def _add(store: Store, name: str, photos: list[Path], **options: Any):
     check_name(name)
     total = len(collect_inputs(photos))  # validates paths before any work
     done: list = []
-    with _progress() as progress:
+    with _progress() as progress, SafeInterrupts() as interrupts:
         task = progress.add_task("adding", total=total)
 
         def started(index: int, path: Path) -> None:
+            interrupts.check()  # between photos: every photo so far is fully stored
             progress.update(task, completed=index, description=f"{escape(path.name)[:40]:40s}")
 
         fit_task = None
 
         def fitting(step: int, steps: int) -> None:
             nonlocal fit_task
+            interrupts.check()
             if fit_task is None:
                 progress.update(task, completed=total)
                 fit_task = progress.add_task("fitting the 3D face", total=steps)
@@ -494,11 +525,12 @@ def finetune_command(
     """Stage 2: fine-tune a diffusion model on one person's photos (resumes an interrupted run)."""
     from rigcli.train import finetune
 
-    with _progress() as progress:
+    with _progress() as progress, SafeInterrupts() as interrupts:
         task = progress.add_task("fine-tuning", total=steps or 5000)
         first: list[tuple[int, float]] = []
 
         def stepped(step: int, loss: float) -> None:
+            interrupts.check()  # between steps
             if not first:
                 first.append((step, time.monotonic()))
             rate = (step - first[0][0]) / max(time.monotonic() - first[0][1], 1e-9)
