@@ -173,6 +173,13 @@ class PreparedPhoto:
     crop_to_photo: np.ndarray
     landmarks: np.ndarray  # 68 points in photo pixels
 
+    @property
+    def crop_landmarks(self) -> np.ndarray:
+        """The 68 landmarks in the aligned crop's pixels."""
+        from rigcli.align import apply_affine, invert_affine
+
+        return apply_affine(invert_affine(self.crop_to_photo), self.landmarks)
+
 
 @dataclass
 class EditResult:
@@ -249,15 +256,13 @@ class Editor:
         aligned = align_face(photo.pixels, face.landmarks, self.crop_size)
         return PreparedPhoto(path, photo.pixels, aligned.crop, aligned.crop_to_photo, face.landmarks)
 
-    def fit(self, photos: list[PreparedPhoto], identity: torch.Tensor | None = None) -> FaceFit:
-        """Fit the face model to prepared photos with the person's identity held fixed."""
-        from rigcli.align import apply_affine, invert_affine
+    def fit(self, photos: list[PreparedPhoto], hold_identity: bool = True) -> FaceFit:
+        """Fit the face model to prepared photos, with the person's identity held fixed (or, for a
+        reference photo that may show someone else, fitted freely)."""
         from rigcli.fit import fit_landmarks, fit_light
 
-        lm = torch.tensor(
-            np.stack([apply_affine(invert_affine(p.crop_to_photo), p.landmarks) for p in photos]), dtype=torch.float32
-        )
-        fit = fit_landmarks(self.face_model, lm, identity=self.identity if identity is None else identity)
+        lm = torch.tensor(np.stack([p.crop_landmarks for p in photos]), dtype=torch.float32)
+        fit = fit_landmarks(self.face_model, lm, identity=self.identity if hold_identity else None)
         crops = torch.from_numpy(np.stack([p.crop for p in photos])).float() / 255.0
         fit.light, fit.albedo = fit_light(self.face_model, fit, crops)
         return fit
@@ -377,18 +382,13 @@ def paste_back(
 
 def fit_reference(editor: Editor, path: Path) -> FaceFit:
     """Fit a reference photo (--light-from, ...) with its own identity: it need not be the person."""
-    from rigcli.align import apply_affine, invert_affine
-    from rigcli.fit import fit_landmarks, fit_light
     from rigcli.photo import PhotoError
 
     try:
         photo = editor.prepare(Path(path))
     except PhotoError as exc:
         raise RigError(f"cannot use {path} as a reference: {exc}") from exc
-    lm = torch.tensor(apply_affine(invert_affine(photo.crop_to_photo), photo.landmarks), dtype=torch.float32)[None]
-    fit = fit_landmarks(editor.face_model, lm)
-    fit.light, fit.albedo = fit_light(editor.face_model, fit, torch.from_numpy(photo.crop[None]).float() / 255.0)
-    return fit
+    return editor.fit([photo], hold_identity=False)
 
 
 def edit_photos(

@@ -7,8 +7,6 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from rigcli.align import apply_affine, invert_affine
-
 
 def draw_points(rgb: np.ndarray, points: np.ndarray, color=(0, 255, 0), radius: float = 1.5) -> np.ndarray:
     """A copy of ``rgb`` with a dot at each (x, y) point (pixel centres at integers)."""
@@ -35,15 +33,13 @@ def grid(tiles: Sequence[np.ndarray], columns: int, pad: int = 4, background: in
 
 def aligned_sheet(store, name: str, columns: int = 6) -> np.ndarray:
     """Every aligned crop of a person with its 68 landmarks mapped into the crop: a check by eye."""
-    from rigcli.enroll import read_face
+    from rigcli.enroll import crop_landmarks, read_face
     from rigcli.photo import read_photo
 
     tiles = []
     for record in store.load(name).photos:
-        face = read_face(store, name, record)
         crop = read_photo(store.person_dir(name) / record.aligned).pixels
-        points = apply_affine(invert_affine(np.asarray(face["crop_to_photo"])), face["landmarks"])
-        tiles.append(draw_points(crop, points))
+        tiles.append(draw_points(crop, crop_landmarks(read_face(store, name, record))))
     if not tiles:
         raise ValueError(f"{name} has no photos")
     return grid(tiles, columns=min(columns, len(tiles)))
