@@ -58,6 +58,7 @@ def asset_status(store: Store) -> list[AssetLine]:
                 "needed for the 3D fit: `rig assets download-ict` or `rig assets import-ict PATH`",
             )
         )
+    lines += flame_lines(store)
     try:
         import torch
 
@@ -65,4 +66,19 @@ def asset_status(store: Store) -> list[AssetLine]:
         lines.append(AssetLine("torch", True, f"version {torch.__version__} ({cuda})"))
     except ImportError:
         lines.append(AssetLine("torch", False, "not installed: pip install torch (see README)"))
+    return lines
+
+
+def flame_lines(store: Store) -> list[AssetLine]:
+    """The user's FLAME/DECA files: what is imported, and what each missing one would enable."""
+    from rigcli.flame import SOURCE_NAMES, flame_status
+
+    lines = []
+    for item in flame_status(store):
+        name = f"FLAME: {SOURCE_NAMES[item.role]}" if item.role != "deca" else f"DECA: {SOURCE_NAMES['deca']}"
+        if item.present:
+            detail = f"{item.enables}; imported from {item.source} at {item.imported}"
+        else:
+            detail = f"optional, enables {item.enables}: `rig assets import-flame {item.option} FILE`"
+        lines.append(AssetLine(name, item.present, detail))
     return lines

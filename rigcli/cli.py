@@ -469,6 +469,62 @@ def assets_download_ict(
     out().print(f"ICT FaceKit imported into {escape(str(folder))}")
 
 
+@assets_app.command("import-flame")
+@handles_errors
+def assets_import_flame(
+    ctx: typer.Context,
+    flame: Annotated[
+        Path | None,
+        typer.Option(
+            "--flame",
+            help="FLAME 2020's generic_model.pkl (from flame.is.tue.mpg.de). Needed once; later imports may "
+            "add the other files alone.",
+        ),
+    ] = None,
+    deca: Annotated[
+        Path | None,
+        typer.Option("--deca", help="DECA's deca_model.tar: its encoder regresses FLAME parameters, as the paper did."),
+    ] = None,
+    texture: Annotated[
+        Path | None,
+        typer.Option(
+            "--texture",
+            help="Albedo space: FLAME_texture.npz (FLAME site) or FLAME_albedo_from_BFM.npz; the first 50 "
+            "components are kept.",
+        ),
+    ] = None,
+    landmarks: Annotated[
+        Path | None,
+        typer.Option("--landmarks", help="DECA's data/landmark_embedding.npy: the 68 landmarks on the FLAME mesh."),
+    ] = None,
+    template: Annotated[
+        Path | None,
+        typer.Option("--template", help="DECA's data/head_template.obj: the UV layout the albedo is sampled with."),
+    ] = None,
+) -> None:
+    """Check your own FLAME/DECA files and convert them once into a safe cache in the store.
+
+    Nothing is redistributed: register with FLAME and DECA and download the files yourself (README,
+    "Using FLAME"). Pickles are read with a loader that rebuilds only arrays and refuses anything
+    else; every file is checked before anything is written, and a failed import keeps the previous one.
+    """
+    from rigcli.flame import flame_folder, import_flame
+
+    store = store_of(ctx)
+    with _progress() as progress:
+        task = progress.add_task("importing", total=None)
+
+        def stepped(step: str, done: int, total: int | None) -> None:
+            progress.update(task, description=step, completed=done, total=total)
+
+        manifest = import_flame(
+            store, flame=flame, deca=deca, texture=texture, landmarks=landmarks, template=template, progress=stepped
+        )
+    for role, record in manifest["assets"].items():
+        out().print(f"{role}: {escape(record['source'])} (sha256 {record['source_sha256'][:12]}) -> {record['cache']}")
+    out().print(f"FLAME assets in {escape(str(flame_folder(store)))}; `rig assets status` lists what each enables")
+
+
 @assets_app.command("status")
 @handles_errors
 def assets_status(ctx: typer.Context) -> None:

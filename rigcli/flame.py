@@ -1,0 +1,909 @@
+"""FLAME and DECA assets: read the user's own files safely, check them, and cache them in the store.
+
+FLAME (the face model DiffusionRig used) and DECA (the network that regresses FLAME parameters
+from a photo) come from their authors after registration and may not be redistributed, so rig
+reads the user's copies once and keeps a converted cache under ``assets/flame/`` in the store:
+
+    flame.safetensors      FLAME 2020 (float32 unless noted)
+        v_template (5023, 3)           neutral head
+        shapedirs  (5023, 3, 300)      identity basis (the file's first 300 components)
+        exprdirs   (5023, 3, 100)      expression basis (the file's last 100)
+        posedirs   (5023, 3, 36)       pose correctives, in the file's layout: vertex, xyz, the 4
+                                       non-root joints' (R - I) entries, 9 per joint, row-major
+        J_regressor (5, 5023)          dense (the file holds a sparse matrix)
+        weights    (5023, 5)           skinning weights
+        kintree_table (2, 5) int64     row 0 parents (the root's, 2**32-1 in the file, is -1), row 1 ids
+        faces      (9976, 3) int64     triangles (the file's ``f``)
+    landmarks.safetensors  DECA's landmark_embedding.npy, same names as its keys:
+        static_lmk_faces_idx (51,) int64, static_lmk_bary_coords (51, 3),
+        dynamic_lmk_faces_idx (79, 17) int64, dynamic_lmk_bary_coords (79, 17, 3),
+        full_lmk_faces_idx (68,) int64, full_lmk_bary_coords (68, 3)  (a leading 1 is dropped)
+    texture.safetensors    albedo space: tex_mean (H, W, 3), tex_basis (H, W, 3, 50), RGB in [0, 1]
+    template.safetensors   head_template.obj's UVs: uv_coords (N, 2) in [0, 1], uv_faces (9976, 3) int64
+    deca.safetensors       DECA's coarse encoder E_flame, its state dict under its own key names
+    assets.json            per asset: source file name and SHA-256, cache file and SHA-256, what it enables
+
+FLAME's ``generic_model.pkl`` is a Python 2 pickle of chumpy arrays and a scipy sparse matrix, and
+DECA's ``landmark_embedding.npy`` is a pickled dict (partly torch tensors) inside a .npy. Unpickling
+can run any code the file names, so both go through :class:`RestrictedUnpickler`, which rebuilds
+numpy arrays, sparse matrices, chumpy arrays (as plain numpy, without chumpy) and torch tensors
+and refuses every other name before anything is called. ``deca_model.tar`` is read with
+``torch.load(weights_only=True)``.
+
+An import validates every given file before writing anything, writes the new cache into a fresh
+folder beside the old one (carrying over assets not given this time) and swaps the folders, so a
+failed import leaves the previous one as it was.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import shutil
+import uuid
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rigcli import RigError
+from rigcli.store import Store, _fsync_dir, atomic_write_bytes, atomic_write_json, hold_lock, now_iso
+
+FLAME_FOLDER = "flame"
+ASSETS_JSON = "assets.json"
+FORMAT_VERSION = 1
+IMPORT_HINT = "`rig assets import-flame --flame generic_model.pkl` (see README, 'Using FLAME')"
+
+N_VERTICES = 5023
+N_FACES = 9976
+N_JOINTS = 5
+N_SHAPE = 300
+N_EXPRESSION = 100
+N_POSE_CORRECTIVES = 36
+TEXTURE_COMPONENTS = 50
+FLAME_2020_SHAPES = {
+    "v_template": (N_VERTICES, 3),
+    "shapedirs": (N_VERTICES, 3, N_SHAPE + N_EXPRESSION),
+    "posedirs": (N_VERTICES, 3, N_POSE_CORRECTIVES),
+    "J_regressor": (N_JOINTS, N_VERTICES),
+    "weights": (N_VERTICES, N_JOINTS),
+    "kintree_table": (2, N_JOINTS),
+    "f": (N_FACES, 3),
+}
+LANDMARK_SHAPES = {
+    # name: expected shape, None for "any"; full_* may carry a leading 1 in the file
+    "static_lmk_faces_idx": (None,),
+    "static_lmk_bary_coords": (None, 3),
+    "dynamic_lmk_faces_idx": (None, None),
+    "dynamic_lmk_bary_coords": (None, None, 3),
+    "full_lmk_faces_idx": (68,),
+    "full_lmk_bary_coords": (68, 3),
+}
+DECA_CODE_SPLIT = (("shape", 100), ("tex", 50), ("exp", 50), ("pose", 6), ("cam", 3), ("light", 27))
+"""How E_flame's 236 outputs divide, in order (pose = global rotation 3 + jaw 3; light = 9 SH x RGB)."""
+DECA_CODE_SIZE = sum(n for _, n in DECA_CODE_SPLIT)
+
+ASSETS = {
+    # role: (cache file, what it enables, the option that imports it)
+    "flame": ("flame.safetensors", "`--face-model flame` fitting (the paper's face model)", "--flame"),
+    "landmarks": ("landmarks.safetensors", "FLAME landmark fitting (68 points on the mesh)", "--landmarks"),
+    "deca": ("deca.safetensors", "DECA regression of FLAME parameters, as the paper did", "--deca"),
+    "texture": ("texture.safetensors", "FLAME albedo (texture space)", "--texture"),
+    "template": ("template.safetensors", "UV coordinates to sample the albedo on the mesh", "--template"),
+}
+SOURCE_NAMES = {
+    "flame": "generic_model.pkl",
+    "landmarks": "landmark_embedding.npy",
+    "deca": "deca_model.tar",
+    "texture": "FLAME_texture.npz or FLAME_albedo_from_BFM.npz",
+    "template": "head_template.obj",
+}
+
+Progress = Callable[[str, int, int | None], None]
+"""``progress(step, done, total)``: a description of the step and how far it is (bytes or items)."""
+
+
+# ---------------------------------------------------------------- restricted unpickling
+
+
+class _ChumpyArray:
+    """Stand-in for ``chumpy.ch.Ch``: keeps the pickled state; its ``x`` holds the values."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def to_numpy(self, where: str) -> np.ndarray:
+        state = getattr(self, "state", None)
+        if not isinstance(state, dict) or "x" not in state:
+            raise RigError(f"{where}: a chumpy array without stored values (no 'x' in its state)")
+        return _as_array(state["x"], where)
+
+
+class _SparseMatrix:
+    """Stand-in for scipy's compressed sparse matrices (CSC/CSR): rebuilt densely with numpy."""
+
+    column_major = True
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def to_numpy(self, where: str) -> np.ndarray:
+        state = getattr(self, "state", None)
+        if not isinstance(state, dict):
+            raise RigError(f"{where}: a sparse matrix without stored values")
+        try:
+            shape = tuple(int(n) for n in state.get("_shape", state.get("shape")))
+            data = np.asarray(state["data"], dtype=np.float64)
+            indices = np.asarray(state["indices"], dtype=np.int64)
+            indptr = np.asarray(state["indptr"], dtype=np.int64)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RigError(f"{where}: a damaged sparse matrix ({exc})") from exc
+        outer, inner = (shape[1], shape[0]) if self.column_major else shape
+        if (
+            len(shape) != 2
+            or indptr.shape != (outer + 1,)
+            or len(data) != len(indices)
+            or indptr[-1] != len(data)
+            or np.any(np.diff(indptr) < 0)
+            or (len(indices) and (indices.min() < 0 or indices.max() >= inner))
+        ):
+            raise RigError(f"{where}: a damaged sparse matrix (its indices do not fit its shape {shape})")
+        dense = np.zeros(shape, dtype=np.float64)
+        owner = np.repeat(np.arange(outer), np.diff(indptr))
+        if self.column_major:
+            np.add.at(dense, (indices, owner), data)
+        else:
+            np.add.at(dense, (owner, indices), data)
+        return dense
+
+
+class _RowSparseMatrix(_SparseMatrix):
+    column_major = False
+
+
+def _reconstruct_array(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError(f"refuses to build an array of type {subtype!r}")
+    return _NUMPY_RECONSTRUCT(subtype, shape, dtype)
+
+
+def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
+    """copy_reg._reconstructor, for the stand-in classes only."""
+    if cls not in (_ChumpyArray, _SparseMatrix, _RowSparseMatrix) or base is not object or state is not None:
+        raise pickle.UnpicklingError(f"refuses copy_reg._reconstructor for {cls!r}")
+    return cls.__new__(cls)
+
+
+def _encode_latin1(text: Any, encoding: str = "latin1") -> bytes:
+    """_codecs.encode as protocol-2 pickles use it for bytes: latin-1 only."""
+    if not isinstance(text, str) or encoding.replace("-", "").lower() != "latin1":
+        raise pickle.UnpicklingError("refuses _codecs.encode other than text to latin-1 bytes")
+    return text.encode("latin1")
+
+
+def _storage_from_bytes(data: Any) -> Any:
+    """torch.storage._load_from_bytes, but through torch's own weights-only loader."""
+    if not isinstance(data, bytes | bytearray):
+        raise pickle.UnpicklingError("refuses a torch storage that is not bytes")
+    return torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None) -> torch.Tensor:
+    """torch._utils._rebuild_tensor_v2 with its arguments checked: a storage, integers, no hooks."""
+    if not isinstance(storage, torch.TypedStorage | torch.UntypedStorage):
+        raise pickle.UnpicklingError("refuses a torch tensor whose storage is not a torch storage")
+    if hooks:
+        raise pickle.UnpicklingError("refuses a torch tensor with backward hooks")
+    if not all(isinstance(n, int) for n in (offset, *size, *stride)):
+        raise pickle.UnpicklingError("refuses a torch tensor with a non-integer size or stride")
+    return torch._utils._rebuild_tensor_v2(
+        storage, offset, tuple(size), tuple(stride), False, collections.OrderedDict()
+    )
+
+
+_NUMPY_RECONSTRUCT = np.zeros(1).__reduce__()[0]  # numpy's _reconstruct, wherever this numpy keeps it
+_NUMPY_SCALAR = np.float64(1).__reduce__()[0]
+_NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray")
+_SPARSE_MODULES = (
+    "scipy.sparse",
+    "scipy.sparse.csc",
+    "scipy.sparse._csc",
+    "scipy.sparse.csr",
+    "scipy.sparse._csr",
+    "scipy.sparse.compressed",
+    "scipy.sparse._compressed",
+    "scipy.sparse._arrays",
+)
+_ALLOWED: dict[tuple[str, str], Any] = {
+    **{(m, "_reconstruct"): _reconstruct_array for m in _NUMPY_MODULES},
+    **{(m, "scalar"): _NUMPY_SCALAR for m in _NUMPY_MODULES},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("chumpy.ch", "Ch"): _ChumpyArray,
+    **{(m, n): _SparseMatrix for m in _SPARSE_MODULES for n in ("csc_matrix", "csc_array")},
+    **{(m, n): _RowSparseMatrix for m in _SPARSE_MODULES for n in ("csr_matrix", "csr_array")},
+    ("copy_reg", "_reconstructor"): _reconstructor,
+    ("copyreg", "_reconstructor"): _reconstructor,
+    ("__builtin__", "object"): object,
+    ("builtins", "object"): object,
+    ("__builtin__", "set"): set,
+    ("builtins", "set"): set,
+    ("_codecs", "encode"): _encode_latin1,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that rebuilds only what FLAME and DECA files hold, and refuses any other name.
+
+    Allowed: numpy arrays, dtypes and scalars; scipy CSC/CSR matrices and chumpy arrays (as
+    stand-ins that become numpy arrays, so neither library is imported); torch tensors (their
+    storage is read by torch's weights-only loader); sets, ordered dicts and latin-1 bytes. A
+    pickle naming anything else (``os.system``, ``builtins.eval``, ...) fails here, before that
+    name is looked up, let alone called.
+    """
+
+    def __init__(self, file: Any) -> None:
+        super().__init__(file, encoding="latin1")
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = _ALLOWED.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(f"refuses to load {module}.{name}")
+        return found
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("refuses persistent references")
+
+
+def restricted_loads(data: bytes) -> Any:
+    """Unpickle ``data`` with :class:`RestrictedUnpickler` (raises pickle.UnpicklingError and friends)."""
+    return RestrictedUnpickler(io.BytesIO(data)).load()
+
+
+def _as_array(value: Any, where: str) -> np.ndarray:
+    """A plain numeric numpy array from what a FLAME/DECA pickle holds there."""
+    if isinstance(value, _ChumpyArray | _SparseMatrix):
+        return value.to_numpy(where)
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray) and value.dtype == object and value.ndim == 0:
+        return _as_array(value.item(), where)
+    if not isinstance(value, np.ndarray | np.generic):
+        raise RigError(f"{where} is a {type(value).__name__}, not an array")
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf":
+        raise RigError(f"{where} holds {array.dtype} values, not numbers")
+    return array
+
+
+def _load_pickle(path: Path, data: bytes, what: str) -> Any:
+    """Restricted-unpickle a file's bytes, turning every failure into one line naming the file."""
+    if data[:4] == b"PK\x03\x04":
+        raise RigError(f"{path.name} is a zip archive (a torch or npz file?), not {what}")
+    try:
+        return restricted_loads(data)
+    except pickle.UnpicklingError as exc:
+        message = str(exc)
+        if message.startswith("refuses"):
+            raise RigError(
+                f"{path.name}: rig {message} (a pickle can run code when loaded; only the arrays "
+                f"{what} holds are allowed): this is not a genuine {what}"
+            ) from exc
+        raise RigError(f"{path.name} is not a readable pickle ({message}): expected {what}") from exc
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, RuntimeError) as exc:
+        raise RigError(f"{path.name} is truncated or damaged ({type(exc).__name__}: {exc}): expected {what}") from exc
+
+
+# ---------------------------------------------------------------- reading and checking each file
+
+
+def _read(path: Path, what: str) -> bytes:
+    path = Path(path)
+    if not path.is_file():
+        raise RigError(f"{what} not found: {path}")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise RigError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _shape_text(shape: tuple) -> str:
+    return "(" + ", ".join("any" if n is None else str(n) for n in shape) + ")"
+
+
+def _check_shape(array: np.ndarray, expected: tuple, where: str) -> None:
+    if len(array.shape) != len(expected) or any(
+        e is not None and e != n for e, n in zip(expected, array.shape, strict=True)
+    ):
+        raise RigError(f"{where} has shape {_shape_text(array.shape)}, expected {_shape_text(expected)}")
+
+
+def _check_finite(array: np.ndarray, where: str) -> None:
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise RigError(f"{where} holds NaN or infinite values: the file is damaged")
+
+
+def read_flame_model(path: Path) -> dict[str, np.ndarray]:
+    """Read and check FLAME 2020's ``generic_model.pkl``; returns the cache's arrays (see the module doc)."""
+    path = Path(path)
+    data = _read(path, "FLAME model file")
+    content = _load_pickle(path, data, "FLAME model (generic_model.pkl)")
+    if not isinstance(content, dict):
+        raise RigError(f"{path.name} holds a {type(content).__name__}, not FLAME's dict of arrays")
+    missing = [k for k in FLAME_2020_SHAPES if k not in content]
+    if missing:
+        found = ", ".join(sorted(str(k) for k in content)) or "none"
+        raise RigError(
+            f"{path.name} has no {', '.join(repr(k) for k in missing)} (keys found: {found}); "
+            "expected FLAME 2020's generic_model.pkl"
+        )
+    arrays = {k: _as_array(content[k], f"{path.name}: '{k}'") for k in FLAME_2020_SHAPES}
+    _check_version(path, arrays)
+    for key, shape in FLAME_2020_SHAPES.items():
+        _check_shape(arrays[key], shape, f"{path.name}: '{key}'")
+        _check_finite(arrays[key], f"{path.name}: '{key}'")
+    faces = arrays["f"]
+    if faces.dtype.kind == "f" or faces.min() < 0 or faces.max() >= N_VERTICES:
+        raise RigError(f"{path.name}: 'f' must hold vertex indices in 0..{N_VERTICES - 1}")
+    kintree = arrays["kintree_table"].astype(np.int64)
+    kintree[kintree >= 2**31] = -1  # the root's parent is stored as an unsigned -1
+    if kintree[0, 0] != -1 or np.any(kintree[0, 1:] < 0) or np.any(kintree[0, 1:] >= N_JOINTS):
+        raise RigError(f"{path.name}: 'kintree_table' does not describe a joint tree rooted at joint 0")
+    shapedirs = arrays["shapedirs"].astype(np.float32)
+    return {
+        "v_template": arrays["v_template"].astype(np.float32),
+        "shapedirs": np.ascontiguousarray(shapedirs[:, :, :N_SHAPE]),
+        "exprdirs": np.ascontiguousarray(shapedirs[:, :, N_SHAPE:]),
+        "posedirs": arrays["posedirs"].astype(np.float32),
+        "J_regressor": arrays["J_regressor"].astype(np.float32),
+        "weights": arrays["weights"].astype(np.float32),
+        "kintree_table": kintree,
+        "faces": faces.astype(np.int64),
+    }
+
+
+def _check_version(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Say plainly when a file is a FLAME other than 2020 (DECA and the paper used FLAME 2020)."""
+    if arrays["v_template"].ndim != 2 or arrays["f"].ndim != 2 or arrays["shapedirs"].ndim != 3:
+        return  # not a FLAME of any version: the shape checks say what is wrong
+    vertices, faces = arrays["v_template"].shape[0], arrays["f"].shape[0]
+    components = arrays["shapedirs"].shape[-1]
+    advice = (
+        "rig reads FLAME 2020 (generic_model.pkl from the FLAME 2020 download at flame.is.tue.mpg.de), "
+        "the version DECA was trained with"
+    )
+    if (vertices, faces) != (N_VERTICES, N_FACES):
+        raise RigError(
+            f"{path.name} is not FLAME 2020: found {vertices} vertices and {faces} triangles, "
+            f"expected {N_VERTICES} and {N_FACES}; {advice}"
+        )
+    if "2023" in path.name:
+        raise RigError(
+            f"{path.name} looks like FLAME 2023: it has FLAME 2020's mesh sizes but a different shape "
+            f"and expression space (revised eye region), which DECA's encoder was not trained for; {advice}"
+        )
+    if components != N_SHAPE + N_EXPRESSION:
+        raise RigError(
+            f"{path.name} is not FLAME 2020: 'shapedirs' has {components} components, expected "
+            f"{N_SHAPE + N_EXPRESSION} (300 shape + 100 expression); {advice}"
+        )
+
+
+def read_npy_object(path: Path, data: bytes) -> Any:
+    """The object inside a .npy file: plain arrays as they are, pickled ones through the restricted unpickler.
+
+    numpy's own ``np.load(allow_pickle=True)`` would run whatever the pickle names; this never does.
+    """
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            _, _, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            _, _, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+    except ValueError as exc:
+        raise RigError(f"{path.name} is not a .npy file ({exc})") from exc
+    if not dtype.hasobject:
+        try:
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        except ValueError as exc:
+            raise RigError(f"{path.name} is truncated or damaged ({exc})") from exc
+    return _load_pickle(path, data[stream.tell() :], "landmark embedding (landmark_embedding.npy)")
+
+
+def read_landmarks(path: Path, n_faces: int = N_FACES) -> dict[str, np.ndarray]:
+    """Read and check DECA's ``landmark_embedding.npy`` (triangle indices and barycentric coordinates)."""
+    path = Path(path)
+    content = read_npy_object(path, _read(path, "landmark embedding file"))
+    if isinstance(content, np.ndarray) and content.dtype == object and content.ndim == 0:
+        content = content.item()
+    if not isinstance(content, dict):
+        raise RigError(f"{path.name} holds a {type(content).__name__}, not DECA's dict of landmark arrays")
+    missing = [k for k in LANDMARK_SHAPES if k not in content]
+    if missing:
+        found = ", ".join(sorted(str(k) for k in content)) or "none"
+        raise RigError(
+            f"{path.name} has no {', '.join(repr(k) for k in missing)} (keys found: {found}); "
+            "expected DECA's landmark_embedding.npy"
+        )
+    result = {}
+    for key, expected in LANDMARK_SHAPES.items():
+        where = f"{path.name}: '{key}'"
+        array = _as_array(content[key], where)
+        if key.startswith("full_") and array.ndim == len(expected) + 1 and array.shape[0] == 1:
+            array = array[0]
+        _check_shape(array, expected, where)
+        if key.endswith("faces_idx"):
+            if array.dtype.kind == "f" or array.min() < 0 or array.max() >= n_faces:
+                raise RigError(f"{where} must hold triangle indices in 0..{n_faces - 1}")
+            result[key] = array.astype(np.int64)
+        else:
+            _check_finite(array, where)
+            result[key] = array.astype(np.float32)
+    pairs = [("static", 1), ("dynamic", 2), ("full", 1)]
+    for prefix, dims in pairs:
+        idx, bary = result[f"{prefix}_lmk_faces_idx"], result[f"{prefix}_lmk_bary_coords"]
+        if bary.shape[:dims] != idx.shape:
+            raise RigError(
+                f"{path.name}: '{prefix}_lmk_bary_coords' has shape {bary.shape}, which does not match "
+                f"'{prefix}_lmk_faces_idx' {idx.shape}"
+            )
+    return result
+
+
+def read_texture(path: Path, components: int = TEXTURE_COMPONENTS) -> tuple[dict[str, np.ndarray], str]:
+    """Read FLAME's ``FLAME_texture.npz`` (mean, tex_dir; 0..255) or ``FLAME_albedo_from_BFM.npz``
+    (MU, PC; 0..1). Returns ``tex_mean`` (H, W, 3) and ``tex_basis`` (H, W, 3, components) in RGB,
+    0..1, and which kind it was. Both files store a square UV image in BGR order, as DECA reads them.
+    """
+    path = Path(path)
+    data = _read(path, "texture file")
+    try:
+        archive = np.load(io.BytesIO(data), allow_pickle=False)
+        keys = set(archive.files)
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise RigError(f"{path.name} is not a readable .npz file ({exc})") from exc
+    if {"mean", "tex_dir"} <= keys:
+        kind, mean_key, basis_key, scale = "FLAME", "mean", "tex_dir", 1 / 255
+    elif {"MU", "PC"} <= keys:
+        kind, mean_key, basis_key, scale = "BFM", "MU", "PC", 1.0
+    else:
+        raise RigError(
+            f"{path.name} has neither 'mean' and 'tex_dir' (FLAME_texture.npz) nor 'MU' and 'PC' "
+            f"(FLAME_albedo_from_BFM.npz); keys found: {', '.join(sorted(keys)) or 'none'}"
+        )
+    try:
+        mean = np.asarray(archive[mean_key])
+        basis = np.asarray(archive[basis_key])
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise RigError(f"{path.name} is truncated or damaged ({exc})") from exc
+    for key, array in ((mean_key, mean), (basis_key, basis)):
+        if array.dtype.kind not in "biuf":
+            raise RigError(f"{path.name}: '{key}' holds {array.dtype} values, not numbers")
+    pixels = mean.size // 3
+    side = math.isqrt(pixels)
+    if mean.size != 3 * side * side or side == 0:
+        raise RigError(f"{path.name}: '{mean_key}' has {mean.size} values, not a square RGB image (3 x N x N)")
+    if basis.ndim < 2 or basis.size % mean.size or basis.size // mean.size != basis.shape[-1]:
+        raise RigError(
+            f"{path.name}: '{basis_key}' has shape {basis.shape}; expected {side}x{side}x3 values per component "
+            f"(the size of '{mean_key}'), components last"
+        )
+    count = basis.shape[-1]
+    if count < components:
+        raise RigError(f"{path.name}: '{basis_key}' has {count} components; rig uses the first {components}")
+    mean = mean.reshape(side, side, 3)[..., ::-1].astype(np.float32) * np.float32(scale)
+    basis = basis.reshape(side, side, 3, count)[..., ::-1, :components].astype(np.float32) * np.float32(scale)
+    _check_finite(mean, f"{path.name}: '{mean_key}'")
+    _check_finite(basis, f"{path.name}: '{basis_key}'")
+    return {"tex_mean": np.ascontiguousarray(mean), "tex_basis": np.ascontiguousarray(basis)}, kind
+
+
+def read_template(path: Path) -> dict[str, np.ndarray]:
+    """Read DECA's ``head_template.obj``: its UV coordinates and each triangle's UV indices."""
+    path = Path(path)
+    text = _read(path, "head template").decode("utf-8", errors="replace")
+    vertices, uvs, faces, uv_faces = 0, [], [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            if parts[0] == "v":
+                vertices += 1
+            elif parts[0] == "vt":
+                uvs.append((float(parts[1]), float(parts[2])))
+            elif parts[0] == "f":
+                corners = [p.split("/") for p in parts[1:]]
+                if len(corners) != 3 or any(len(c) < 2 or not c[1] for c in corners):
+                    raise ValueError("expected a triangle with texture indices (f v/vt v/vt v/vt)")
+                faces.append([int(c[0]) - 1 for c in corners])
+                uv_faces.append([int(c[1]) - 1 for c in corners])
+        except (ValueError, IndexError) as exc:
+            raise RigError(f"{path.name}, line {number}: {exc}") from exc
+    if vertices != N_VERTICES or len(faces) != N_FACES:
+        raise RigError(
+            f"{path.name} has {vertices} vertices and {len(faces)} triangles; FLAME's head template has "
+            f"{N_VERTICES} and {N_FACES}"
+        )
+    uv_coords = np.asarray(uvs, dtype=np.float32).reshape(-1, 2)
+    uv_faces_array = np.asarray(uv_faces, dtype=np.int64)
+    if uv_faces_array.min() < 0 or uv_faces_array.max() >= len(uv_coords):
+        raise RigError(f"{path.name}: texture indices refer to UVs that the file does not have")
+    return {"uv_coords": uv_coords, "uv_faces": uv_faces_array, "template_faces": np.asarray(faces, np.int64)}
+
+
+def resnet50_trunk_shapes() -> dict[str, tuple[int, ...]]:
+    """Key names and shapes of DECA's ResNet-50 trunk (torchvision's names; no fc layer)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def batch_norm(prefix: str, channels: int) -> None:
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{prefix}.{name}"] = (channels,)
+        shapes[f"{prefix}.num_batches_tracked"] = ()
+
+    shapes["conv1.weight"] = (64, 3, 7, 7)
+    batch_norm("bn1", 64)
+    inplanes = 64
+    for layer, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3), strict=True), 1):
+        for block in range(blocks):
+            prefix = f"layer{layer}.{block}"
+            shapes[f"{prefix}.conv1.weight"] = (planes, inplanes, 1, 1)
+            batch_norm(f"{prefix}.bn1", planes)
+            shapes[f"{prefix}.conv2.weight"] = (planes, planes, 3, 3)
+            batch_norm(f"{prefix}.bn2", planes)
+            shapes[f"{prefix}.conv3.weight"] = (planes * 4, planes, 1, 1)
+            batch_norm(f"{prefix}.bn3", planes * 4)
+            if block == 0:
+                shapes[f"{prefix}.downsample.0.weight"] = (planes * 4, inplanes, 1, 1)
+                batch_norm(f"{prefix}.downsample.1", planes * 4)
+            inplanes = planes * 4
+    return shapes
+
+
+def e_flame_shapes() -> dict[str, tuple[int, ...]]:
+    """E_flame's state dict: ``encoder.*`` (the ResNet-50 trunk), then ``layers.0`` Linear(2048, 1024),
+    ReLU, ``layers.2`` Linear(1024, 236)."""
+    shapes = {f"encoder.{k}": v for k, v in resnet50_trunk_shapes().items()}
+    shapes.update(
+        {
+            "layers.0.weight": (1024, 2048),
+            "layers.0.bias": (1024,),
+            "layers.2.weight": (DECA_CODE_SIZE, 1024),
+            "layers.2.bias": (DECA_CODE_SIZE,),
+        }
+    )
+    return shapes
+
+
+def read_deca(path: Path) -> dict[str, torch.Tensor]:
+    """Read ``deca_model.tar`` with torch's weights-only loader and check its coarse encoder E_flame."""
+    path = Path(path)
+    if not path.is_file():
+        raise RigError(f"DECA model file not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        refused = next((line for line in lines if "GLOBAL" in line), None)
+        if refused is None:
+            detail = next((line for line in lines if "Unsupported" in line), lines[-1] if lines else "")
+            raise RigError(f"{path.name} is not a readable torch file ({detail}): expected deca_model.tar") from exc
+        raise RigError(
+            f"{path.name} holds objects other than tensors, which rig does not load (torch.load with "
+            f"weights_only=True, so that no code in the file runs): {refused}"
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError, TypeError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RigError(f"{path.name} is not a readable torch file ({message}): expected deca_model.tar") from exc
+    if not isinstance(checkpoint, dict) or "E_flame" not in checkpoint:
+        found = ", ".join(sorted(map(str, checkpoint))) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise RigError(f"{path.name} has no 'E_flame' (found: {found}); expected DECA's deca_model.tar")
+    state = checkpoint["E_flame"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RigError(f"{path.name}: 'E_flame' is not a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    expected = e_flame_shapes()
+    optional = {k for k in expected if k.endswith("num_batches_tracked")}
+    missing = [k for k in expected if k not in state and k not in optional]
+    unknown = [k for k in state if k not in expected]
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (first: {missing[0]})")
+        if unknown:
+            parts.append(f"{len(unknown)} unexpected (first: {unknown[0]})")
+        raise RigError(
+            f"{path.name}: 'E_flame' is not DECA's ResNet-50 encoder: of its {len(state)} tensors, {'; '.join(parts)}"
+        )
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != expected[key]:
+            raise RigError(
+                f"{path.name}: 'E_flame' {key} has shape {_shape_text(tuple(tensor.shape))}, "
+                f"expected {_shape_text(expected[key])}"
+            )
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise RigError(f"{path.name}: 'E_flame' {key} holds NaN or infinite values: the file is damaged")
+    return {
+        k: (v.to(torch.float32) if v.is_floating_point() else v.to(torch.int64)).contiguous() for k, v in state.items()
+    }
+
+
+# ---------------------------------------------------------------- the store
+
+
+@dataclass(frozen=True)
+class FlameAssetStatus:
+    """One FLAME/DECA asset: whether it is imported, what it enables, and where it came from."""
+
+    role: str
+    present: bool
+    enables: str
+    option: str
+    source: str | None = None
+    imported: str | None = None
+
+
+def flame_folder(store: Store) -> Path:
+    return store.root / "assets" / FLAME_FOLDER
+
+
+def _recover(store: Store) -> None:
+    """Finish or undo a folder swap that a killed import left half done."""
+    folder = flame_folder(store)
+    parent = folder.parent
+    if folder.exists() or not parent.is_dir():
+        for leftover in parent.glob(f".tmp-{FLAME_FOLDER}-*") if parent.is_dir() else []:
+            shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in parent.glob(f".trash-{FLAME_FOLDER}-*") if parent.is_dir() else []:
+            shutil.rmtree(leftover, ignore_errors=True)
+        return
+    ready = [p for p in parent.glob(f".tmp-{FLAME_FOLDER}-*") if (p / ASSETS_JSON).is_file()]
+    previous = sorted(parent.glob(f".trash-{FLAME_FOLDER}-*"))
+    if ready:  # the new folder was complete: the swap only had its last rename left
+        os.replace(ready[0], folder)
+    elif previous:
+        os.replace(previous[0], folder)
+    _recover(store)
+
+
+def _manifest(store: Store) -> dict[str, Any]:
+    path = flame_folder(store) / ASSETS_JSON
+    if not path.is_file():
+        return {"format": FORMAT_VERSION, "assets": {}}
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RigError(f"{path} is damaged ({exc}): import the FLAME files again with {IMPORT_HINT}") from exc
+    if manifest.get("format") != FORMAT_VERSION:
+        raise RigError(f"{path} was written by another version of rig: import the FLAME files again")
+    return manifest
+
+
+def flame_status(store: Store) -> list[FlameAssetStatus]:
+    """Each FLAME/DECA asset, imported or not, with what it enables (for ``rig assets status``)."""
+    folder = flame_folder(store)
+    try:
+        assets = _manifest(store)["assets"]
+    except RigError:
+        assets = {}
+    lines = []
+    for role, (cache, enables, option) in ASSETS.items():
+        record = assets.get(role)
+        present = record is not None and (folder / cache).is_file()
+        lines.append(
+            FlameAssetStatus(
+                role,
+                present,
+                enables,
+                option,
+                record.get("source") if present else None,
+                record.get("imported") if present else None,
+            )
+        )
+    return lines
+
+
+def _sha256_file(path: Path, progress: Progress | None, step: str) -> str:
+    digest = hashlib.sha256()
+    total = path.stat().st_size
+    done = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+            done += len(chunk)
+            if progress:
+                progress(step, done, total)
+    return digest.hexdigest()
+
+
+def import_flame(
+    store: Store,
+    flame: Path | None = None,
+    deca: Path | None = None,
+    texture: Path | None = None,
+    landmarks: Path | None = None,
+    template: Path | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Check the given FLAME/DECA files and cache them in the store; returns the new assets.json.
+
+    Every given file is read and checked before anything is written; files not given keep their
+    earlier import. A FLAME model must be given, or imported before.
+    """
+    sources = {"flame": flame, "landmarks": landmarks, "deca": deca, "texture": texture, "template": template}
+    sources = {role: Path(p) for role, p in sources.items() if p is not None}
+    if not sources:
+        raise RigError("nothing to import: give --flame generic_model.pkl and any of --deca, --texture, --landmarks")
+    for role, path in sources.items():
+        if not path.is_file():
+            raise RigError(f"{ASSETS[role][2]}: file not found: {path}")
+    store.ensure_writable()
+    with hold_lock(store.root / "locks" / "assets-flame.lock"):
+        _recover(store)
+        manifest = _manifest(store)
+        if "flame" not in sources and "flame" not in manifest["assets"]:
+            raise RigError("no FLAME model imported yet: give --flame generic_model.pkl (FLAME 2020) as well")
+        caches: dict[str, dict[str, torch.Tensor]] = {}
+        extra: dict[str, dict[str, Any]] = {}
+        for role, path in sources.items():
+            if progress:
+                progress(_STEPS[role], 0, None)
+            tensors, info = _read_asset(role, path)
+            if role == "template":
+                template_faces = tensors.pop("template_faces")
+                flame_faces = caches.get("flame", {}).get("faces")
+                if flame_faces is not None and not np.array_equal(flame_faces.numpy(), template_faces):
+                    raise RigError(f"{path.name}: its triangles are not those of the FLAME model ('f')")
+            caches[role] = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for k, v in tensors.items()}
+            extra[role] = {
+                "source": path.name,
+                "source_sha256": _sha256_file(path, progress, f"hashing {path.name}"),
+                **info,
+            }
+        return _write(store, manifest, caches, extra, progress)
+
+
+_STEPS = {
+    "flame": "reading the FLAME model",
+    "landmarks": "reading the landmark embedding",
+    "texture": "reading the texture space",
+    "template": "reading the head template",
+    "deca": "reading the DECA model",
+}
+
+
+def _read_asset(role: str, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One asset's checked arrays, and what to record about it besides its hashes."""
+    if role == "flame":
+        return read_flame_model(path), {"flame_version": "2020"}
+    if role == "landmarks":
+        return read_landmarks(path), {}
+    if role == "texture":
+        tensors, kind = read_texture(path)
+        return tensors, {"kind": kind, "components": TEXTURE_COMPONENTS, "resolution": tensors["tex_mean"].shape[0]}
+    if role == "template":
+        return read_template(path), {}
+    return read_deca(path), {"code_split": dict(DECA_CODE_SPLIT)}
+
+
+def _write(
+    store: Store,
+    manifest: dict[str, Any],
+    caches: dict[str, dict[str, torch.Tensor]],
+    extra: dict[str, dict[str, Any]],
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """Write the new caches into a fresh folder with the kept ones, then swap it in place of the old."""
+    from safetensors.torch import save
+
+    folder = flame_folder(store)
+    staging = folder.parent / f".tmp-{FLAME_FOLDER}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        assets = dict(manifest["assets"])
+        for role in manifest["assets"]:
+            if role in caches:
+                continue
+            cache = folder / ASSETS[role][0]
+            try:
+                os.link(cache, staging / cache.name)
+            except OSError:
+                shutil.copy2(cache, staging / cache.name)
+        for index, (role, tensors) in enumerate(caches.items()):
+            if progress:
+                progress("writing the cache", index, len(caches))
+            blob = save({k: v.contiguous() for k, v in tensors.items()})
+            cache_name, enables, _ = ASSETS[role]
+            atomic_write_bytes(staging / cache_name, blob)
+            assets[role] = {
+                **extra[role],
+                "cache": cache_name,
+                "cache_sha256": hashlib.sha256(blob).hexdigest(),
+                "enables": enables,
+                "imported": now_iso(),
+            }
+        new_manifest = {"format": FORMAT_VERSION, "flame_version": "2020", "assets": assets}
+        atomic_write_json(staging / ASSETS_JSON, new_manifest)
+        trash = folder.parent / f".trash-{FLAME_FOLDER}-{uuid.uuid4().hex[:8]}"
+        if folder.exists():
+            os.replace(folder, trash)
+        os.replace(staging, folder)
+        _fsync_dir(folder.parent)
+        shutil.rmtree(trash, ignore_errors=True)
+    except BaseException:
+        if not folder.exists():
+            _recover(store)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return new_manifest
+
+
+def load_flame_assets(store: Store, require: tuple[str, ...] = ("flame",)) -> dict[str, torch.Tensor]:
+    """All imported FLAME tensors (model, and landmarks, texture and template UVs where imported) in
+    one dict, named as in the module doc; a RigError naming the import command when ``require``d
+    ones are missing or a cache is damaged."""
+    _recover_readonly(store)
+    manifest = _manifest(store)
+    tensors: dict[str, torch.Tensor] = {}
+    for role in ("flame", "landmarks", "texture", "template"):
+        if role in manifest["assets"]:
+            tensors.update(_load_cache(store, manifest, role))
+    _require(manifest, require)
+    return tensors
+
+
+def load_deca_encoder(store: Store) -> dict[str, torch.Tensor]:
+    """E_flame's state dict (DECA's coarse encoder), or a RigError naming the import command."""
+    _recover_readonly(store)
+    manifest = _manifest(store)
+    _require(manifest, ("deca",))
+    return _load_cache(store, manifest, "deca")
+
+
+def _recover_readonly(store: Store) -> None:
+    """Before reading: if an import was killed mid-swap, finish or undo it (under the import's lock)."""
+    if not flame_folder(store).exists() and flame_folder(store).parent.is_dir():
+        with contextlib.suppress(OSError), hold_lock(store.root / "locks" / "assets-flame.lock"):
+            _recover(store)
+
+
+def _require(manifest: dict[str, Any], roles: tuple[str, ...]) -> None:
+    missing = [r for r in roles if r not in manifest["assets"]]
+    if missing:
+        wanted = " ".join(f"{ASSETS[r][2]} {SOURCE_NAMES[r].split(' or ')[0]}" for r in missing)
+        needs = "; ".join(ASSETS[r][1] for r in missing)
+        raise RigError(
+            f"FLAME assets missing ({', '.join(SOURCE_NAMES[r] for r in missing)}), needed for {needs}: "
+            f"run `rig assets import-flame {wanted}` (see README, 'Using FLAME')"
+        )
+
+
+def _load_cache(store: Store, manifest: dict[str, Any], role: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    record = manifest["assets"][role]
+    path = flame_folder(store) / record["cache"]
+    try:
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise RigError(f"the FLAME cache {path} is missing ({exc.strerror}): run {IMPORT_HINT} again") from exc
+    if hashlib.sha256(blob).hexdigest() != record["cache_sha256"]:
+        raise RigError(f"the FLAME cache {path} is damaged: run {IMPORT_HINT} again")
+    return load(blob)
