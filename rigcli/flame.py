@@ -869,6 +869,17 @@ def load_flame_assets(store: Store, require: tuple[str, ...] = ("flame",)) -> di
     return tensors
 
 
+def flame_model_id(store: Store) -> str:
+    """An id for the imported FLAME model and landmarks (from their caches' hashes), for checkpoints
+    to record which face model made their buffers."""
+    manifest = _manifest(store)
+    _require(manifest, ("flame",))
+    digest = hashlib.sha256()
+    for role in ("flame", "landmarks"):
+        digest.update(manifest["assets"].get(role, {}).get("cache_sha256", "").encode())
+    return f"flame-{digest.hexdigest()[:16]}"
+
+
 def load_deca_encoder(store: Store) -> dict[str, torch.Tensor]:
     """E_flame's state dict (DECA's coarse encoder), or a RigError naming the import command."""
     _recover_readonly(store)

@@ -17,6 +17,7 @@ import torch
 from rigcli import RigError
 from rigcli.flame import (
     flame_folder,
+    flame_model_id,
     flame_status,
     import_flame,
     load_deca_encoder,
@@ -323,7 +324,7 @@ def test_failed_import_keeps_the_previous_one(imported, sources, tmp_path):
 
 def test_partial_import_replaces_only_what_is_given(imported, tmp_path):
     store = copy_store(imported, tmp_path)
-    before = folder_digest(flame_folder(store))
+    before, model_id = folder_digest(flame_folder(store)), flame_model_id(store)
     write_texture(tmp_path / "FLAME_albedo_from_BFM.npz", kind="BFM", side=8, components=50)
     import_flame(store, texture=tmp_path / "FLAME_albedo_from_BFM.npz")
     after = folder_digest(flame_folder(store))
@@ -332,6 +333,7 @@ def test_partial_import_replaces_only_what_is_given(imported, tmp_path):
         k: v for k, v in before.items() if k not in ("texture.safetensors", "assets.json")
     }
     assert load_flame_assets(store)["tex_mean"].shape == (8, 8, 3)
+    assert flame_model_id(store) == model_id  # the geometry did not change
 
 
 def test_an_import_killed_mid_swap_is_undone(imported, tmp_path):
@@ -372,3 +374,16 @@ def test_status_lists_present_and_missing(imported, sources, tmp_path):
     lines = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") >= 3}
     assert "ok" in lines["FLAME: generic_model.pkl"] and "--face-model flame" in lines["FLAME: generic_model.pkl"]
     assert "missing" in lines["DECA: deca_model.tar"] and "import-flame --deca" in lines["DECA: deca_model.tar"]
+
+
+def test_import_flame_help_names_every_file():
+    from typer.testing import CliRunner
+
+    from rigcli.cli import app
+
+    result = CliRunner().invoke(app, ["assets", "import-flame", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for text in ("--flame", "generic_model.pkl", "--deca", "deca_model.tar", "--texture", "FLAME_albedo_from_BFM.npz"):
+        assert text in result.stdout
+    for text in ("--landmarks", "landmark_embedding.npy", "--template", "head_template.obj"):
+        assert text in result.stdout
