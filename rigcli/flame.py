@@ -117,16 +117,52 @@ Progress = Callable[[str, int, int | None], None]
 
 
 class _ChumpyArray:
-    """Stand-in for ``chumpy.ch.Ch``: keeps the pickled state; its ``x`` holds the values."""
+    """Stand-in for a chumpy object (``chumpy.ch.Ch`` and chumpy's expression classes): it only keeps
+    the pickled state. Values are computed for the few kinds FLAME-style files hold: ``Ch`` (its
+    ``x``), and the reorderings ``Select``, ``transpose`` and ``Reshape`` over another array."""
+
+    kind = "chumpy.ch.Ch"
 
     def __setstate__(self, state: Any) -> None:
         self.state = state
 
-    def to_numpy(self, where: str) -> np.ndarray:
+    def to_numpy(self, where: str, depth: int = 0) -> np.ndarray:
         state = getattr(self, "state", None)
-        if not isinstance(state, dict) or "x" not in state:
-            raise RigError(f"{where}: a chumpy array without stored values (no 'x' in its state)")
-        return _as_array(state["x"], where)
+        if not isinstance(state, dict) or depth > 16:
+            raise RigError(f"{where}: a damaged chumpy array (no state)")
+
+        def inner(key: str) -> np.ndarray:
+            if key not in state:
+                raise RigError(f"{where}: a chumpy {self.kind} without its '{key}'")
+            value = state[key]
+            return value.to_numpy(where, depth + 1) if isinstance(value, _ChumpyArray) else _as_array(value, where)
+
+        try:
+            if self.kind == "chumpy.ch.Ch":
+                return inner("x")
+            if self.kind == "chumpy.reordering.Select":
+                picked = inner("a").ravel()[np.asarray(state["idxs"], dtype=np.int64)]
+                shape = state.get("preferred_shape")
+                return picked.reshape(shape) if shape is not None else picked
+            if self.kind == "chumpy.reordering.transpose":
+                return np.transpose(inner("a"), state.get("axes"))
+            if self.kind == "chumpy.reordering.Reshape":
+                return inner("a").reshape(state["newshape"])
+        except (KeyError, IndexError, ValueError, TypeError) as exc:
+            raise RigError(f"{where}: a damaged chumpy {self.kind} ({exc})") from exc
+        raise RigError(f"{where} is a chumpy {self.kind} expression, which rig does not evaluate")
+
+
+_CHUMPY_MODULES = ("chumpy", "chumpy.ch", "chumpy.ch_ops", "chumpy.reordering", "chumpy.linalg", "chumpy.logic")
+_chumpy_kinds: dict[str, type] = {"chumpy.ch.Ch": _ChumpyArray}
+
+
+def _chumpy_stand_in(module: str, name: str) -> type:
+    """An inert stand-in class per chumpy class name (it runs nothing; see _ChumpyArray)."""
+    kind = f"{module}.{name}"
+    if kind not in _chumpy_kinds:
+        _chumpy_kinds[kind] = type(f"_Chumpy_{name}", (_ChumpyArray,), {"kind": kind})
+    return _chumpy_kinds[kind]
 
 
 class _SparseMatrix:
@@ -179,7 +215,8 @@ def _reconstruct_array(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
 
 def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
     """copy_reg._reconstructor, for the stand-in classes only."""
-    if cls not in (_ChumpyArray, _SparseMatrix, _RowSparseMatrix) or base is not object or state is not None:
+    stand_in = isinstance(cls, type) and issubclass(cls, _ChumpyArray | _SparseMatrix)
+    if not stand_in or base is not object or state is not None:
         raise pickle.UnpicklingError(f"refuses copy_reg._reconstructor for {cls!r}")
     return cls.__new__(cls)
 
@@ -229,7 +266,6 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     **{(m, "scalar"): _NUMPY_SCALAR for m in _NUMPY_MODULES},
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
-    ("chumpy.ch", "Ch"): _ChumpyArray,
     **{(m, n): _SparseMatrix for m in _SPARSE_MODULES for n in ("csc_matrix", "csc_array")},
     **{(m, n): _RowSparseMatrix for m in _SPARSE_MODULES for n in ("csr_matrix", "csr_array")},
     ("copy_reg", "_reconstructor"): _reconstructor,
@@ -260,6 +296,8 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         found = _ALLOWED.get((module, name))
+        if found is None and module in _CHUMPY_MODULES and name.isidentifier() and not name.startswith("_"):
+            found = _chumpy_stand_in(module, name)
         if found is None:
             raise pickle.UnpicklingError(f"refuses to load {module}.{name}")
         return found
@@ -472,26 +510,24 @@ def read_texture(path: Path, components: int = TEXTURE_COMPONENTS) -> tuple[dict
     0..1, and which kind it was. Both files store a square UV image in BGR order, as DECA reads them.
     """
     path = Path(path)
-    data = _read(path, "texture file")
-    try:
-        archive = np.load(io.BytesIO(data), allow_pickle=False)
-        keys = set(archive.files)
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise RigError(f"{path.name} is not a readable .npz file ({exc})") from exc
-    if {"mean", "tex_dir"} <= keys:
-        kind, mean_key, basis_key, scale = "FLAME", "mean", "tex_dir", 1 / 255
-    elif {"MU", "PC"} <= keys:
-        kind, mean_key, basis_key, scale = "BFM", "MU", "PC", 1.0
-    else:
-        raise RigError(
-            f"{path.name} has neither 'mean' and 'tex_dir' (FLAME_texture.npz) nor 'MU' and 'PC' "
-            f"(FLAME_albedo_from_BFM.npz); keys found: {', '.join(sorted(keys)) or 'none'}"
-        )
-    try:
-        mean = np.asarray(archive[mean_key])
-        basis = np.asarray(archive[basis_key])
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise RigError(f"{path.name} is truncated or damaged ({exc})") from exc
+    if not path.is_file():
+        raise RigError(f"texture file not found: {path}")
+    try:  # from the path, not via bytes in memory: texture spaces are hundreds of megabytes
+        with np.load(path, allow_pickle=False) as archive:
+            keys = set(archive.files)
+            if {"mean", "tex_dir"} <= keys:
+                kind, mean_key, basis_key, scale = "FLAME", "mean", "tex_dir", 1 / 255
+            elif {"MU", "PC"} <= keys:
+                kind, mean_key, basis_key, scale = "BFM", "MU", "PC", 1.0
+            else:
+                raise RigError(
+                    f"{path.name} has neither 'mean' and 'tex_dir' (FLAME_texture.npz) nor 'MU' and 'PC' "
+                    f"(FLAME_albedo_from_BFM.npz); keys found: {', '.join(sorted(keys)) or 'none'}"
+                )
+            mean = np.asarray(archive[mean_key])
+            basis = np.asarray(archive[basis_key])
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise RigError(f"{path.name} is not a readable .npz file, or is truncated ({exc})") from exc
     for key, array in ((mean_key, mean), (basis_key, basis)):
         if array.dtype.kind not in "biuf":
             raise RigError(f"{path.name}: '{key}' holds {array.dtype} values, not numbers")

@@ -3,9 +3,9 @@
 FLAME's generic_model.pkl is a Python 2 pickle (protocol 2): chumpy arrays (``chumpy.ch.Ch``
 objects whose state holds the values under ``x``), a scipy CSC matrix, plain numpy arrays, bytes
 as Python 2 strings and globals under their Python 2 module names. :func:`write_flame_pickle`
-reproduces that byte for byte in kind, with a throwaway ``chumpy.ch`` module present only while
-pickling, so neither chumpy nor Python 2 is needed. The values are random; the sizes are FLAME
-2020's unless a test asks otherwise.
+reproduces that in kind, with throwaway ``chumpy`` modules present only while pickling, so
+neither chumpy nor Python 2 is needed. The values are random; the sizes are FLAME 2020's unless
+a test asks otherwise.
 """
 
 from __future__ import annotations
@@ -52,36 +52,48 @@ class _Py2Pickler(pickle._Pickler):
         self.memoize(obj)
 
 
-def _chumpy_module() -> type:
-    """A module ``chumpy.ch`` with a class ``Ch`` that pickles its state the way chumpy's does."""
+def _chumpy_classes() -> types.SimpleNamespace:
+    """Classes named as chumpy's (``chumpy.ch.Ch``, ``chumpy.reordering.Select`` and ``transpose``)
+    whose instances pickle their state the way chumpy's do: a dict of terms, no caches."""
 
-    class Ch:
+    class Node:
+        def __getstate__(self) -> dict:
+            return dict(self.__dict__)
+
+    class Ch(Node):
         def __init__(self, x: np.ndarray) -> None:
             self.__dict__.update(
                 x=x, _dirty_vars={"x"}, _itr=None, _depends_on_deps={}, _make_dense=False, _make_sparse=False
             )
 
-        def __getstate__(self) -> dict:
-            return dict(self.__dict__)
+    class Select(Node):
+        def __init__(self, a, idxs: np.ndarray, preferred_shape: tuple) -> None:
+            self.__dict__.update(a=a, idxs=idxs, preferred_shape=preferred_shape, _dirty_vars=set(), _itr=None)
 
-    Ch.__module__ = "chumpy.ch"
-    Ch.__qualname__ = "Ch"
-    return Ch
+    class transpose(Node):  # chumpy's name
+        def __init__(self, a, axes=None) -> None:
+            self.__dict__.update(a=a, axes=axes, _dirty_vars=set(), _itr=None)
+
+    for cls, module in ((Ch, "chumpy.ch"), (Select, "chumpy.reordering"), (transpose, "chumpy.reordering")):
+        cls.__module__, cls.__qualname__ = module, cls.__name__
+    return types.SimpleNamespace(Ch=Ch, Select=Select, transpose=transpose)
 
 
 def py2_pickle(obj_factory) -> bytes:
-    """Pickle what ``obj_factory(Ch)`` builds, with a temporary ``chumpy.ch`` module in sys.modules."""
+    """Pickle what ``obj_factory(chumpy_classes)`` builds, with throwaway ``chumpy.ch`` and
+    ``chumpy.reordering`` modules in sys.modules while pickling (then removed)."""
     import io
 
-    Ch = _chumpy_module()
-    package, module = types.ModuleType("chumpy"), types.ModuleType("chumpy.ch")
-    module.Ch = Ch
-    package.ch = module
-    saved = {k: sys.modules.get(k) for k in ("chumpy", "chumpy.ch")}
-    sys.modules.update({"chumpy": package, "chumpy.ch": module})
+    ch = _chumpy_classes()
+    modules = {name: types.ModuleType(name) for name in ("chumpy", "chumpy.ch", "chumpy.reordering")}
+    modules["chumpy.ch"].Ch = ch.Ch
+    modules["chumpy.reordering"].Select = ch.Select
+    modules["chumpy.reordering"].transpose = ch.transpose
+    saved = {k: sys.modules.get(k) for k in modules}
+    sys.modules.update(modules)
     try:
         buffer = io.BytesIO()
-        _Py2Pickler(buffer, protocol=2).dump(obj_factory(Ch))
+        _Py2Pickler(buffer, protocol=2).dump(obj_factory(ch))
         return buffer.getvalue()
     finally:
         for key, value in saved.items():
@@ -109,11 +121,15 @@ def flame_arrays(
     }
 
 
-def write_flame_pickle(path: Path, arrays: dict[str, np.ndarray], drop: tuple[str, ...] = ()) -> Path:
+def write_flame_pickle(
+    path: Path, arrays: dict[str, np.ndarray], drop: tuple[str, ...] = (), select_shapedirs: bool = False
+) -> Path:
     """Write ``arrays`` as FLAME's generic_model.pkl does: chumpy for the dense float arrays, CSC for
-    J_regressor, numpy for f and kintree_table, plus a few of the real file's other keys."""
+    J_regressor, numpy for f and kintree_table, plus a few of the real file's other keys (``J`` as a
+    chumpy expression rig never evaluates). ``select_shapedirs`` stores shapedirs as a chumpy
+    ``Select`` over a flat ``Ch``, as some SMPL-family files do."""
 
-    def build(Ch):
+    def build(ch):
         content = {}
         for key, value in arrays.items():
             if key in drop:
@@ -122,9 +138,13 @@ def write_flame_pickle(path: Path, arrays: dict[str, np.ndarray], drop: tuple[st
                 content[key.encode()] = sp.csc_matrix(value)
             elif key in ("f", "kintree_table") or value.dtype.kind != "f":
                 content[key.encode()] = value
+            elif key == "shapedirs" and select_shapedirs:
+                flat = ch.Ch(np.concatenate([value.ravel()[::-1], np.zeros(7)]))
+                idxs = np.arange(value.size)[::-1].copy()
+                content[key.encode()] = ch.Select(flat, idxs, value.shape)
             else:
-                content[key.encode()] = Ch(value)
-        content[b"J"] = Ch(np.zeros((N_JOINTS, 3)))
+                content[key.encode()] = ch.Ch(value)
+        content[b"J"] = ch.transpose(ch.Ch(np.zeros((3, N_JOINTS))), None)
         content[b"bs_style"] = b"lbs"
         content[b"bs_type"] = b"lrotmin"
         return content

@@ -155,7 +155,15 @@ def test_deca_round_trip_and_manifest(imported, sources):
     assert sum(manifest["assets"]["deca"]["code_split"].values()) == 236
 
 
-def test_bfm_albedo_and_zip_torch_file(tmp_path):
+def test_chumpy_expressions_are_evaluated_without_chumpy(tmp_path, sources):
+    path = write_flame_pickle(tmp_path / "generic_model.pkl", sources.arrays, select_shapedirs=True)
+    assert b"chumpy.reordering\nSelect" in path.read_bytes()
+    model = read_flame_model(path)
+    np.testing.assert_array_equal(model["shapedirs"], sources.arrays["shapedirs"][:, :, :300].astype(np.float32))
+    np.testing.assert_array_equal(model["exprdirs"], sources.arrays["shapedirs"][:, :, 300:].astype(np.float32))
+
+
+def test_bfm_albedo(tmp_path):
     arrays = write_texture(tmp_path / "FLAME_albedo_from_BFM.npz", kind="BFM", side=8, components=55)
     tensors, kind = read_texture(tmp_path / "FLAME_albedo_from_BFM.npz")
     assert kind == "BFM"
