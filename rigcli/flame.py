@@ -712,11 +712,13 @@ def _recover(store: Store) -> None:
         return
     ready = [p for p in parent.glob(f".tmp-{FLAME_FOLDER}-*") if (p / ASSETS_JSON).is_file()]
     previous = sorted(parent.glob(f".trash-{FLAME_FOLDER}-*"))
+    if not ready and not previous:
+        return  # nothing was ever imported
     if ready:  # the new folder was complete: the swap only had its last rename left
         os.replace(ready[0], folder)
-    elif previous:
+    else:
         os.replace(previous[0], folder)
-    _recover(store)
+    _recover(store)  # now tidy what is left
 
 
 def _manifest(store: Store) -> dict[str, Any]:
@@ -804,8 +806,9 @@ def import_flame(
             tensors, info = _read_asset(role, path)
             if role == "template":
                 template_faces = tensors.pop("template_faces")
-                flame_faces = caches.get("flame", {}).get("faces")
-                if flame_faces is not None and not np.array_equal(flame_faces.numpy(), template_faces):
+                flame = caches["flame"] if "flame" in caches else _load_cache(store, manifest, "flame")
+                flame_faces = flame["faces"]
+                if not np.array_equal(flame_faces.numpy(), template_faces):
                     raise RigError(f"{path.name}: its triangles are not those of the FLAME model ('f')")
             caches[role] = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for k, v in tensors.items()}
             extra[role] = {
@@ -897,11 +900,11 @@ def load_flame_assets(store: Store, require: tuple[str, ...] = ("flame",)) -> di
     ones are missing or a cache is damaged."""
     _recover_readonly(store)
     manifest = _manifest(store)
+    _require(manifest, require)
     tensors: dict[str, torch.Tensor] = {}
     for role in ("flame", "landmarks", "texture", "template"):
         if role in manifest["assets"]:
             tensors.update(_load_cache(store, manifest, role))
-    _require(manifest, require)
     return tensors
 
 

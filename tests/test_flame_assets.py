@@ -354,11 +354,21 @@ def test_an_import_killed_mid_swap_is_undone(imported, tmp_path):
 
 def test_missing_assets_say_how_to_import(tmp_path, sources):
     store = Store(tmp_path / "home")
+    (store.root / "assets" / "ict").mkdir(parents=True)  # another face model, but no FLAME
     with pytest.raises(RigError, match=r"rig assets import-flame --flame generic_model\.pkl"):
         load_flame_assets(store)
     with pytest.raises(RigError, match=r"no FLAME model imported yet"):
         import_flame(store, landmarks=sources.landmarks)
     assert not all(item.present for item in flame_status(store))
+
+
+def test_template_must_match_flame_triangles(imported, sources, tmp_path):
+    store = copy_store(imported, tmp_path)
+    before = folder_digest(flame_folder(store))
+    other = write_template(tmp_path / "head_template.obj", sources.arrays["f"][::-1].astype(np.int64))
+    with pytest.raises(RigError, match=r"head_template\.obj: its triangles are not those of the FLAME model"):
+        import_flame(store, template=tmp_path / "head_template.obj")
+    assert other and folder_digest(flame_folder(store)) == before
 
 
 def test_damaged_cache_is_detected(imported, tmp_path):
