@@ -695,12 +695,10 @@ def models_export_diffusionrig(
     """Write a model in the paper's checkpoint layout, to run it in the paper's code (scripts/inference.py)."""
     from rigcli.train import export_diffusionrig
 
-    if out_path.exists() and not force:
-        raise RigError(f"{out_path} exists; pass --force to overwrite it")
     with err().status(f"writing {escape(str(out_path))}"):
-        info = export_diffusionrig(store_of(ctx), out_path, model_name=model, person=person)
+        info = export_diffusionrig(store_of(ctx), out_path, model_name=model, person=person, force=force)
     out().print(f"wrote {escape(info['path'])} ({info['tensors']} tensors)")
-    out().print("build the paper's network with: " + " ".join(info["arguments"]))
+    out().print("build the paper's network with: " + " ".join(info["arguments"]), soft_wrap=True)
     if not info["flame_buffers"]:
         err().print(
             f"[yellow]note[/]: trained on buffers of {escape(str(info['face_model_id']))}; the paper's code feeds "

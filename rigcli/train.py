@@ -677,7 +677,9 @@ def import_diffusionrig(store, path: Path, name: str, preset_name: str = "paper"
     return json.loads((target / "model.json").read_text())
 
 
-def export_diffusionrig(store, out_path: Path, *, model_name: str | None = None, person: str | None = None) -> dict:
+def export_diffusionrig(
+    store, out_path: Path, *, model_name: str | None = None, person: str | None = None, force: bool = False
+) -> dict:
     """Write a registered base model or a person's fine-tuned model as the paper's plain state dict.
 
     The file loads in the paper's code with ``model.load_state_dict(th.load(path))`` once its network
@@ -701,11 +703,14 @@ def export_diffusionrig(store, out_path: Path, *, model_name: str | None = None,
         folder = store.person_dir(person) / "model"
         if not (folder / "model.json").is_file():
             raise RigError(f"{person} has no fine-tuned model yet: run `rig finetune {person} --base NAME`")
+    out_path = Path(out_path)
+    if out_path.exists() and not force:
+        raise RigError(f"{out_path} exists; pass --force to overwrite it")
     model, info = load_model(folder)
     arguments = paper_arguments(model.cfg)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)  # what the paper's trainer saves: the model's state_dict()
-    atomic_write_bytes(Path(out_path), buffer.getvalue())
+    atomic_write_bytes(out_path, buffer.getvalue())
     return {
         "path": str(out_path),
         "tensors": len(model.state_dict()),
