@@ -288,6 +288,26 @@ def test_wrapped_checkpoints_unwrap_and_other_presets_export_for_the_papers_flag
         export_diffusionrig(store, tmp_path / "x.pt")
 
 
+def test_half_precision_is_stored_as_float32_and_integer_weights_are_refused(tmp_path):
+    from rigcli.store import Store
+    from rigcli.train import import_diffusionrig, registry_dir
+
+    layout = paper_layout(64, 32, 1, "1,2,2,2", "8")
+    tensors = random_state_dict(layout, seed=2)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    torch.save(half, tmp_path / "half.pt")
+    store = Store(tmp_path / "home")
+    info = import_diffusionrig(store, tmp_path / "half.pt", "half", preset_name="tiny")
+    assert info["source_dtypes"] == ["float16", "int64"]
+    model, _ = load_model(registry_dir(store) / "half")
+    for k, v in model.state_dict().items():
+        assert v.dtype == layout[k][1] and torch.equal(v, half[k].to(v.dtype)), k
+    half["encoder.fc.weight"] = half["encoder.fc.weight"].round().int()
+    torch.save(half, tmp_path / "int.pt")
+    with pytest.raises(RigError, match=r"1 wrong type \(encoder.fc.weight int32 \(expected float32\)\)"):
+        import_diffusionrig(store, tmp_path / "int.pt", "int", preset_name="tiny")
+
+
 def test_configurations_the_papers_code_cannot_build_are_refused():
     assert paper_arguments(PRESETS["paper"])[:4] == [
         "--image_size 256", "--num_channels 128", "--num_res_blocks 2", "--channel_mult 1,1,2,2,4,4",
