@@ -704,6 +704,64 @@ def models_add(
     out().print(f"registered {escape(name)} (face model {info.get('face_model_id')})")
 
 
+@models_app.command("import-diffusionrig")
+@handles_errors
+def models_import_diffusionrig(
+    ctx: typer.Context,
+    path: Annotated[Path, typer.Argument(help="The paper's checkpoint (.pt), e.g. its released stage-1 model.")],
+    name: Annotated[
+        str, typer.Option(help="Name to register it under (then: rig finetune PERSON --base NAME).", show_default=False)
+    ],
+    preset: Annotated[
+        Preset, typer.Option(help="Configuration it was trained with (the paper's released model: paper).")
+    ] = Preset.paper,
+    force: Annotated[bool, typer.Option("--force", help="Replace a registered model of the same name.")] = False,
+) -> None:
+    """Register a checkpoint of the paper's code (DiffusionRig) as a FLAME base model.
+
+    The file is read without running any code in it (weights only) and must hold exactly the
+    preset's tensors; a mismatch names the missing, unexpected and wrongly shaped ones. Its buffers
+    are FLAME's as DECA renders them: fine-tune it on people fitted with FLAME (see "Using FLAME").
+    """
+    from rigcli.train import import_diffusionrig
+
+    with err().status(f"reading and checking {escape(str(path))}"):
+        info = import_diffusionrig(store_of(ctx), path, name, preset_name=preset.value, force=force)
+    out().print(
+        f"registered {escape(name)} (preset {info['preset']}, face model {info['face_model_id']}, "
+        f"sha256 {info['source_sha256'][:16]})"
+    )
+
+
+@models_app.command("export-diffusionrig")
+@handles_errors
+def models_export_diffusionrig(
+    ctx: typer.Context,
+    out_path: Annotated[
+        Path, typer.Argument(help="File to write (.pt): a plain state dict, as the paper's code saves.")
+    ],
+    model: Annotated[
+        str | None, typer.Option(help="Export this registered base model (see `rig models list`).", show_default=False)
+    ] = None,
+    person: Annotated[
+        str | None, typer.Option(help="Export this person's fine-tuned model.", show_default=False)
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT_PATH if it exists.")] = False,
+) -> None:
+    """Write a model in the paper's checkpoint layout, to run it in the paper's code (scripts/inference.py)."""
+    from rigcli.train import export_diffusionrig
+
+    with err().status(f"writing {escape(str(out_path))}"):
+        info = export_diffusionrig(store_of(ctx), out_path, model_name=model, person=person, force=force)
+    out().print(f"wrote {escape(info['path'])} ({info['tensors']} tensors)")
+    out().print("build the paper's network with: " + " ".join(info["arguments"]), soft_wrap=True)
+    if not info["flame_buffers"]:
+        err().print(
+            f"[yellow]note[/]: trained on buffers of {escape(str(info['face_model_id']))}; the paper's code feeds "
+            "FLAME buffers rendered by DECA, so its results will not match this model's"
+        )
+
+
 @model_app.command("info")
 @handles_errors
 def model_info_command(

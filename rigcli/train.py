@@ -409,7 +409,7 @@ def registered_models(store) -> dict[str, dict]:
     return {
         p.name: json.loads((p / "model.json").read_text())
         for p in sorted(folder.iterdir())
-        if (p / "model.json").is_file()
+        if (p / "model.json").is_file() and not p.name.startswith(".")  # not an import being built
     }
 
 
@@ -478,11 +478,8 @@ def finetune(
     cfg.preview_every = max(checkpoint_every, cfg.steps // 10)
     with store.locked(name):  # held for the whole run: one training per person at a time
         data = person_data(store, name, model.cfg.image_size)
-        if base_info and base_info.get("face_model_id") != data.face_model_id:
-            raise RigError(
-                f"base model {base!r} was trained on buffers of face model {base_info.get('face_model_id')}, but "
-                f"{name} is fitted with {data.face_model_id}: the buffers would not match"
-            )
+        if base_info:
+            check_base_buffers(base, base_info, name, data.face_model_id)
         run_dir = store.person_dir(name) / "training"
         if restart and run_dir.exists():
             shutil.rmtree(run_dir)
@@ -502,6 +499,225 @@ def finetune(
         }
         save_model(store.person_dir(name) / "model", ema, info)
     return info
+
+
+# ---------------------------------------------------------------- the paper's checkpoints
+
+PAPER_FACE_MODEL_ID = "flame2020-deca"
+"""What the paper's released models were trained on: FLAME 2020 fitted and rendered by DECA."""
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "ema", "net")  # where trainers nest a state dict
+_KEY_PREFIXES = ("module.", "model.")  # DistributedDataParallel, Lightning
+
+
+def check_base_buffers(base: str, base_info: dict, person: str, face_model_id: str) -> None:
+    """Refuse a base model trained on buffers of another face model than the person's fit.
+
+    The paper's released models (registered by ``import_diffusionrig``) saw FLAME 2020 buffers
+    rendered by DECA; any FLAME fit here renders those buffers, whatever its files' hash.
+    """
+    base_id = base_info.get("face_model_id")
+    if base_id == face_model_id:
+        return
+    if base_id == PAPER_FACE_MODEL_ID:
+        if face_model_id.startswith("flame"):
+            return
+        raise RigError(
+            f"base model {base!r} is the paper's, trained on FLAME buffers (rendered by DECA), but {person} is "
+            f"fitted with {face_model_id}: fit {person} with FLAME first (`rig refit {person} --face-model flame`, "
+            "see 'Using FLAME' in the README)"
+        )
+    raise RigError(
+        f"base model {base!r} was trained on buffers of face model {base_id}, but "
+        f"{person} is fitted with {face_model_id}: the buffers would not match"
+    )
+
+
+def read_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a foreign PyTorch checkpoint, read with ``weights_only`` (no code in it runs).
+
+    Unwraps what trainers put around a state dict: ``{'state_dict': ...}``, ``{'model': ...}``,
+    ``{'ema': ...}`` and key prefixes ``module.`` (DistributedDataParallel) or ``model.`` (Lightning).
+    """
+    import pickle
+    import re
+
+    path = Path(path)
+    if not path.is_file():
+        raise RigError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch's zip format, or its legacy pickle
+        raise RigError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise RigError(f"{path} is not a readable PyTorch checkpoint ({exc})") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise RigError(
+            f"refused {path}: it holds objects other than tensors{what}, which loading would have to run as code"
+        ) from None
+    except Exception as exc:  # a zip that is not torch's, a truncated file, text, ...
+        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+        raise RigError(f"{path} is not a PyTorch checkpoint ({type(exc).__name__}: {first})") from None
+    for _ in range(3):
+        if not isinstance(obj, dict) or all(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, dict) or not obj:
+        raise RigError(f"{path} holds no state dict (a dict of named tensors) but {type(obj).__name__}")
+    odd = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if odd:
+        raise RigError(f"{path}: {len(odd)} entries of its state dict are not named tensors: {', '.join(odd[:5])}")
+    tensors = dict(obj)
+    for prefix in _KEY_PREFIXES:
+        if all(k.startswith(prefix) for k in tensors):
+            tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
+    return tensors
+
+
+def _listed(names: list[str], shown: int = 3) -> str:
+    more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def check_layout(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
+    """RigError naming the missing, unexpected, wrongly shaped and wrongly typed entries, if any."""
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    shapes, kinds = [], []
+    for k, want in expected.items():
+        got = tensors.get(k)
+        if got is None:
+            continue
+        if tuple(got.shape) != tuple(want.shape):
+            shapes.append(f"{k} {list(got.shape)} (expected {list(want.shape)})")
+        elif got.is_floating_point() != want.is_floating_point() or got.is_complex():
+            kinds.append(
+                f"{k} {str(got.dtype).removeprefix('torch.')} (expected {str(want.dtype).removeprefix('torch.')})"
+            )
+    parts = [
+        f"{len(found)} {label} ({_listed(found)})"
+        for label, found in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", shapes),
+            ("wrong type", kinds),
+        )
+        if found
+    ]
+    if parts:
+        raise RigError(f"{what}: " + "; ".join(parts))
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def import_diffusionrig(store, path: Path, name: str, preset_name: str = "paper", force: bool = False) -> dict:
+    """Register the paper's checkpoint (a plain state dict: ``denoisingUNet.*``, ``encoder.*``) as base ``name``.
+
+    Read with ``weights_only``; strict: every tensor of the preset's network must be there with its
+    shape, and nothing else. Floating tensors are stored as float32. Returns the model.json written.
+    """
+    import shutil
+    import uuid
+
+    from rigcli.store import check_name
+    from rigcli.unet import preset
+
+    check_name(name)
+    cfg = preset(preset_name)
+    target = registry_dir(store) / name
+    if target.exists() and not force:
+        raise RigError(f"a model named {name!r} is already registered; pass --force to replace it")
+    path = Path(path)
+    tensors = read_torch_state_dict(path)
+    with torch.device("meta"):
+        model = DiffusionRig(cfg)
+    expected = model.state_dict()
+    check_layout(tensors, expected, f"{path} does not match the paper's layout for preset {preset_name}")
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in tensors.values()})
+    model.load_state_dict(
+        {k: tensors[k].to(want.dtype).contiguous() for k, want in expected.items()}, strict=True, assign=True
+    )
+    info = {
+        "source": "diffusionrig",
+        "source_file": path.name,
+        "source_sha256": _file_sha256(path),
+        "source_dtypes": dtypes,
+        "preset": preset_name,
+        "face_model": "flame",
+        "face_model_id": PAPER_FACE_MODEL_ID,
+        "imported": now_iso(),
+    }
+    store.ensure_writable()
+    # build the entry beside the registry and swap it in, so a failure leaves the old entry whole
+    staging = registry_dir(store) / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    try:
+        save_model(staging, model, info)
+        if target.exists():
+            trash = registry_dir(store) / f".trash-{name}-{uuid.uuid4().hex[:8]}"
+            target.rename(trash)
+            staging.rename(target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return json.loads((target / "model.json").read_text())
+
+
+def export_diffusionrig(
+    store, out_path: Path, *, model_name: str | None = None, person: str | None = None, force: bool = False
+) -> dict:
+    """Write a registered base model or a person's fine-tuned model as the paper's plain state dict.
+
+    The file loads in the paper's code with ``model.load_state_dict(th.load(path))`` once its network
+    is built with the flags returned under ``arguments`` (none beyond the defaults for ``paper``).
+    """
+    import io
+
+    from rigcli.store import check_name
+    from rigcli.unet import paper_arguments
+
+    if (model_name is None) == (person is None):
+        raise RigError("give exactly one of --model NAME (a registered base model) or --person NAME")
+    if model_name is not None:
+        check_name(model_name)
+        folder = registry_dir(store) / model_name
+        if not (folder / "model.json").is_file():
+            models = ", ".join(registered_models(store)) or "none"
+            raise RigError(f"no base model named {model_name!r} (registered: {models})")
+    else:
+        store.require(person)
+        folder = store.person_dir(person) / "model"
+        if not (folder / "model.json").is_file():
+            raise RigError(f"{person} has no fine-tuned model yet: run `rig finetune {person} --base NAME`")
+    out_path = Path(out_path)
+    if out_path.exists() and not force:
+        raise RigError(f"{out_path} exists; pass --force to overwrite it")
+    model, info = load_model(folder)
+    arguments = paper_arguments(model.cfg)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)  # what the paper's trainer saves: the model's state_dict()
+    atomic_write_bytes(out_path, buffer.getvalue())
+    return {
+        "path": str(out_path),
+        "tensors": len(model.state_dict()),
+        "arguments": arguments,
+        "face_model_id": info.get("face_model_id"),
+        "flame_buffers": str(info.get("face_model_id", "")).startswith("flame"),
+    }
 
 
 # ---------------------------------------------------------------- stage 1

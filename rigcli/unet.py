@@ -79,6 +79,47 @@ def preset(name: str, **overrides) -> ModelConfig:
     return replace(PRESETS[name], **overrides)
 
 
+def paper_arguments(cfg: ModelConfig) -> list[str]:
+    """The flags of the paper's scripts (``scripts/train.py``, ``scripts/inference.py``) that build
+    a network with exactly this configuration's state dict, or a RigError saying why none can.
+
+    The paper's code builds its network from its own command-line arguments, with GroupNorm of 32
+    groups, integer channel multipliers and attention placed by feature-map size (its
+    ``--attention_resolutions 16`` is our ``(16,)``); scale-shift norm and residual up/down-sampling
+    are its defaults. Every preset here meets those rules; ``paper`` needs no flags beyond the defaults.
+    """
+    from rigcli import RigError
+
+    levels = len(cfg.channel_mult)
+    sizes = {cfg.image_size // 2**level for level in range(levels)}
+    problems = []
+    if cfg.groups != 32:
+        problems.append(f"GroupNorm with {cfg.groups} groups (the paper's code has 32)")
+    if any(float(m) != int(m) for m in cfg.channel_mult):
+        problems.append(f"channel multipliers {cfg.channel_mult} (the paper's code takes integers)")
+    if cfg.image_size % 2 ** (levels - 1):
+        problems.append(f"image size {cfg.image_size} not divisible by {2 ** (levels - 1)}")
+    if not set(cfg.attention_resolutions) <= sizes:
+        problems.append(f"attention at {cfg.attention_resolutions}, not all feature-map sizes of the UNet")
+    if cfg.out_channels not in (3, 6):
+        problems.append(f"{cfg.out_channels} output channels (the paper's code has 3, or 6 with learn_sigma)")
+    if problems:
+        raise RigError("the paper's code cannot build this model: " + "; ".join(problems))
+    return [
+        f"--image_size {cfg.image_size}",
+        f"--num_channels {cfg.base_channels}",
+        f"--num_res_blocks {cfg.res_blocks}",
+        "--channel_mult " + ",".join(str(int(m)) for m in cfg.channel_mult),
+        "--attention_resolutions " + ",".join(str(r) for r in cfg.attention_resolutions),
+        f"--num_heads {cfg.heads}",
+        f"--dropout {cfg.dropout}",
+        f"--latent_dim {cfg.latent_dim}",
+        f"--in_channels {cfg.in_channels}",
+        f"--learn_sigma {cfg.out_channels == 6}",
+        "--encoder_type resnet18",
+    ]
+
+
 # ---------------------------------------------------------------- building blocks
 
 
