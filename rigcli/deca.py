@@ -1,0 +1,335 @@
+"""FLAME (the paper's face model) and DECA's coarse encoder, in torch, from plain tensors.
+
+FLAME: a template mesh plus shape and expression blendshapes, pose blendshapes driven by the
+rotations of the non-root joints, and linear blend skinning over five joints (global, neck, jaw,
+left eye, right eye; ``kintree_table`` says who is whose parent). With joint rotations R_j from
+axis-angle vectors and joints J = J_regressor @ (shaped mesh):
+
+    shaped  = template + shapedirs . shape + exprdirs . expression
+    posed   = shaped + posedirs . concat_j>0 (R_j - I)            (row-major 3x3 per joint)
+    G_0     = [R_0 | J_0],  G_j = G_parent(j) [R_j | J_j - J_parent(j)]
+    vertex  = sum_j w_vj G_j [I | -J_j] (posed, 1)
+
+``posedirs`` is kept in the FLAME file's own layout, (V, 3, 9 (J - 1)); DECA flattens the same
+array to (9 (J - 1), 3V), which is the same product.
+
+Landmarks (dlib's 68, iBUG order) are barycentric points on triangles: 51 static ones (brows,
+eyes, nose, mouth) and 17 jaw-contour points whose triangles depend on how far the head is turned:
+the yaw of R_global R_neck, in whole degrees, picks one of 79 rows of the dynamic embedding
+(0..39 for yaw 0..39 degrees, 40..78 for yaw -1..-39; beyond +-39 the last row of each side),
+exactly as DECA's FLAME layer does (DECA's sign, which differs from FLAME_PyTorch's).
+
+DECA's coarse encoder ``E_flame``: a ResNet-50 trunk (bottleneck blocks, stride in the 3x3
+convolution, 7x7 average pool, no classifier) then Linear(2048, 1024), ReLU, Linear(1024, 236).
+The 236 outputs are, in order, shape 100, texture 50, expression 50, pose 6 (global axis-angle 3 +
+jaw axis-angle 3), camera 3 (orthographic scale, then x and y translation) and light 27 (9 x 3
+SH). Parameter names match ``deca_model.tar['E_flame']`` so its weights load strictly. Its input
+is an RGB crop in [0, 1], 224 x 224, of a square 1.25 x 1.1 x the mean side of the 68-landmark
+box, centred on that box (DECA's test-time crop from landmarks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+JOINT_NAMES = ("global", "neck", "jaw", "eye_left", "eye_right")
+DECA_SPLIT = (("shape", 100), ("tex", 50), ("exp", 50), ("pose", 6), ("cam", 3), ("light", 27))
+DECA_CODE_SIZE = sum(n for _, n in DECA_SPLIT)
+DECA_INPUT_SIZE = 224
+DECA_CROP_SCALE = 1.25  # DECA's TestData scale
+DECA_LANDMARK_BOX = 1.1  # DECA's bbox2point for a 68-landmark box
+CONTOUR_LIMIT_DEG = 39  # the dynamic embedding has 2 * 39 + 1 rows
+
+FLAME_TENSORS = (
+    "v_template",
+    "shapedirs",
+    "exprdirs",
+    "posedirs",
+    "J_regressor",
+    "weights",
+    "kintree_table",
+    "faces",
+    "static_lmk_faces_idx",
+    "static_lmk_bary_coords",
+    "dynamic_lmk_faces_idx",
+    "dynamic_lmk_bary_coords",
+    "full_lmk_faces_idx",
+    "full_lmk_bary_coords",
+)
+
+
+# ---------------------------------------------------------------- rotations
+
+
+def axis_angle_to_matrix(rotvec: torch.Tensor) -> torch.Tensor:
+    """Rodrigues' formula, (..., 3) -> (..., 3, 3); smooth (and differentiable) at zero rotation."""
+    theta = torch.sqrt((rotvec * rotvec).sum(-1, keepdim=True) + 1e-16)
+    axis = rotvec / theta
+    x, y, z = axis.unbind(-1)
+    zero = torch.zeros_like(x)
+    k = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1).reshape(*rotvec.shape[:-1], 3, 3)
+    sin, cos = torch.sin(theta)[..., None], torch.cos(theta)[..., None]
+    eye = torch.eye(3, dtype=rotvec.dtype, device=rotvec.device)
+    return eye + sin * k + (1 - cos) * (k @ k)
+
+
+def matrix_yaw(rotation: torch.Tensor) -> torch.Tensor:
+    """Rotation about y of (..., 3, 3) in a y-x-z reading: atan2(-R[2,0], hypot(R[0,0], R[1,0])), radians."""
+    return torch.atan2(-rotation[..., 2, 0], torch.hypot(rotation[..., 0, 0], rotation[..., 1, 0]))
+
+
+def contour_row(yaw_deg: torch.Tensor, limit: int = CONTOUR_LIMIT_DEG) -> torch.Tensor:
+    """Row of the dynamic contour embedding for a head yaw in degrees (DECA's rule), (B,) long."""
+    y = torch.round(yaw_deg.clamp(max=limit)).long()
+    return torch.where(y >= 0, y, torch.where(y < -limit, 2 * limit, limit - y))
+
+
+# ---------------------------------------------------------------- FLAME
+
+
+class Flame(nn.Module):
+    """FLAME with linear blend skinning and its 68 landmarks, built from the import's tensors.
+
+    Only the first ``n_shape`` shape and ``n_exp`` expression components are used (DECA: 100, 50).
+    Everything is batched and differentiable; units are the file's (metres).
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], n_shape: int = 100, n_exp: int = 50) -> None:
+        super().__init__()
+        missing = [k for k in FLAME_TENSORS if k not in tensors]
+        if missing:
+            raise ValueError(f"FLAME tensors missing: {', '.join(missing)}")
+        f32 = lambda k: torch.as_tensor(tensors[k]).to(torch.float32)  # noqa: E731
+        i64 = lambda k: torch.as_tensor(tensors[k]).to(torch.int64)  # noqa: E731
+        self.register_buffer("v_template", f32("v_template"))
+        self.register_buffer("shapedirs", f32("shapedirs")[..., :n_shape])
+        self.register_buffer("exprdirs", f32("exprdirs")[..., :n_exp])
+        self.register_buffer("posedirs", f32("posedirs"))
+        self.register_buffer("J_regressor", f32("J_regressor"))
+        self.register_buffer("weights", f32("weights"))
+        self.register_buffer("faces", i64("faces"))
+        parents = i64("kintree_table")[0].clone()
+        parents[0] = -1
+        self.parents = [int(p) for p in parents]
+        if any(not (0 <= p < j) for j, p in enumerate(self.parents[1:], 1)):
+            raise ValueError("FLAME kintree_table: every joint's parent must come before it")
+        self.register_buffer("static_faces", i64("static_lmk_faces_idx").reshape(-1))
+        self.register_buffer("static_bary", f32("static_lmk_bary_coords").reshape(-1, 3))
+        self.register_buffer("dynamic_faces", i64("dynamic_lmk_faces_idx"))
+        self.register_buffer("dynamic_bary", f32("dynamic_lmk_bary_coords"))
+        self.register_buffer("full_faces", i64("full_lmk_faces_idx").reshape(-1))
+        self.register_buffer("full_bary", f32("full_lmk_bary_coords").reshape(-1, 3))
+        joints = self.J_regressor.shape[0]
+        if self.posedirs.shape[-1] != 9 * (joints - 1) or len(self.parents) != joints:
+            raise ValueError("FLAME posedirs/kintree_table do not match the joint count")
+
+    @property
+    def n_shape(self) -> int:
+        return int(self.shapedirs.shape[-1])
+
+    @property
+    def n_exp(self) -> int:
+        return int(self.exprdirs.shape[-1])
+
+    @property
+    def joint_count(self) -> int:
+        return int(self.J_regressor.shape[0])
+
+    def full_pose(self, pose6: torch.Tensor) -> torch.Tensor:
+        """DECA's 6 pose numbers (global 3, jaw 3) -> (B, 5, 3) axis-angles, neck and eyes at rest."""
+        full = pose6.new_zeros(pose6.shape[0], self.joint_count, 3)
+        full[:, 0] = pose6[:, :3]
+        full[:, 2] = pose6[:, 3:6]
+        return full
+
+    def forward(
+        self, shape: torch.Tensor, expression: torch.Tensor, pose: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vertices (B, V, 3) and posed joints (B, J, 3) from shape (B, <=n_shape), expression
+        (B, <=n_exp) and pose (B, J, 3) axis-angles in joint order (global, neck, jaw, eyes)."""
+        dtype = self.v_template.dtype
+        shape, expression, pose = shape.to(dtype), expression.to(dtype), pose.to(dtype)
+        batch = pose.shape[0]
+        shaped = self.v_template + torch.einsum("bs,vcs->bvc", shape, self.shapedirs[..., : shape.shape[1]])
+        shaped = shaped + torch.einsum("be,vce->bvc", expression, self.exprdirs[..., : expression.shape[1]])
+        joints = torch.einsum("jv,bvc->bjc", self.J_regressor, shaped)
+        rot = axis_angle_to_matrix(pose)  # (B, J, 3, 3)
+        eye = torch.eye(3, dtype=dtype, device=pose.device)
+        feature = (rot[:, 1:] - eye).reshape(batch, -1)
+        posed = shaped + torch.einsum("bp,vcp->bvc", feature, self.posedirs)
+        # world transform of each joint along the chain
+        world = []
+        for j, parent in enumerate(self.parents):
+            offset = joints[:, j] if parent < 0 else joints[:, j] - joints[:, parent]
+            local = _rigid(rot[:, j], offset)
+            world.append(local if parent < 0 else world[parent] @ local)
+        world = torch.stack(world, 1)  # (B, J, 4, 4)
+        posed_joints = world[:, :, :3, 3]
+        # remove the rest joint position so each transform acts on rest-pose vertices
+        skin = world.clone()
+        skin[:, :, :3, 3] = posed_joints - (world[:, :, :3, :3] @ joints[..., None])[..., 0]
+        blended = torch.einsum("vj,bjrc->bvrc", self.weights, skin[:, :, :3])  # (B, V, 3, 4)
+        verts = (blended[..., :3] @ posed[..., None])[..., 0] + blended[..., 3]
+        return verts, posed_joints
+
+    def contour_rows(self, pose: torch.Tensor) -> torch.Tensor:
+        """(B,) dynamic-contour row for poses (B, J, 3): the yaw of R_global R_neck."""
+        rot = axis_angle_to_matrix(pose[:, :2].detach())
+        return contour_row(torch.rad2deg(matrix_yaw(rot[:, 0] @ rot[:, 1])), (self.dynamic_faces.shape[0] - 1) // 2)
+
+    def landmarks(self, vertices: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The 68 landmarks (B, 68, 3): 17 contour points from ``rows`` of the dynamic embedding,
+        then the 51 static points, each a barycentric mix of a triangle's vertices."""
+        batch = vertices.shape[0]
+        faces = torch.cat([self.dynamic_faces[rows], self.static_faces.expand(batch, -1)], 1)
+        bary = torch.cat([self.dynamic_bary[rows], self.static_bary.expand(batch, -1, -1)], 1)
+        return barycentric_points(vertices, self.faces, faces, bary.to(vertices.dtype))
+
+    def landmarks3d(self, vertices: torch.Tensor) -> torch.Tensor:
+        """DECA's fixed 3D 68 landmarks (the ``full`` embedding), (B, 68, 3)."""
+        batch = vertices.shape[0]
+        faces = self.full_faces.expand(batch, -1)
+        return barycentric_points(vertices, self.faces, faces, self.full_bary.to(vertices.dtype).expand(batch, -1, -1))
+
+
+def _rigid(rotation: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 3), (B, 3) -> (B, 4, 4) homogeneous transforms."""
+    out = torch.zeros(*rotation.shape[:-2], 4, 4, dtype=rotation.dtype, device=rotation.device)
+    out[..., :3, :3] = rotation
+    out[..., :3, 3] = translation
+    out[..., 3, 3] = 1
+    return out
+
+
+def barycentric_points(
+    vertices: torch.Tensor, triangles: torch.Tensor, face_index: torch.Tensor, bary: torch.Tensor
+) -> torch.Tensor:
+    """Points on a batch of meshes: vertices (B, V, 3), face_index (B, L), bary (B, L, 3) -> (B, L, 3)."""
+    corners = triangles[face_index]  # (B, L, 3)
+    batch = torch.arange(vertices.shape[0], device=vertices.device)[:, None, None]
+    return (vertices[batch, corners] * bary[..., None]).sum(2)
+
+
+# ---------------------------------------------------------------- DECA's encoder
+
+
+class Bottleneck(nn.Module):
+    """ResNet-50 block: 1x1 reduce, 3x3 (carrying the stride), 1x1 expand x4, identity or projected shortcut."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.downsample = None
+        if stride != 1 or inplanes != planes * 4:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inplanes, planes * 4, 1, stride=stride, bias=False), nn.BatchNorm2d(planes * 4)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet50Trunk(nn.Module):
+    """ResNet-50 without its classifier: image (B, 3, H, W) -> pooled features (B, 2048)."""
+
+    def __init__(self, blocks: tuple[int, ...] = (3, 4, 6, 3)) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        inplanes = 64
+        for i, (planes, count) in enumerate(zip((64, 128, 256, 512), blocks, strict=True)):
+            stride = 1 if i == 0 else 2
+            layer = []
+            for k in range(count):
+                layer.append(Bottleneck(inplanes, planes, stride if k == 0 else 1))
+                inplanes = planes * 4
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = nn.functional.max_pool2d(x, 3, stride=2, padding=1)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return x.mean((2, 3))  # DECA's 7x7 average pool on a 224 input
+
+
+class DecaEncoder(nn.Module):
+    """DECA's coarse encoder ``E_flame``: crop (B, 3, 224, 224) RGB in [0, 1] -> code (B, 236)."""
+
+    def __init__(self, out_size: int = DECA_CODE_SIZE) -> None:
+        super().__init__()
+        self.encoder = ResNet50Trunk()
+        self.layers = nn.Sequential(nn.Linear(2048, 1024), nn.ReLU(), nn.Linear(1024, out_size))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.encoder(images))
+
+
+def decompose(code: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Split DECA codes (B, 236) into shape, tex, exp, pose, cam and light (B, 9, 3)."""
+    if code.shape[-1] != DECA_CODE_SIZE:
+        raise ValueError(f"a DECA code has {DECA_CODE_SIZE} numbers, not {code.shape[-1]}")
+    out, start = {}, 0
+    for name, size in DECA_SPLIT:
+        out[name] = code[:, start : start + size]
+        start += size
+    out["light"] = out["light"].reshape(-1, 9, 3)
+    return out
+
+
+def deca_crop_box(landmarks: np.ndarray, scale: float = DECA_CROP_SCALE) -> tuple[np.ndarray, float]:
+    """Centre (2,) and side of DECA's square crop around 68 landmarks (N, 2) in pixels.
+
+    Side = scale x 1.1 x the mean of the landmark box's width and height, truncated to whole
+    pixels as DECA does; centre = the box's centre.
+    """
+    lo, hi = landmarks.min(0), landmarks.max(0)
+    mean_side = ((hi - lo).sum()) / 2 * DECA_LANDMARK_BOX
+    return (lo + hi) / 2, float(int(mean_side * scale))
+
+
+def deca_crop_transform(landmarks: np.ndarray, size: int = DECA_INPUT_SIZE) -> np.ndarray:
+    """2x3 affine from photo pixels to crop pixels: the box's corners go to pixel 0 and size - 1."""
+    centre, side = deca_crop_box(landmarks)
+    k = (size - 1) / side
+    return np.array([[k, 0.0, -k * (centre[0] - side / 2)], [0.0, k, -k * (centre[1] - side / 2)]])
+
+
+def deca_crop(rgb: np.ndarray, landmarks: np.ndarray, size: int = DECA_INPUT_SIZE) -> tuple[torch.Tensor, np.ndarray]:
+    """DECA's input for one 8-bit photo (H, W, 3): (3, size, size) float RGB in [0, 1] (bilinear,
+    the photo reflected where the square leaves it, as ``align`` does) and the photo-to-crop affine."""
+    from rigcli.align import invert_affine, warp
+
+    to_crop = deca_crop_transform(np.asarray(landmarks, dtype=np.float64), size)
+    crop = warp(rgb, invert_affine(to_crop), size)
+    image = torch.from_numpy(np.ascontiguousarray(crop)).float() / 255.0
+    return image.permute(2, 0, 1).contiguous(), to_crop
+
+
+@dataclass
+class DecaOrthoCamera:
+    """DECA's orthographic camera: normalized image coordinates = s * (X[:2] + t), y flipped."""
+
+    scale: torch.Tensor  # (B,)
+    translation: torch.Tensor  # (B, 2)
+
+    @staticmethod
+    def from_code(cam: torch.Tensor) -> DecaOrthoCamera:
+        return DecaOrthoCamera(cam[:, 0], cam[:, 1:3])
+
+    def to_pixels(self, points: torch.Tensor, size: int) -> torch.Tensor:
+        """(B, N, 3) model points -> (B, N, 2) pixel coordinates in a size x size crop (y down)."""
+        ndc = self.scale[:, None, None] * (points[..., :2] + self.translation[:, None])
+        ndc = ndc * torch.tensor([1.0, -1.0], dtype=ndc.dtype)
+        return (ndc + 1) * size / 2

@@ -1,0 +1,307 @@
+"""FLAME and DECA's encoder on small random FLAME-shaped data (the real FLAME files cannot ship).
+
+References are computed another way: skinning by explicit loops in float64 numpy with each joint
+rotating about its own rest position and a dense per-vertex 4x4 transform, rotations by the
+matrix exponential of the skew matrix (not Rodrigues' formula), landmarks by hand-written
+barycentric sums, contour rows from a table of yaws worked out by hand.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.linalg import expm
+
+from rigcli.deca import (
+    DECA_SPLIT,
+    DecaEncoder,
+    DecaOrthoCamera,
+    Flame,
+    axis_angle_to_matrix,
+    contour_row,
+    deca_crop,
+    deca_crop_box,
+    deca_crop_transform,
+    decompose,
+)
+
+V, F, J = 60, 90, 5
+PARENTS = [-1, 0, 1, 1, 1]  # FLAME: global <- neck <- jaw, eye_left, eye_right
+
+
+def random_flame(seed: int = 0, n_shape: int = 12, n_exp: int = 9) -> dict[str, torch.Tensor]:
+    """Tensors named and laid out as the FLAME import writes them, with FLAME's joint count."""
+    rng = np.random.default_rng(seed)
+    weights = rng.random((V, J)) ** 3
+    weights /= weights.sum(1, keepdims=True)
+    regressor = rng.random((J, V))
+    regressor /= regressor.sum(1, keepdims=True)
+    kintree = np.array([[2**32 - 1, 0, 1, 1, 1], [0, 1, 2, 3, 4]], dtype=np.int64)
+    bary = rng.random((79, 17, 3)) + 0.1
+    static_bary = rng.random((51, 3)) + 0.1
+    full_bary = rng.random((1, 68, 3)) + 0.1
+    t = {
+        "v_template": rng.normal(size=(V, 3)) * 0.1,
+        "shapedirs": rng.normal(size=(V, 3, n_shape)) * 0.01,
+        "exprdirs": rng.normal(size=(V, 3, n_exp)) * 0.01,
+        "posedirs": rng.normal(size=(V, 3, 36)) * 0.01,
+        "J_regressor": regressor,
+        "weights": weights,
+        "kintree_table": kintree,
+        "faces": rng.integers(0, V, size=(F, 3)),
+        "static_lmk_faces_idx": rng.integers(0, F, size=51),
+        "static_lmk_bary_coords": static_bary / static_bary.sum(-1, keepdims=True),
+        "dynamic_lmk_faces_idx": rng.integers(0, F, size=(79, 17)),
+        "dynamic_lmk_bary_coords": bary / bary.sum(-1, keepdims=True),
+        "full_lmk_faces_idx": rng.integers(0, F, size=(1, 68)),
+        "full_lmk_bary_coords": full_bary / full_bary.sum(-1, keepdims=True),
+    }
+    # float32 as the import writes them, so float64 references see the very same numbers
+    return {k: torch.from_numpy(v.astype(np.float32) if v.dtype.kind == "f" else v) for k, v in t.items()}
+
+
+def skew(w: np.ndarray) -> np.ndarray:
+    return np.array([[0, -w[2], w[1]], [w[2], 0, -w[0]], [-w[1], w[0], 0]])
+
+
+def reference_flame(t: dict, shape: np.ndarray, expr: np.ndarray, pose: np.ndarray) -> np.ndarray:
+    """One mesh by loops: blendshapes, pose correctives, each joint turning about its rest position."""
+    g = {k: v.double().numpy() for k, v in t.items()}
+    shaped = g["v_template"].copy()
+    for v in range(V):
+        for c in range(3):
+            shaped[v, c] += sum(shape[s] * g["shapedirs"][v, c, s] for s in range(len(shape)))
+            shaped[v, c] += sum(expr[e] * g["exprdirs"][v, c, e] for e in range(len(expr)))
+    joints = g["J_regressor"] @ shaped
+    rots = [expm(skew(pose[j])) for j in range(J)]
+    posed = shaped.copy()
+    for j in range(1, J):
+        for r in range(3):
+            for c in range(3):
+                coef = rots[j][r, c] - (1.0 if r == c else 0.0)
+                posed += coef * g["posedirs"][:, :, 9 * (j - 1) + 3 * r + c]
+    world = []
+    for j in range(J):
+        about = np.eye(4)
+        about[:3, :3] = rots[j]
+        about[:3, 3] = joints[j] - rots[j] @ joints[j]  # x -> R (x - J) + J
+        world.append(about if PARENTS[j] < 0 else world[PARENTS[j]] @ about)
+    out = np.empty_like(posed)
+    for v in range(V):
+        dense = sum(g["weights"][v, j] * world[j] for j in range(J))
+        out[v] = (dense @ np.append(posed[v], 1.0))[:3]
+    return out
+
+
+def test_rodrigues_matches_the_matrix_exponential():
+    rng = np.random.default_rng(1)
+    vecs = rng.normal(size=(6, 3)) * np.array([[0.1], [0.5], [1.0], [2.0], [3.0], [1e-9]])
+    got = axis_angle_to_matrix(torch.from_numpy(vecs)).numpy()
+    for vec, mat in zip(vecs, got, strict=True):
+        np.testing.assert_allclose(mat, expm(skew(vec)), atol=1e-12)
+
+
+def test_skinning_matches_dense_per_vertex_transforms():
+    t = random_flame()
+    flame = Flame(t, n_shape=100, n_exp=50).double()
+    rng = np.random.default_rng(2)
+    batch = 3
+    shape = rng.normal(size=(batch, 12))
+    expr = rng.normal(size=(batch, 9))
+    pose = rng.normal(size=(batch, J, 3)) * 0.4
+    verts, joints = flame(*(torch.from_numpy(a) for a in (shape, expr, pose)))
+    assert verts.shape == (batch, V, 3) and joints.shape == (batch, J, 3)
+    for b in range(batch):
+        ref = reference_flame(t, shape[b], expr[b], pose[b])
+        np.testing.assert_allclose(verts[b].detach().numpy(), ref, atol=1e-10)
+    # the posed root joint stays where it was: global rotation turns about it
+    g = {k: v.double().numpy() for k, v in t.items()}
+    shaped = g["v_template"] + g["shapedirs"] @ shape[0] + g["exprdirs"] @ expr[0]
+    np.testing.assert_allclose(joints[0, 0].detach().numpy(), g["J_regressor"][0] @ shaped, atol=1e-12)
+
+
+def test_float32_forward_is_differentiable_at_rest_pose():
+    flame = Flame(random_flame(), n_shape=10, n_exp=5)
+    shape = torch.zeros(2, 10, requires_grad=True)
+    expr = torch.zeros(2, 5, requires_grad=True)
+    pose = torch.zeros(2, J, 3, requires_grad=True)
+    verts, _ = flame(shape, expr, pose)
+    np.testing.assert_allclose(verts[0].detach().numpy(), random_flame()["v_template"].numpy(), atol=1e-6)
+    verts.square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in (shape, expr, pose))
+    assert flame.n_shape == 10 and flame.n_exp == 5  # only the first components are kept
+
+
+def yaw_pose(global_deg: float, neck_deg: float = 0.0, batch: int = 1) -> torch.Tensor:
+    pose = torch.zeros(batch, J, 3, dtype=torch.float64)
+    pose[:, 0, 1] = math.radians(global_deg)
+    pose[:, 1, 1] = math.radians(neck_deg)
+    return pose
+
+
+@pytest.mark.parametrize(
+    ("global_deg", "neck_deg", "row"),
+    [
+        (0.2, 0, 0),
+        (10.3, 0, 10),
+        (20, 15, 35),
+        (38.6, 0, 39),
+        (55, 0, 39),
+        (-10.2, 0, 49),
+        (-25, -14, 78),
+        (-60, 0, 78),
+    ],
+)
+def test_contour_row_follows_global_and_neck_yaw(global_deg, neck_deg, row):
+    flame = Flame(random_flame()).double()
+    assert int(flame.contour_rows(yaw_pose(global_deg, neck_deg))[0]) == row
+
+
+def test_contour_row_rule_by_hand():
+    degrees = torch.tensor([0.0, 0.4, 0.6, 39.0, 39.4, 80.0, -0.6, -1.0, -38.6, -39.0, -39.6, -90.0])
+    expected = [0, 0, 1, 39, 39, 39, 40, 40, 78, 78, 78, 78]
+    assert contour_row(degrees).tolist() == expected
+
+
+def test_landmarks_are_barycentric_points_and_turning_changes_the_contour():
+    t = random_flame()
+    flame = Flame(t).double()
+    rng = np.random.default_rng(3)
+    faces = t["faces"].numpy()
+    for yaw in (0.0, 24.7, -17.2):
+        pose = yaw_pose(yaw) + torch.from_numpy(rng.normal(size=(1, J, 3)) * 0.01) * torch.tensor([0, 0, 1, 1, 1.0])[
+            :, None
+        ].to(torch.float64)
+        shape = torch.from_numpy(rng.normal(size=(1, 12)))
+        verts, _ = flame(shape, torch.zeros(1, 9, dtype=torch.float64), pose)
+        lm = flame.landmarks(verts, flame.contour_rows(pose))[0].numpy()
+        row = round(yaw) if yaw >= 0 else 39 - round(yaw)
+        vn = verts[0].numpy()
+        for k in range(68):
+            if k < 17:
+                f, w = t["dynamic_lmk_faces_idx"][row, k], t["dynamic_lmk_bary_coords"][row, k]
+            else:
+                f, w = t["static_lmk_faces_idx"][k - 17], t["static_lmk_bary_coords"][k - 17]
+            point = sum(float(w[i]) * vn[faces[int(f), i]] for i in range(3))
+            np.testing.assert_allclose(lm[k], point, atol=1e-12)
+    # the same mesh seen with the head turned uses another contour row, the inner points stay
+    verts, _ = flame(torch.zeros(1, 12, dtype=torch.float64), torch.zeros(1, 9, dtype=torch.float64), yaw_pose(0))
+    front = flame.landmarks(verts, torch.tensor([0]))
+    turned = flame.landmarks(verts, flame.contour_rows(yaw_pose(30)))
+    assert not torch.allclose(front[:, :17], turned[:, :17]) and torch.equal(front[:, 17:], turned[:, 17:])
+    full = flame.landmarks3d(verts)[0].numpy()
+    f, w = int(t["full_lmk_faces_idx"][0, 5]), t["full_lmk_bary_coords"][0, 5].numpy()
+    np.testing.assert_allclose(full[5], sum(w[i] * verts[0, faces[f, i]].numpy() for i in range(3)), atol=1e-12)
+
+
+def test_missing_or_inconsistent_tensors_are_refused():
+    t = random_flame()
+    with pytest.raises(ValueError, match="posedirs"):
+        Flame({**t, "posedirs": t["posedirs"][..., :27]})
+    with pytest.raises(ValueError, match="missing"):
+        Flame({k: v for k, v in t.items() if k != "weights"})
+
+
+# ---------------------------------------------------------------- DECA's encoder
+
+
+def test_decompose_splits_the_code_in_decas_order():
+    sizes = dict(DECA_SPLIT)
+    assert list(sizes) == ["shape", "tex", "exp", "pose", "cam", "light"]
+    assert list(sizes.values()) == [100, 50, 50, 6, 3, 27]
+    code = torch.cat([torch.full((2, n), float(i)) for i, n in enumerate(sizes.values())], 1)
+    code = code + torch.arange(236.0) / 1000  # each number also says where it was
+    parts = decompose(code)
+    for i, (name, n) in enumerate(sizes.items()):
+        flat = parts[name].reshape(2, -1)
+        assert flat.shape == (2, n) and torch.all(flat.floor() == i)
+    assert parts["light"].shape == (2, 9, 3)
+    assert math.isclose(float(parts["light"][1, 2, 1]), 5 + (209 + 2 * 3 + 1) / 1000, rel_tol=1e-6)
+    assert math.isclose(float(parts["cam"][0, 0]), 4 + 206 / 1000, rel_tol=1e-6)  # scale first
+    with pytest.raises(ValueError, match="236"):
+        decompose(torch.zeros(1, 235))
+
+
+def deca_e_flame_shapes() -> dict[str, tuple[int, ...]]:
+    """The keys and shapes of ``deca_model.tar['E_flame']``, from DECA's ResnetEncoder / resnet.py:
+    a torchvision-style ResNet-50 under ``encoder.`` without fc, and ``layers.0`` / ``layers.2``."""
+
+    def bn(prefix: str, n: int) -> dict:
+        return {f"{prefix}.{k}": (n,) for k in ("weight", "bias", "running_mean", "running_var")} | {
+            f"{prefix}.num_batches_tracked": ()
+        }
+
+    shapes = {"encoder.conv1.weight": (64, 3, 7, 7), **bn("encoder.bn1", 64)}
+    inplanes = 64
+    for layer, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3), strict=True), 1):
+        for b in range(blocks):
+            p = f"encoder.layer{layer}.{b}"
+            shapes[f"{p}.conv1.weight"] = (planes, inplanes, 1, 1)
+            shapes |= bn(f"{p}.bn1", planes)
+            shapes[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
+            shapes |= bn(f"{p}.bn2", planes)
+            shapes[f"{p}.conv3.weight"] = (4 * planes, planes, 1, 1)
+            shapes |= bn(f"{p}.bn3", 4 * planes)
+            if b == 0:
+                shapes[f"{p}.downsample.0.weight"] = (4 * planes, inplanes, 1, 1)
+                shapes |= bn(f"{p}.downsample.1", 4 * planes)
+            inplanes = 4 * planes
+    shapes |= {"layers.0.weight": (1024, 2048), "layers.0.bias": (1024,)}
+    shapes |= {"layers.2.weight": (236, 1024), "layers.2.bias": (236,)}
+    return shapes
+
+
+def test_encoder_loads_decas_state_dict_strictly_and_runs():
+    gen = torch.Generator().manual_seed(4)
+    state = {}
+    for key, shape in deca_e_flame_shapes().items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(7)
+        elif key.endswith("running_var"):
+            state[key] = torch.rand(shape, generator=gen) + 0.5
+        else:
+            state[key] = torch.randn(shape, generator=gen) * 0.05
+    encoder = DecaEncoder()
+    encoder.load_state_dict(state, strict=True)
+    assert torch.equal(
+        encoder.state_dict()["encoder.layer3.5.bn2.running_var"], state["encoder.layer3.5.bn2.running_var"]
+    )
+    encoder.eval()
+    images = torch.rand(2, 3, 64, 64, generator=gen)
+    with torch.no_grad():
+        code = encoder(images)
+        features = encoder.encoder(images)
+    assert code.shape == (2, 236) and features.shape == (2, 2048) and torch.isfinite(code).all()
+    hidden = torch.relu(features @ state["layers.0.weight"].T + state["layers.0.bias"])
+    torch.testing.assert_close(code, hidden @ state["layers.2.weight"].T + state["layers.2.bias"])
+
+
+def test_crop_box_and_resampling_by_hand():
+    landmarks = np.array([[100.0, 90.0], [300.0, 50.0], [180.0, 210.0], [250.0, 120.0]])
+    centre, side = deca_crop_box(landmarks)
+    # box 200 x 160: mean side 180, x 1.1 = 198, x 1.25 = 247.5, truncated to 247
+    np.testing.assert_allclose(centre, [200.0, 130.0])
+    assert side == 247.0
+    to_crop = deca_crop_transform(landmarks)
+    corners = np.array([[200 - 123.5, 130 - 123.5, 1.0], [200 + 123.5, 130 + 123.5, 1.0]])
+    np.testing.assert_allclose(corners @ to_crop.T, [[0.0, 0.0], [223.0, 223.0]], atol=1e-9)
+    # a photo whose red channel is 0.6 x and green 0.8 y: the crop reads back the photo positions
+    ys, xs = np.mgrid[0:300, 0:400].astype(np.float64)
+    photo = np.stack([0.6 * xs, 0.8 * ys, np.full_like(xs, 40.0)], 2).round().astype(np.uint8)
+    crop, matrix = deca_crop(photo, landmarks)
+    assert crop.shape == (3, 224, 224) and np.allclose(matrix, to_crop)
+    u = np.arange(224)
+    expect_x = 200 - 123.5 + u * 247 / 223
+    np.testing.assert_allclose(crop[0, 100].numpy() * 255, 0.6 * expect_x, atol=1.01)
+    np.testing.assert_allclose(crop[1, :, 50].numpy() * 255, 0.8 * (130 - 123.5 + u * 247 / 223), atol=1.01)
+    assert float(crop[2].min()) == float(crop[2].max()) == pytest.approx(40 / 255)
+
+
+def test_orthographic_camera_by_hand():
+    camera = DecaOrthoCamera.from_code(torch.tensor([[2.0, 0.1, -0.2]]))
+    pixels = camera.to_pixels(torch.tensor([[[0.3, 0.4, 5.0]]]), 224)
+    # s (X + t) = (0.8, 0.4); y flipped: (0.8, -0.4); pixels (1 + ndc) * 112
+    torch.testing.assert_close(pixels, torch.tensor([[[201.6, 67.2]]]))
