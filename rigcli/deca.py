@@ -30,6 +30,7 @@ box, centred on that box (DECA's test-time crop from landmarks).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -212,6 +213,129 @@ def barycentric_points(
     corners = triangles[face_index]  # (B, L, 3)
     batch = torch.arange(vertices.shape[0], device=vertices.device)[:, None, None]
     return (vertices[batch, corners] * bary[..., None]).sum(2)
+
+
+# ---------------------------------------------------------------- FLAME as the fitter's face model
+
+FLAME_NAME = "flame"
+CENTIMETRES = 100.0  # FLAME is in metres; the fitter, renderer and their constants work in centimetres
+JAW_NAMES = ("jawPitch", "jawYaw", "jawRoll")  # the jaw joint's axis-angle (x opens the mouth)
+EXPRESSION_PRIOR = 1e-4  # per squared PCA coefficient (FLAME's components are unit-variance)
+JAW_PRIOR = (1e-4, 1e-2, 1e-2)  # per squared radian: opening is cheap, sideways and roll are not
+
+
+class FlameFaceModel:
+    """FLAME behind the ``FaceModel`` interface of ``rigcli.facemodel``.
+
+    ``identity`` is FLAME's shape (DECA's first 100 components), ``expression`` is FLAME's first 50
+    expression coefficients followed by the jaw's axis-angle (3): the jaw is a joint, so the mesh
+    comes from skinning, not a linear basis. Rigid head pose stays in the fitter's camera, as for
+    ICT: neck and eyes are at rest and the global joint is the identity. Vertices are in centimetres.
+
+    Unlike ICT, the 68 landmarks are barycentric points whose jaw contour depends on the head's yaw:
+    ``landmark_points`` gives them (the fitter uses it when a model has it); ``landmark_vertices``
+    holds, per landmark, the corner of its triangle with the largest weight (frontal contour), for
+    the few places that want a vertex (initial alignment, skin selection).
+
+    Regions, from FLAME's own data: ``eyeball_left`` / ``eyeball_right`` are the vertices skinned
+    mostly to the eye joints (left: the one on the subject's left, +x); ``face`` is every other
+    vertex in front of the ears (z at least that of the contour's ends, landmarks 0 and 16, at
+    rest) from the chin up to 0.45 of the chin-to-brow height above the brows; ``narrow_face`` is
+    the face within 85% of the contour's half-width of the nose bridge, from the chin to 0.15 of
+    that height above the brows.
+    """
+
+    name = FLAME_NAME
+    expression_range = None  # PCA coefficients and a joint angle: unbounded, held by the L2 prior below
+
+    def __init__(self, flame: Flame, model_id: str) -> None:
+        self.flame = flame
+        self.model_id = model_id
+        self.expression_names = [f"exp{k:02d}" for k in range(flame.n_exp)] + list(JAW_NAMES)
+        with torch.no_grad():
+            self.neutral = flame.v_template * CENTIMETRES
+            lm = flame.landmarks(self.neutral[None], torch.zeros(1, dtype=torch.long))[0]
+        faces = torch.cat([flame.dynamic_faces[0], flame.static_faces])
+        bary = torch.cat([flame.dynamic_bary[0], flame.static_bary])
+        corners = flame.faces[faces]
+        self.landmark_vertices = corners.gather(1, bary.argmax(1, keepdim=True))[:, 0]
+        self.regions = self._regions(lm)
+        self.triangles = self._outward(flame.faces)
+
+    def _regions(self, lm: torch.Tensor) -> dict[str, torch.Tensor]:
+        flame, v = self.flame, self.neutral
+        owner = flame.weights.argmax(1)
+        eyes = [owner == j for j in (3, 4)] if flame.joint_count >= 5 else [owner < 0, owner < 0]
+        left_first = (v[eyes[0], 0].mean() if eyes[0].any() else 0) >= (v[eyes[1], 0].mean() if eyes[1].any() else 0)
+        eye_left, eye_right = eyes if left_first else eyes[::-1]
+        chin, brow = lm[8, 1], lm[17:27, 1].max()
+        height = brow - chin
+        front = v[:, 2] >= torch.minimum(lm[0, 2], lm[16, 2])
+        face = front & ~(eye_left | eye_right) & (v[:, 1] >= chin) & (v[:, 1] <= brow + 0.45 * height)
+        half_width = (lm[16, 0] - lm[0, 0]).abs() / 2
+        narrow = face & ((v[:, 0] - lm[27, 0]).abs() <= 0.85 * half_width) & (v[:, 1] <= brow + 0.15 * height)
+        return {"face": face, "narrow_face": narrow, "eyeball_left": eye_left, "eyeball_right": eye_right}
+
+    def _outward(self, faces: torch.Tensor) -> torch.Tensor:
+        """Triangles wound counter-clockwise from outside: the face's normals must point at the viewer (+z)."""
+        from rigcli.render import vertex_normals
+
+        normals = vertex_normals(self.neutral[None], faces)[0]
+        face = self.regions["face"]
+        facing = normals[face, 2].mean() if face.any() else normals[:, 2].mean()
+        return faces if facing >= 0 else faces[:, [0, 2, 1]]
+
+    @property
+    def identity_size(self) -> int:
+        return self.flame.n_shape
+
+    @property
+    def vertex_count(self) -> int:
+        return int(self.neutral.shape[0])
+
+    def _mesh(self, identity: torch.Tensor, expression: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.flame.n_exp
+        batch = expression.shape[0]
+        pose = expression.new_zeros(batch, self.flame.joint_count, 3)
+        pose[:, 2] = expression[:, n : n + 3]
+        verts, _ = self.flame(identity.expand(batch, -1), expression[:, :n], pose)
+        return verts * CENTIMETRES, pose
+
+    def vertices(
+        self, identity: torch.Tensor, expression: torch.Tensor, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, V, 3) in centimetres (skinning needs the whole mesh; ``index`` selects afterwards)."""
+        verts, _ = self._mesh(identity, expression)
+        return verts if index is None else verts[:, index]
+
+    def landmark_points(self, identity: torch.Tensor, expression: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+        """The 68 landmarks (B, 68, 3) in model space for a head turned by ``rotation`` (B, 3, 3): the
+        rotation plays FLAME's global joint (neck at rest), which picks the jaw contour."""
+        verts, _ = self._mesh(identity, expression)
+        yaw = torch.rad2deg(matrix_yaw(rotation.detach()))
+        rows = contour_row(yaw, (self.flame.dynamic_faces.shape[0] - 1) // 2)
+        return self.flame.landmarks(verts, rows)
+
+    def expression_prior(self, expression: torch.Tensor) -> torch.Tensor:
+        """(B,) Gaussian prior on the coefficients and the jaw angle, in the fitter's loss units."""
+        n = self.flame.n_exp
+        jaw = torch.tensor(JAW_PRIOR, dtype=expression.dtype, device=expression.device)
+        return EXPRESSION_PRIOR * (expression[:, :n] ** 2).sum(1) + (jaw * expression[:, n : n + 3] ** 2).sum(1)
+
+    def to(self, device: torch.device | str) -> FlameFaceModel:
+        """The same model with its tensors on ``device``."""
+        moved = FlameFaceModel.__new__(FlameFaceModel)
+        moved.__dict__.update(self.__dict__)
+        moved.flame = copy.deepcopy(self.flame).to(device)  # nn.Module.to moves in place
+        for key in ("neutral", "landmark_vertices", "triangles"):
+            setattr(moved, key, getattr(self, key).to(device))
+        moved.regions = {k: r.to(device) for k, r in self.regions.items()}
+        return moved
+
+    @staticmethod
+    def from_tensors(tensors: dict[str, torch.Tensor], model_id: str, n_shape: int = 100, n_exp: int = 50):
+        """The face model from the FLAME import's tensors (see ``FLAME_TENSORS``)."""
+        return FlameFaceModel(Flame(tensors, n_shape=n_shape, n_exp=n_exp), model_id)
 
 
 # ---------------------------------------------------------------- DECA's encoder

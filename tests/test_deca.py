@@ -20,6 +20,7 @@ from rigcli.deca import (
     DecaEncoder,
     DecaOrthoCamera,
     Flame,
+    FlameFaceModel,
     axis_angle_to_matrix,
     contour_row,
     deca_crop,
@@ -27,6 +28,7 @@ from rigcli.deca import (
     deca_crop_transform,
     decompose,
 )
+from rigcli.fit import FaceFit, fit_landmarks, project_landmarks
 
 V, F, J = 60, 90, 5
 PARENTS = [-1, 0, 1, 1, 1]  # FLAME: global <- neck <- jaw, eye_left, eye_right
@@ -305,3 +307,75 @@ def test_orthographic_camera_by_hand():
     pixels = camera.to_pixels(torch.tensor([[[0.3, 0.4, 5.0]]]), 224)
     # s (X + t) = (0.8, 0.4); y flipped: (0.8, -0.4); pixels (1 + ndc) * 112
     torch.testing.assert_close(pixels, torch.tensor([[[201.6, 67.2]]]))
+
+
+# ---------------------------------------------------------------- FLAME as the fitter's face model
+
+
+def test_flame_face_model_follows_the_face_model_interface():
+    t = random_flame()
+    model = FlameFaceModel.from_tensors(t, "flame-test", n_shape=12, n_exp=9)
+    assert model.identity_size == 12 and model.vertex_count == V and model.model_id == "flame-test"
+    assert len(model.expression_names) == 12 and model.expression_names[9:] == ["jawPitch", "jawYaw", "jawRoll"]
+    g = torch.Generator().manual_seed(5)
+    identity, expression = torch.randn(12, generator=g), torch.randn(2, 12, generator=g) * 0.3
+    pose = torch.zeros(2, J, 3)
+    pose[:, 2] = expression[:, 9:]  # the last three numbers are the jaw joint's axis-angle
+    expect, _ = Flame(t, n_shape=12, n_exp=9)(identity.expand(2, -1), expression[:, :9], pose)
+    got = model.vertices(identity, expression)
+    torch.testing.assert_close(got, 100 * expect)  # centimetres
+    index = torch.tensor([3, 17, 42])
+    torch.testing.assert_close(model.vertices(identity, expression, index), got[:, index])
+    # landmarks for a head turned 25 degrees by the fitter's camera use contour row 25
+    turn = axis_angle_to_matrix(torch.tensor([[0.0, math.radians(25.2), 0.0]]))
+    points = model.landmark_points(identity, expression[:1], turn)
+    torch.testing.assert_close(points, model.flame.landmarks(got[:1], torch.tensor([25])))
+    # per landmark, the corner of its triangle with the largest barycentric weight (frontal row)
+    faces = t["faces"].numpy()
+    for k in (0, 16, 30, 67):
+        f, w = (
+            (t["dynamic_lmk_faces_idx"][0, k], t["dynamic_lmk_bary_coords"][0, k])
+            if k < 17
+            else (t["static_lmk_faces_idx"][k - 17], t["static_lmk_bary_coords"][k - 17])
+        )
+        assert int(model.landmark_vertices[k]) == faces[int(f), int(np.argmax(w.numpy()))]
+    owner = t["weights"].numpy().argmax(1)
+    eyes = {j: owner == j for j in (3, 4)}
+    left = 3 if t["v_template"].numpy()[eyes[3], 0].mean() > t["v_template"].numpy()[eyes[4], 0].mean() else 4
+    assert np.array_equal(model.regions["eyeball_left"].numpy(), eyes[left])
+    assert np.array_equal(model.regions["eyeball_right"].numpy(), eyes[7 - left])
+    assert not (model.regions["face"] & model.regions["eyeball_left"]).any()
+    assert (model.regions["narrow_face"] <= model.regions["face"]).all()
+    prior = model.expression_prior(expression)
+    expect_prior = 1e-4 * (expression[:, :9] ** 2).sum(1) + (
+        torch.tensor([1e-4, 1e-2, 1e-2]) * expression[:, 9:] ** 2
+    ).sum(1)
+    torch.testing.assert_close(prior, expect_prior)
+
+
+def test_fitter_recovers_pose_and_jaw_of_a_flame_head():
+    t = random_flame(seed=6)
+    # one contour for every yaw, so the synthetic loss has no jumps; the table's lookup is tested above
+    t["dynamic_lmk_faces_idx"] = t["dynamic_lmk_faces_idx"][:1].expand(79, -1).clone()
+    t["dynamic_lmk_bary_coords"] = t["dynamic_lmk_bary_coords"][:1].expand(79, -1, -1).clone()
+    model = FlameFaceModel.from_tensors(t, "flame-test", n_shape=12, n_exp=9)
+    g = torch.Generator().manual_seed(7)
+    batch = 3
+    expression = torch.cat([torch.randn(batch, 9, generator=g) * 0.5, torch.zeros(batch, 3)], 1)
+    expression[:, 9] = torch.tensor([0.05, 0.2, 0.35])  # the jaw opens further in each photo
+    truth = FaceFit(
+        yaw=torch.tensor([0.3, -0.2, 0.1]),
+        pitch=torch.tensor([-0.1, 0.05, 0.15]),
+        roll=torch.tensor([0.05, -0.1, 0.0]),
+        scale=torch.tensor([2.0, 2.4, 1.8]),
+        translation=torch.tensor([[120.0, 130.0], [128.0, 125.0], [135.0, 128.0]]),
+        expression=expression,
+        identity=torch.randn(12, generator=g) * 0.5,
+    )
+    landmarks = project_landmarks(model, truth, None)
+    fit = fit_landmarks(model, landmarks, steps=150)
+    assert float(fit.landmark_error.max()) < 0.01
+    assert (fit.expression[:, 9] - expression[:, 9]).abs().max() < 0.03
+    for got, want in ((fit.yaw, truth.yaw), (fit.pitch, truth.pitch), (fit.roll, truth.roll)):
+        assert (got - want).abs().max() < math.radians(1.5)
+    assert (fit.expression < 0).any()  # PCA coefficients are not clamped to ICT's [0, 1]
