@@ -457,3 +457,90 @@ class DecaOrthoCamera:
         ndc = self.scale[:, None, None] * (points[..., :2] + self.translation[:, None])
         ndc = ndc * torch.tensor([1.0, -1.0], dtype=ndc.dtype)
         return (ndc + 1) * size / 2
+
+
+# ---------------------------------------------------------------- DECA's estimate as a fit
+
+
+def rotate_light_about_z(light: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """SH light (B, 9, 3) for a scene turned by ``angle`` (B,) radians about the camera's z axis, so
+    that shading(Rz n, rotated) = shading(n, light). Order 1 (x, y) and the (xz, yz) pair turn with
+    the angle, the (2xy, x^2 - y^2) pair with twice it (DECA's constant for xy is twice that of
+    x^2 - y^2); the rest is symmetric about z."""
+    c, s = torch.cos(angle)[:, None], torch.sin(angle)[:, None]
+    c2, s2 = torch.cos(2 * angle)[:, None], torch.sin(2 * angle)[:, None]
+    out = light.clone()
+    for a, b in ((1, 2), (5, 6)):  # (x, y) and (xz, yz)
+        out[:, a] = c * light[:, a] - s * light[:, b]
+        out[:, b] = s * light[:, a] + c * light[:, b]
+    out[:, 4] = c2 * light[:, 4] + s2 * light[:, 7]  # xy
+    out[:, 7] = -s2 * light[:, 4] + c2 * light[:, 7]  # x^2 - y^2
+    return out
+
+
+def _fit_width(values: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, n) -> (B, width) float32: cut, or padded with zeros (components DECA does not estimate)."""
+    values = values[:, :width].to(torch.float32)
+    return torch.nn.functional.pad(values, (0, width - values.shape[1]))
+
+
+def deca_to_fit(
+    model: FlameFaceModel,
+    params: dict[str, torch.Tensor],
+    crop_to_frame: np.ndarray,
+    crop_size: int = DECA_INPUT_SIZE,
+    shared_identity: bool = True,
+):
+    """DECA's parameters of a batch (``decompose``'s dict) as the fitter's ``FaceFit`` in another frame.
+
+    ``crop_to_frame`` (B, 2, 3) maps DECA's crop pixels to the target frame's (the aligned crop),
+    a similarity. DECA turns the head about FLAME's root joint J0 and projects orthographically,
+    pixel = (size / 2) (1 + s (X + t)) with y flipped; the fitter turns about the origin, so the
+    turn's offset J0 - R J0 joins the translation, and an in-plane turn of the crop joins the
+    rotation (as roll) and the light. With ``shared_identity`` the person's shape is the mean of
+    DECA's shapes over the batch, as the paper fixed it; albedo is left to the caller.
+    """
+    from rigcli.fit import FaceFit
+    from rigcli.render import matrix_to_euler
+
+    flame = model.flame
+    shape = _fit_width(params["shape"], flame.n_shape)
+    exp = _fit_width(params["exp"], flame.n_exp)
+    pose = params["pose"].to(torch.float32)
+    cam = params["cam"].to(torch.float32)
+    batch = shape.shape[0]
+    identity = shape.mean(0) if shared_identity else shape
+    rest_pose = torch.zeros(batch, flame.joint_count, 3)
+    with torch.no_grad():
+        _, joints = flame(identity.expand(batch, -1), exp, rest_pose)
+    root = joints[:, 0]  # metres; at rest the posed joints are the regressed ones
+    rotation = axis_angle_to_matrix(pose[:, :3])
+    offset = (root - (rotation @ root[..., None])[..., 0])[:, :2] + cam[:, 1:3]
+    half = crop_size / 2
+    scale = half * cam[:, 0] / CENTIMETRES
+    translation = torch.stack([half * (1 + cam[:, 0] * offset[:, 0]), half * (1 - cam[:, 0] * offset[:, 1])], 1)
+
+    affine = torch.as_tensor(np.asarray(crop_to_frame, dtype=np.float64)).reshape(-1, 2, 3).expand(batch, 2, 3)
+    linear, shift = affine[:, :, :2].to(torch.float32), affine[:, :, 2].to(torch.float32)
+    det = torch.linalg.det(linear)
+    if (det <= 0).any():
+        raise ValueError("crop_to_frame must keep orientation (no mirror)")
+    k = det.sqrt()
+    flip = torch.diag(torch.tensor([1.0, -1.0]))
+    turn2d = flip @ linear @ flip / k[:, None, None]  # the image-plane turn, in the camera's y-up axes
+    turn = torch.eye(3).repeat(batch, 1, 1)
+    turn[:, :2, :2] = turn2d
+    rotation = turn @ rotation
+    angles = matrix_to_euler(rotation)
+    light = rotate_light_about_z(params["light"].to(torch.float32), torch.atan2(turn2d[:, 1, 0], turn2d[:, 0, 0]))
+    jaw = pose[:, 3:6]
+    return FaceFit(
+        yaw=angles[:, 0],
+        pitch=angles[:, 1],
+        roll=angles[:, 2],
+        scale=k * scale,
+        translation=(linear @ translation[..., None])[..., 0] + shift,
+        expression=torch.cat([exp, jaw], 1),
+        identity=identity,
+        light=light,
+    )

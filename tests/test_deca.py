@@ -26,9 +26,12 @@ from rigcli.deca import (
     deca_crop,
     deca_crop_box,
     deca_crop_transform,
+    deca_to_fit,
     decompose,
+    rotate_light_about_z,
 )
 from rigcli.fit import FaceFit, fit_landmarks, project_landmarks
+from rigcli.render import sh_shading
 
 V, F, J = 60, 90, 5
 PARENTS = [-1, 0, 1, 1, 1]  # FLAME: global <- neck <- jaw, eye_left, eye_right
@@ -379,3 +382,56 @@ def test_fitter_recovers_pose_and_jaw_of_a_flame_head():
     for got, want in ((fit.yaw, truth.yaw), (fit.pitch, truth.pitch), (fit.roll, truth.roll)):
         assert (got - want).abs().max() < math.radians(1.5)
     assert (fit.expression < 0).any()  # PCA coefficients are not clamped to ICT's [0, 1]
+
+
+# ---------------------------------------------------------------- DECA's estimate as a fit
+
+
+def test_rotated_light_shades_rotated_normals_alike():
+    g = torch.Generator().manual_seed(8)
+    normals = torch.nn.functional.normalize(torch.randn(2, 50, 3, generator=g, dtype=torch.float64), dim=-1)
+    light = torch.randn(2, 9, 3, generator=g, dtype=torch.float64)
+    angle = torch.tensor([0.4, -1.1], dtype=torch.float64)
+    c, s = torch.cos(angle), torch.sin(angle)
+    turn = torch.zeros(2, 3, 3, dtype=torch.float64)
+    turn[:, 0, 0], turn[:, 0, 1], turn[:, 1, 0], turn[:, 1, 1], turn[:, 2, 2] = c, -s, s, c, 1
+    turned = normals @ turn.transpose(1, 2)
+    torch.testing.assert_close(sh_shading(turned, rotate_light_about_z(light, angle)), sh_shading(normals, light))
+
+
+def similarity_2x3(angle_deg: float, scale: float, shift: tuple[float, float]) -> np.ndarray:
+    a = math.radians(angle_deg)
+    return np.array(
+        [[scale * math.cos(a), -scale * math.sin(a), shift[0]], [scale * math.sin(a), scale * math.cos(a), shift[1]]]
+    )
+
+
+@pytest.mark.parametrize("angle_deg", [0.0, 17.0])
+def test_deca_parameters_become_a_fit_with_the_same_landmarks(angle_deg):
+    """DECA's own chain (FLAME posed about its root joint, orthographic camera in the 224 crop, crop
+    mapped to the frame) and the fitter's (rotation about the origin, weak perspective) agree."""
+    t = random_flame(seed=9)
+    model = FlameFaceModel.from_tensors(t, "flame-test", n_shape=12, n_exp=9)
+    g = torch.Generator().manual_seed(10)
+    batch = 3
+    code = torch.randn(batch, 236, generator=g) * 0.3
+    code[:, 200:203] = torch.tensor([[0.1, 0.5, -0.1], [-0.05, -0.3, 0.2], [0.3, 0.1, 0.05]])  # global pose
+    code[:, 206] = torch.tensor([7.0, 9.0, 8.0])  # camera scale
+    params = decompose(code)
+    crop_to_frame = similarity_2x3(angle_deg, 1.3, (-20.0, 35.0))
+    fit = deca_to_fit(model, params, crop_to_frame, shared_identity=False)
+
+    flame = model.flame
+    full = flame.full_pose(params["pose"])
+    verts, _ = flame(params["shape"][:, :12], params["exp"][:, :9], full)
+    points = flame.landmarks(verts, flame.contour_rows(full))
+    crop_px = DecaOrthoCamera.from_code(params["cam"]).to_pixels(points, 224).double().numpy()
+    expect = crop_px @ crop_to_frame[:, :2].T + crop_to_frame[:, 2]
+    got = project_landmarks(model, fit, None).double().numpy()
+    np.testing.assert_allclose(got, expect, atol=2e-3)
+    torch.testing.assert_close(fit.expression[:, 9:], params["pose"][:, 3:])
+    torch.testing.assert_close(fit.expression[:, :9], params["exp"][:, :9])
+    shared = deca_to_fit(model, params, crop_to_frame)
+    torch.testing.assert_close(shared.identity, params["shape"][:, :12].mean(0))
+    if angle_deg == 0:
+        torch.testing.assert_close(fit.light, params["light"])  # the crop is axis-aligned: light as DECA gave it
