@@ -399,6 +399,27 @@ class DecaEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.layers(self.encoder(images))
 
+    @staticmethod
+    def from_state_dict(state: dict[str, torch.Tensor]) -> DecaEncoder:
+        """The encoder with ``deca_model.tar['E_flame']``'s weights, in eval mode; a RigError names
+        the keys that differ when the state dict is not DECA's coarse encoder."""
+        from rigcli import RigError
+
+        encoder = DecaEncoder()
+        expected = encoder.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape))
+        if missing or unexpected or wrong:
+            parts = [
+                f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                if keys
+            ]
+            raise RigError("not DECA's E_flame state dict (" + "; ".join(parts) + ")")
+        encoder.load_state_dict(state, strict=True)
+        return encoder.eval()
+
 
 def decompose(code: torch.Tensor) -> dict[str, torch.Tensor]:
     """Split DECA codes (B, 236) into shape, tex, exp, pose, cam and light (B, 9, 3)."""
@@ -544,3 +565,61 @@ def deca_to_fit(
         identity=identity,
         light=light,
     )
+
+
+def albedo_under_light(model, fit, images: torch.Tensor) -> torch.Tensor:
+    """Per-photo skin albedo (B, 3) that best explains crops (B, H, W, 3) in [0, 1] under the fit's
+    light: least squares of image = albedo x shading over the visible skin (``fit.skin_vertices``)."""
+    from rigcli.fit import rasterize_fit, skin_vertices
+    from rigcli.render import sh_shading
+
+    batch, size = images.shape[0], images.shape[1]
+    geometry = rasterize_fit(model, fit, size)
+    skin = skin_vertices(model).to(torch.float32)[None, :, None].expand(batch, -1, 1)
+    mask = (geometry.fragments.interpolate(skin, model.triangles)[..., 0] > 0.999).to(torch.float32)[..., None]
+    shading = sh_shading(geometry.normals, fit.light)
+    num = (images * shading * mask).sum((1, 2))
+    den = (shading * shading * mask).sum((1, 2))
+    fallback = (images * mask).sum((1, 2)) / mask.sum((1, 2)).clamp_min(1)
+    return torch.where(den > 1e-6, num / den.clamp_min(1e-12), fallback).clamp(0, 1)
+
+
+def estimate_with_deca(
+    encoder,
+    model: FlameFaceModel,
+    crops: np.ndarray,
+    landmarks: np.ndarray,
+    shared_identity: bool = True,
+    batch_size: int = 8,
+    progress=None,
+):
+    """FLAME parameters of photos by DECA's encoder, as the paper's data step estimated them.
+
+    ``crops`` (B, H, W, 3) uint8 are the aligned crops and ``landmarks`` (B, 68, 2) their 68 points
+    in the same pixels; DECA sees its own 224 crop of each (``deca_crop``), and the result is a
+    ``FaceFit`` in the aligned frame with DECA's light, the mean shape over the batch when
+    ``shared_identity`` (the paper's per-person shape), a skin albedo under that light, and the
+    landmark error. ``encoder`` maps (N, 3, 224, 224) in [0, 1] to (N, 236) codes (a
+    ``DecaEncoder`` with DECA's weights). ``progress(done, total)`` follows the photos.
+    """
+    from rigcli.align import invert_affine
+    from rigcli.fit import interocular, project_landmarks
+
+    inputs, to_frame = [], []
+    for rgb, points in zip(crops, landmarks, strict=True):
+        image, to_crop = deca_crop(rgb, points)
+        inputs.append(image)
+        to_frame.append(invert_affine(to_crop))
+    codes = []
+    with torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            codes.append(encoder(torch.stack(inputs[start : start + batch_size])).to(torch.float32))
+            if progress:
+                progress(min(start + batch_size, len(inputs)), len(inputs))
+        fit = deca_to_fit(model, decompose(torch.cat(codes)), np.stack(to_frame), shared_identity=shared_identity)
+        images = torch.from_numpy(np.asarray(crops)).to(torch.float32) / 255.0
+        fit.albedo = albedo_under_light(model, fit, images)
+        lm = torch.as_tensor(np.asarray(landmarks), dtype=torch.float32)
+        pred = project_landmarks(model, fit, None)
+        fit.landmark_error = (pred - lm).norm(dim=-1).mean(1) / interocular(lm).clamp_min(1.0)
+    return fit

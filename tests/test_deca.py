@@ -15,6 +15,8 @@ import pytest
 import torch
 from scipy.linalg import expm
 
+from rigcli import RigError
+from rigcli.align import invert_affine
 from rigcli.deca import (
     DECA_SPLIT,
     DecaEncoder,
@@ -28,10 +30,11 @@ from rigcli.deca import (
     deca_crop_transform,
     deca_to_fit,
     decompose,
+    estimate_with_deca,
     rotate_light_about_z,
 )
-from rigcli.fit import FaceFit, fit_landmarks, project_landmarks
-from rigcli.render import sh_shading
+from rigcli.fit import FaceFit, fit_landmarks, project_landmarks, rasterize_fit, render_buffers
+from rigcli.render import light_from_direction, sh_shading
 
 V, F, J = 60, 90, 5
 PARENTS = [-1, 0, 1, 1, 1]  # FLAME: global <- neck <- jaw, eye_left, eye_right
@@ -269,8 +272,8 @@ def test_encoder_loads_decas_state_dict_strictly_and_runs():
             state[key] = torch.rand(shape, generator=gen) + 0.5
         else:
             state[key] = torch.randn(shape, generator=gen) * 0.05
-    encoder = DecaEncoder()
-    encoder.load_state_dict(state, strict=True)
+    encoder = DecaEncoder.from_state_dict(state)
+    assert not encoder.training
     assert torch.equal(
         encoder.state_dict()["encoder.layer3.5.bn2.running_var"], state["encoder.layer3.5.bn2.running_var"]
     )
@@ -282,6 +285,16 @@ def test_encoder_loads_decas_state_dict_strictly_and_runs():
     assert code.shape == (2, 236) and features.shape == (2, 2048) and torch.isfinite(code).all()
     hidden = torch.relu(features @ state["layers.0.weight"].T + state["layers.0.bias"])
     torch.testing.assert_close(code, hidden @ state["layers.2.weight"].T + state["layers.2.bias"])
+
+
+def test_a_state_dict_that_is_not_e_flame_is_refused_with_the_keys():
+    state = {k: torch.zeros(v) for k, v in deca_e_flame_shapes().items()}
+    with pytest.raises(RigError, match=r"missing: layers\.2\.bias"):
+        DecaEncoder.from_state_dict({k: v for k, v in state.items() if k != "layers.2.bias"})
+    with pytest.raises(RigError, match=r"wrong shape: layers\.2\.weight"):
+        DecaEncoder.from_state_dict({**state, "layers.2.weight": torch.zeros(239, 1024)})
+    with pytest.raises(RigError, match=r"unexpected: encoder\.fc\.weight"):
+        DecaEncoder.from_state_dict({**state, "encoder.fc.weight": torch.zeros(1000, 2048)})
 
 
 def test_crop_box_and_resampling_by_hand():
@@ -435,3 +448,99 @@ def test_deca_parameters_become_a_fit_with_the_same_landmarks(angle_deg):
     torch.testing.assert_close(shared.identity, params["shape"][:, :12].mean(0))
     if angle_deg == 0:
         torch.testing.assert_close(fit.light, params["light"])  # the crop is axis-aligned: light as DECA gave it
+
+
+def dome_flame(n: int = 21) -> dict[str, torch.Tensor]:
+    """A renderable FLAME-shaped head: a dome facing +z (metres), triangles counter-clockwise from the
+    front, 68 landmarks on a face-like layout, the jaw joint skinning the lower third."""
+    t = random_flame(seed=11)
+    lin = np.linspace(-0.08, 0.08, n)
+    x, y = np.meshgrid(lin, lin)  # row i: y, column j: x
+    z = np.sqrt(np.clip(0.15**2 - x**2 - y**2, 0, None)) - 0.1
+    verts = np.stack([x, y, z], -1).reshape(-1, 3)
+    idx = np.arange(n * n).reshape(n, n)
+    a, b, c, d = idx[:-1, :-1].ravel(), idx[:-1, 1:].ravel(), idx[1:, 1:].ravel(), idx[1:, :-1].ravel()
+    faces = np.concatenate([np.stack([a, b, c], 1), np.stack([a, c, d], 1)])
+    layout = np.concatenate(
+        [
+            np.stack([0.8 * np.cos(th := np.linspace(np.pi * 1.05, np.pi * 1.95, 17)), 0.9 * np.sin(th)], 1),
+            np.stack([np.linspace(-0.6, -0.15, 5), np.full(5, 0.5)], 1),
+            np.stack([np.linspace(0.15, 0.6, 5), np.full(5, 0.5)], 1),
+            np.stack([np.zeros(4), np.linspace(0.35, 0.0, 4)], 1),
+            np.stack([np.linspace(-0.15, 0.15, 5), np.full(5, -0.1)], 1),
+            *[np.stack([cx + 0.12 * np.cos(e := np.linspace(0, 2 * np.pi, 7)[:-1]), 0.3 + 0.05 * np.sin(e)], 1)
+              for cx in (-0.35, 0.35)],
+            np.stack([0.3 * np.cos(m := np.linspace(0, 2 * np.pi, 13)[:-1]), -0.45 + 0.12 * np.sin(m)], 1),
+            np.stack([0.18 * np.cos(m := np.linspace(0, 2 * np.pi, 9)[:-1]), -0.45 + 0.05 * np.sin(m)], 1),
+        ]
+    ) * 0.07  # fmt: skip
+    centroids = verts[faces].mean(1)[:, :2]
+    nearest = np.argmin(((layout[:, None] - centroids[None]) ** 2).sum(-1), 1)
+    third = np.full((68, 3), 1 / 3)
+    weights = np.zeros((n * n, J))
+    jaw = verts[:, 1] < -0.03
+    weights[~jaw, 0] = 1
+    weights[jaw, 0], weights[jaw, 2] = 0.3, 0.7
+    regressor = np.zeros((J, n * n))
+    regressor[:, idx[n // 2, n // 2]] = 1
+    regressor[2] = 0
+    regressor[2, idx[n // 4, n // 2]] = 1
+    rng = np.random.default_rng(12)
+    t |= {
+        "v_template": torch.from_numpy(verts.astype(np.float32)),
+        "shapedirs": torch.from_numpy((rng.normal(size=(n * n, 3, 4)) * 0.001).astype(np.float32)),
+        "exprdirs": torch.from_numpy((rng.normal(size=(n * n, 3, 3)) * 0.001).astype(np.float32)),
+        "posedirs": torch.zeros(n * n, 3, 36),
+        "J_regressor": torch.from_numpy(regressor.astype(np.float32)),
+        "weights": torch.from_numpy(weights.astype(np.float32)),
+        "faces": torch.from_numpy(faces),
+        "static_lmk_faces_idx": torch.from_numpy(nearest[17:]),
+        "static_lmk_bary_coords": torch.from_numpy(third[17:].astype(np.float32)),
+        "dynamic_lmk_faces_idx": torch.from_numpy(np.tile(nearest[:17], (79, 1))),
+        "dynamic_lmk_bary_coords": torch.from_numpy(np.tile(third[:17], (79, 1, 1)).astype(np.float32)),
+    }
+    return t
+
+
+class FixedCodes(torch.nn.Module):
+    """Stands in for DECA's trained weights (not shippable): returns known codes, records its input."""
+
+    def __init__(self, codes: torch.Tensor) -> None:
+        super().__init__()
+        self.codes, self.seen = codes, []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.seen.append(images)
+        start = sum(len(s) for s in self.seen[:-1])
+        return self.codes[start : start + len(images)]
+
+
+def test_deca_estimate_in_the_aligned_frame_recovers_the_rendered_albedo():
+    model = FlameFaceModel.from_tensors(dome_flame(), "flame-dome", n_shape=4, n_exp=3)
+    assert model.regions["narrow_face"].sum() > 30  # the layout gives the light fit some skin
+    batch, size = 2, 256
+    code = torch.zeros(batch, 236)
+    code[:, :4] = torch.tensor([[0.5, -0.3, 0.2, 0.1], [-0.4, 0.6, 0.0, 0.3]])
+    code[:, 200:206] = torch.tensor([[0.05, 0.25, 0.0, 0.1, 0.0, 0.0], [-0.1, -0.2, 0.05, 0.2, 0.0, 0.0]])
+    code[:, 206:209] = torch.tensor([[8.0, 0.01, -0.02], [7.0, -0.01, 0.0]])
+    light = torch.stack([light_from_direction(torch.tensor(d), 0.7, 0.4) for d in ([0.3, 0.4, 1.0], [-0.5, 0.1, 1.0])])
+    code[:, 209:] = light.float().reshape(batch, 27)
+    landmarks = np.stack(
+        [np.array([[70.0, 60.0], [190.0, 80.0], [120.0, 200.0]] * 23)[:68] + 3 * i for i in range(batch)]
+    )
+    to_frame = np.stack([invert_affine(deca_crop_transform(p)) for p in landmarks])
+    truth = deca_to_fit(model, decompose(code), to_frame, shared_identity=False)
+    truth.albedo = torch.tensor([[0.7, 0.5, 0.4], [0.55, 0.45, 0.35]])
+    shaded = render_buffers(model, truth, size)[:, :3].permute(0, 2, 3, 1)
+    mask = rasterize_fit(model, truth, size).fragments.mask[..., None]
+    photos = ((shaded * mask + 0.5 * ~mask).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+    encoder = FixedCodes(code)
+    fit = estimate_with_deca(encoder, model, photos, landmarks, shared_identity=False)
+    assert encoder.seen[0].shape == (batch, 3, 224, 224) and float(encoder.seen[0].max()) <= 1.0
+    torch.testing.assert_close(fit.scale, truth.scale)
+    torch.testing.assert_close(fit.translation, truth.translation)
+    torch.testing.assert_close(fit.albedo, truth.albedo, atol=0.01, rtol=0)
+    assert fit.landmark_error.shape == (batch,)
+    shared = estimate_with_deca(FixedCodes(code), model, photos, landmarks)
+    torch.testing.assert_close(shared.identity, code[:, :4].mean(0))
