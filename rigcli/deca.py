@@ -106,11 +106,16 @@ class Flame(nn.Module):
             raise ValueError(f"FLAME tensors missing: {', '.join(missing)}")
         f32 = lambda k: torch.as_tensor(tensors[k]).to(torch.float32)  # noqa: E731
         i64 = lambda k: torch.as_tensor(tensors[k]).to(torch.int64)  # noqa: E731
-        self.register_buffer("v_template", f32("v_template"))
-        self.register_buffer("shapedirs", f32("shapedirs")[..., :n_shape])
-        self.register_buffer("exprdirs", f32("exprdirs")[..., :n_exp])
-        self.register_buffer("posedirs", f32("posedirs"))
-        self.register_buffer("J_regressor", f32("J_regressor"))
+        template = f32("v_template")
+        shapedirs, exprdirs = f32("shapedirs")[..., :n_shape], f32("exprdirs")[..., :n_exp]
+        regressor = f32("J_regressor")
+        self.register_buffer("v_template", template)
+        # bases as (components, V, 3), contiguous: one matrix product each, and cheap vertex subsets
+        self.register_buffer("shape_basis", shapedirs.permute(2, 0, 1).contiguous())
+        self.register_buffer("expr_basis", exprdirs.permute(2, 0, 1).contiguous())
+        self.register_buffer("pose_basis", f32("posedirs").permute(2, 0, 1).contiguous())
+        self.register_buffer("J_regressor", regressor)
+        self._joint_bases: dict = {}
         self.register_buffer("weights", f32("weights"))
         self.register_buffer("faces", i64("faces"))
         parents = i64("kintree_table")[0].clone()
@@ -125,16 +130,16 @@ class Flame(nn.Module):
         self.register_buffer("full_faces", i64("full_lmk_faces_idx").reshape(-1))
         self.register_buffer("full_bary", f32("full_lmk_bary_coords").reshape(-1, 3))
         joints = self.J_regressor.shape[0]
-        if self.posedirs.shape[-1] != 9 * (joints - 1) or len(self.parents) != joints:
+        if self.pose_basis.shape[0] != 9 * (joints - 1) or len(self.parents) != joints:
             raise ValueError("FLAME posedirs/kintree_table do not match the joint count")
 
     @property
     def n_shape(self) -> int:
-        return int(self.shapedirs.shape[-1])
+        return int(self.shape_basis.shape[0])
 
     @property
     def n_exp(self) -> int:
-        return int(self.exprdirs.shape[-1])
+        return int(self.expr_basis.shape[0])
 
     @property
     def joint_count(self) -> int:
@@ -148,20 +153,36 @@ class Flame(nn.Module):
         return full
 
     def forward(
-        self, shape: torch.Tensor, expression: torch.Tensor, pose: torch.Tensor
+        self, shape: torch.Tensor, expression: torch.Tensor, pose: torch.Tensor, index: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Vertices (B, V, 3) and posed joints (B, J, 3) from shape (B, <=n_shape), expression
-        (B, <=n_exp) and pose (B, J, 3) axis-angles in joint order (global, neck, jaw, eyes)."""
+        (B, <=n_exp) and pose (B, J, 3) axis-angles in joint order (global, neck, jaw, eyes).
+
+        ``index`` computes only those vertices (B, len(index), 3): skinning is per vertex and the
+        joints come from regressed bases, so landmark fitting need not pose the whole mesh.
+        """
         dtype = self.v_template.dtype
         shape, expression, pose = shape.to(dtype), expression.to(dtype), pose.to(dtype)
-        batch = pose.shape[0]
-        shaped = self.v_template + torch.einsum("bs,vcs->bvc", shape, self.shapedirs[..., : shape.shape[1]])
-        shaped = shaped + torch.einsum("be,vce->bvc", expression, self.exprdirs[..., : expression.shape[1]])
-        joints = torch.einsum("jv,bvc->bjc", self.J_regressor, shaped)
+        batch, ns, ne = pose.shape[0], shape.shape[1], expression.shape[1]
+        joint_template, joint_shape, joint_expr = self.joint_bases()
+        joints = joint_template + torch.einsum("bs,sjc->bjc", shape, joint_shape[:ns])
+        joints = joints + torch.einsum("be,ejc->bjc", expression, joint_expr[:ne])
+        template, sb, eb, pb, weights = (
+            self.v_template,
+            self.shape_basis,
+            self.expr_basis,
+            self.pose_basis,
+            self.weights,
+        )
+        if index is not None:
+            template, sb, eb, pb, weights = template[index], sb[:, index], eb[:, index], pb[:, index], weights[index]
+        count = template.shape[0]
+        shaped = template + (shape @ sb[:ns].reshape(ns, -1)).reshape(batch, count, 3)
+        shaped = shaped + (expression @ eb[:ne].reshape(ne, -1)).reshape(batch, count, 3)
         rot = axis_angle_to_matrix(pose)  # (B, J, 3, 3)
         eye = torch.eye(3, dtype=dtype, device=pose.device)
-        feature = (rot[:, 1:] - eye).reshape(batch, -1)
-        posed = shaped + torch.einsum("bp,vcp->bvc", feature, self.posedirs)
+        feature = (rot[:, 1:] - eye).reshape(batch, -1)  # (R_j - I) row-major, joints 1..J-1
+        posed = shaped + (feature @ pb.reshape(pb.shape[0], -1)).reshape(batch, count, 3)
         # world transform of each joint along the chain
         world = []
         for j, parent in enumerate(self.parents):
@@ -171,11 +192,26 @@ class Flame(nn.Module):
         world = torch.stack(world, 1)  # (B, J, 4, 4)
         posed_joints = world[:, :, :3, 3]
         # remove the rest joint position so each transform acts on rest-pose vertices
-        skin = world.clone()
-        skin[:, :, :3, 3] = posed_joints - (world[:, :, :3, :3] @ joints[..., None])[..., 0]
-        blended = torch.einsum("vj,bjrc->bvrc", self.weights, skin[:, :, :3])  # (B, V, 3, 4)
+        skin = world[:, :, :3].clone()
+        skin[..., 3] = posed_joints - (world[:, :, :3, :3] @ joints[..., None])[..., 0]
+        blended = (weights @ skin.reshape(batch, -1, 12)).reshape(batch, count, 3, 4)
         verts = (blended[..., :3] @ posed[..., None])[..., 0] + blended[..., 3]
         return verts, posed_joints
+
+    def joint_bases(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """J_regressor applied to the template and to each basis: joints are linear in the
+        coefficients, so they are regressed once (per dtype and device), not per call."""
+        key = (self.v_template.dtype, self.v_template.device)
+        if key not in self._joint_bases:
+            reg = self.J_regressor
+            self._joint_bases = {
+                key: (
+                    reg @ self.v_template,
+                    torch.einsum("jv,svc->sjc", reg, self.shape_basis),
+                    torch.einsum("jv,evc->ejc", reg, self.expr_basis),
+                )
+            }
+        return self._joint_bases[key]
 
     def contour_rows(self, pose: torch.Tensor) -> torch.Tensor:
         """(B,) dynamic-contour row for poses (B, J, 3): the yaw of R_global R_neck."""
@@ -293,28 +329,35 @@ class FlameFaceModel:
     def vertex_count(self) -> int:
         return int(self.neutral.shape[0])
 
-    def _mesh(self, identity: torch.Tensor, expression: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mesh(
+        self, identity: torch.Tensor, expression: torch.Tensor, index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.flame.n_exp
         batch = expression.shape[0]
         pose = expression.new_zeros(batch, self.flame.joint_count, 3)
         pose[:, 2] = expression[:, n : n + 3]
-        verts, _ = self.flame(identity.expand(batch, -1), expression[:, :n], pose)
+        verts, _ = self.flame(identity.expand(batch, -1), expression[:, :n], pose, index)
         return verts * CENTIMETRES, pose
 
     def vertices(
         self, identity: torch.Tensor, expression: torch.Tensor, index: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """(B, V, 3) in centimetres (skinning needs the whole mesh; ``index`` selects afterwards)."""
-        verts, _ = self._mesh(identity, expression)
-        return verts if index is None else verts[:, index]
+        """(B, V, 3) in centimetres; ``index`` poses only those vertices."""
+        return self._mesh(identity, expression, index)[0]
 
     def landmark_points(self, identity: torch.Tensor, expression: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
         """The 68 landmarks (B, 68, 3) in model space for a head turned by ``rotation`` (B, 3, 3): the
         rotation plays FLAME's global joint (neck at rest), which picks the jaw contour."""
-        verts, _ = self._mesh(identity, expression)
+        flame = self.flame
         yaw = torch.rad2deg(matrix_yaw(rotation.detach()))
-        rows = contour_row(yaw, (self.flame.dynamic_faces.shape[0] - 1) // 2)
-        return self.flame.landmarks(verts, rows)
+        rows = contour_row(yaw, (flame.dynamic_faces.shape[0] - 1) // 2)
+        batch = rows.shape[0]
+        faces = torch.cat([flame.dynamic_faces[rows], flame.static_faces.expand(batch, -1)], 1)
+        bary = torch.cat([flame.dynamic_bary[rows], flame.static_bary.expand(batch, -1, -1)], 1)
+        used, local = torch.unique(flame.faces[faces], return_inverse=True)  # only these vertices are posed
+        verts, _ = self._mesh(identity, expression, used)
+        corners = verts[torch.arange(batch, device=verts.device)[:, None, None], local]  # (B, 68, 3, 3)
+        return (corners * bary[..., None].to(verts.dtype)).sum(2)
 
     def expression_prior(self, expression: torch.Tensor) -> torch.Tensor:
         """(B,) Gaussian prior on the coefficients and the jaw angle, in the fitter's loss units."""
