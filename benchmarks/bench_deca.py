@@ -88,11 +88,13 @@ def main() -> None:
     parser.add_argument("--ict", type=Path, help="an ICT-FaceKit folder or zip, for the baseline fit")
     parser.add_argument("--photos", type=int, default=20)
     parser.add_argument("--steps", type=int, default=300, help="fitter steps (its default)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     results: dict = {"rig": __version__, "torch": torch.__version__, "cpus": os.cpu_count()}
     results["machine"] = platform.machine()
+    results["threads"] = args.threads
 
     model = FlameFaceModel.from_tensors(flame_sized(), "flame-bench")
     flame = model.flame

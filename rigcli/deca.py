@@ -10,7 +10,7 @@ axis-angle vectors and joints J = J_regressor @ (shaped mesh):
     G_0     = [R_0 | J_0],  G_j = G_parent(j) [R_j | J_j - J_parent(j)]
     vertex  = sum_j w_vj G_j [I | -J_j] (posed, 1)
 
-``posedirs`` is kept in the FLAME file's own layout, (V, 3, 9 (J - 1)); DECA flattens the same
+``posedirs`` comes in the FLAME file's own layout, (V, 3, 9 (J - 1)); DECA flattens the same
 array to (9 (J - 1), 3V), which is the same product.
 
 Landmarks (dlib's 68, iBUG order) are barycentric points on triangles: 51 static ones (brows,

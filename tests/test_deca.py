@@ -362,6 +362,9 @@ def test_flame_face_model_follows_the_face_model_interface():
     assert np.array_equal(model.regions["eyeball_right"].numpy(), eyes[7 - left])
     assert not (model.regions["face"] & model.regions["eyeball_left"]).any()
     assert (model.regions["narrow_face"] <= model.regions["face"]).all()
+    moved = model.to("cpu")
+    assert moved.flame is not model.flame and moved.model_id == model.model_id
+    torch.testing.assert_close(moved.vertices(identity, expression), got)
     prior = model.expression_prior(expression)
     expect_prior = 1e-4 * (expression[:, :9] ** 2).sum(1) + (
         torch.tensor([1e-4, 1e-2, 1e-2]) * expression[:, 9:] ** 2
