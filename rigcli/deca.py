@@ -319,7 +319,8 @@ class FlameFaceModel:
         normals = vertex_normals(self.neutral[None], faces)[0]
         face = self.regions["face"]
         facing = normals[face, 2].mean() if face.any() else normals[:, 2].mean()
-        return faces if facing >= 0 else faces[:, [0, 2, 1]]
+        self.winding_flipped = bool(facing < 0)  # corner order of uv_faces must follow
+        return faces[:, [0, 2, 1]] if self.winding_flipped else faces
 
     @property
     def identity_size(self) -> int:
@@ -636,7 +637,8 @@ def estimate_with_deca(
     batch_size: int = 8,
     progress=None,
 ):
-    """FLAME parameters of photos by DECA's encoder, as the paper's data step estimated them.
+    """FLAME parameters of photos by DECA's encoder, as the paper's data step estimated them:
+    ``(fit, params)``, params being DECA's decomposed codes (``tex`` for ``render_deca_buffers``).
 
     ``crops`` (B, H, W, 3) uint8 are the aligned crops and ``landmarks`` (B, 68, 2) their 68 points
     in the same pixels; DECA sees its own 224 crop of each (``deca_crop``), and the result is a
@@ -659,10 +661,71 @@ def estimate_with_deca(
             codes.append(encoder(torch.stack(inputs[start : start + batch_size])).to(torch.float32))
             if progress:
                 progress(min(start + batch_size, len(inputs)), len(inputs))
-        fit = deca_to_fit(model, decompose(torch.cat(codes)), np.stack(to_frame), shared_identity=shared_identity)
+        params = decompose(torch.cat(codes))
+        fit = deca_to_fit(model, params, np.stack(to_frame), shared_identity=shared_identity)
         images = torch.from_numpy(np.asarray(crops)).to(torch.float32) / 255.0
         fit.albedo = albedo_under_light(model, fit, images)
         lm = torch.as_tensor(np.asarray(landmarks), dtype=torch.float32)
         pred = project_landmarks(model, fit, None)
         fit.landmark_error = (pred - lm).norm(dim=-1).mean(1) / interocular(lm).clamp_min(1.0)
-    return fit
+    return fit, params
+
+
+# ---------------------------------------------------------------- texture-space albedo (DECA's render)
+
+
+class FlameTexture:
+    """FLAME's albedo space in texture space, sampled on the mesh through head_template's UVs.
+
+    ``tex_mean`` (H, W, 3) and ``tex_basis`` (H, W, 3, K) are RGB in [0, 1] (the import's layout);
+    a code's map is mean + basis . code, resized to ``size`` by nearest neighbour as DECA does
+    (512 -> 256). ``uv_coords`` (N, 2) in [0, 1] (v up) and ``uv_faces`` (F, 3) give each mesh
+    triangle's corners in the map, in the corner order of FLAME's ``faces``.
+    """
+
+    def __init__(
+        self,
+        tex_mean: torch.Tensor,
+        tex_basis: torch.Tensor,
+        uv_coords: torch.Tensor,
+        uv_faces: torch.Tensor,
+        n_tex: int = 50,
+        size: int = 256,
+    ) -> None:
+        self.mean = torch.as_tensor(tex_mean, dtype=torch.float32).permute(2, 0, 1).contiguous()  # (3, H, W)
+        basis = torch.as_tensor(tex_basis, dtype=torch.float32)[..., :n_tex]
+        self.basis = basis.permute(3, 2, 0, 1).contiguous()  # (K, 3, H, W)
+        self.uv_coords = torch.as_tensor(uv_coords, dtype=torch.float32)
+        self.uv_faces = torch.as_tensor(uv_faces, dtype=torch.int64)
+        self.size = size
+
+    def maps(self, code: torch.Tensor) -> torch.Tensor:
+        """Albedo maps (B, 3, size, size) for texture codes (B, <=K)."""
+        k = min(code.shape[1], self.basis.shape[0])
+        full = self.mean + torch.einsum("bk,kchw->bchw", code[:, :k].to(torch.float32), self.basis[:k])
+        return torch.nn.functional.interpolate(full, size=(self.size, self.size), mode="nearest")
+
+    def sample(self, fragments, maps: torch.Tensor, flipped: bool = False) -> torch.Tensor:
+        """Per-pixel albedo (B, H, W, 3), zero off the mesh: the rasterized triangles' UVs looked up
+        bilinearly in ``maps`` (grid x = 2u - 1, y = 1 - 2v, pixel-area convention, as DECA).
+        ``flipped``: the face model reversed FLAME's winding, so the UV corners are reversed too."""
+        uv_faces = self.uv_faces[:, [0, 2, 1]] if flipped else self.uv_faces
+        batch = maps.shape[0]
+        uv = fragments.interpolate(self.uv_coords.expand(batch, -1, -1), uv_faces)
+        grid = torch.stack([2 * uv[..., 0] - 1, 1 - 2 * uv[..., 1]], -1)
+        albedo = torch.nn.functional.grid_sample(maps, grid, mode="bilinear", align_corners=False)
+        return albedo.permute(0, 2, 3, 1) * fragments.mask[..., None]
+
+
+def render_deca_buffers(
+    model: FlameFaceModel, fit, texture: FlameTexture, tex_code: torch.Tensor, size: int
+) -> torch.Tensor:
+    """DiffusionRig's buffers (B, 9, size, size) with DECA's texture-space albedo: shaded = albedo x
+    SH shading of the camera-space normals, normals, albedo; zero off the face."""
+    from rigcli.fit import rasterize_fit
+    from rigcli.render import sh_shading
+
+    geometry = rasterize_fit(model, fit, size)
+    albedo = texture.sample(geometry.fragments, texture.maps(tex_code), model.winding_flipped)
+    shaded = albedo * sh_shading(geometry.normals, fit.light) * geometry.fragments.mask[..., None]
+    return torch.cat([shaded, geometry.normals, albedo], -1).permute(0, 3, 1, 2).contiguous()

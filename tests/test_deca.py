@@ -23,6 +23,7 @@ from rigcli.deca import (
     DecaOrthoCamera,
     Flame,
     FlameFaceModel,
+    FlameTexture,
     axis_angle_to_matrix,
     contour_row,
     deca_crop,
@@ -31,6 +32,7 @@ from rigcli.deca import (
     deca_to_fit,
     decompose,
     estimate_with_deca,
+    render_deca_buffers,
     rotate_light_about_z,
 )
 from rigcli.fit import FaceFit, fit_landmarks, project_landmarks, rasterize_fit, render_buffers
@@ -539,11 +541,72 @@ def test_deca_estimate_in_the_aligned_frame_recovers_the_rendered_albedo():
     photos = ((shaded * mask + 0.5 * ~mask).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
     encoder = FixedCodes(code)
-    fit = estimate_with_deca(encoder, model, photos, landmarks, shared_identity=False)
+    fit, params = estimate_with_deca(encoder, model, photos, landmarks, shared_identity=False)
+    torch.testing.assert_close(params["tex"], code[:, 100:150])
     assert encoder.seen[0].shape == (batch, 3, 224, 224) and float(encoder.seen[0].max()) <= 1.0
     torch.testing.assert_close(fit.scale, truth.scale)
     torch.testing.assert_close(fit.translation, truth.translation)
     torch.testing.assert_close(fit.albedo, truth.albedo, atol=0.01, rtol=0)
     assert fit.landmark_error.shape == (batch,)
-    shared = estimate_with_deca(FixedCodes(code), model, photos, landmarks)
+    shared, _ = estimate_with_deca(FixedCodes(code), model, photos, landmarks)
     torch.testing.assert_close(shared.identity, code[:, :4].mean(0))
+
+
+# ---------------------------------------------------------------- texture-space albedo
+
+
+def test_texture_maps_are_mean_plus_basis_then_nearest_resized():
+    g = torch.Generator().manual_seed(13)
+    mean, basis = torch.rand(4, 4, 3, generator=g), torch.rand(4, 4, 3, 5, generator=g)
+    texture = FlameTexture(mean, basis, torch.zeros(1, 2), torch.zeros(1, 3, dtype=torch.long), n_tex=5, size=2)
+    code = torch.randn(2, 5, generator=g)
+    maps = texture.maps(code)
+    assert maps.shape == (2, 3, 2, 2)
+    for b, (i, j), (y, x) in ((0, (1, 0), (2, 0)), (1, (0, 1), (0, 2)), (1, (1, 1), (2, 2))):
+        expect = mean[y, x] + sum(code[b, k] * basis[y, x, :, k] for k in range(5))
+        torch.testing.assert_close(maps[b, :, i, j], expect)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_albedo_is_looked_up_at_the_rasterized_uv(reverse):
+    t = dome_flame()
+    if reverse:  # a file wound the other way: the model turns the triangles, the UV corners must follow
+        t["faces"] = t["faces"][:, [0, 2, 1]]
+    model = FlameFaceModel.from_tensors(t, "flame-dome", n_shape=4, n_exp=3)
+    assert model.winding_flipped == reverse
+    xy = t["v_template"][:, :2]
+    uv = 0.1 + 0.8 * (xy - xy.min(0).values) / (xy.max(0).values - xy.min(0).values)
+    size_t = 64
+    centres = (torch.arange(size_t) + 0.5) / size_t
+    linear = torch.stack([centres[None, :].expand(size_t, -1), 1 - centres[:, None].expand(-1, size_t)])
+    maps = torch.cat([linear, torch.zeros(1, size_t, size_t)])[None].expand(2, -1, -1, -1)  # R = u, G = v
+    texture = FlameTexture(torch.zeros(1, 1, 3), torch.zeros(1, 1, 3, 1), uv, t["faces"])
+    fit = FaceFit(
+        torch.tensor([0.2, -0.3]), torch.tensor([0.1, 0.0]), torch.tensor([0.0, 0.2]), torch.tensor([9.0, 10.0]),
+        torch.tensor([[64.0, 60.0], [66.0, 64.0]]), torch.zeros(2, 6), torch.zeros(4),
+    )  # fmt: skip
+    frags = rasterize_fit(model, fit, 128).fragments
+    albedo = texture.sample(frags, maps, model.winding_flipped)
+    # the same UVs by hand: each covered pixel's triangle, its corners in the model's order
+    tri, bary = frags.triangle, frags.bary
+    mesh_faces = model.triangles
+    for b, i, j in ((0, 64, 60), (1, 60, 70), (1, 70, 55)):
+        assert frags.mask[b, i, j]
+        corners = mesh_faces[tri[b, i, j]]
+        expect = sum(float(bary[b, i, j, k]) * uv[corners[k]] for k in range(3))
+        torch.testing.assert_close(albedo[b, i, j, :2], expect, atol=1e-5, rtol=0)
+    assert float(albedo[~frags.mask].abs().max()) == 0.0
+
+    fit.light = torch.stack([light_from_direction(torch.tensor([0.2, 0.3, 1.0]), 0.8, 0.3)] * 2).float()
+    buffers = render_deca_buffers(model, fit, texture, torch.zeros(2, 1), 128)
+    geometry = rasterize_fit(model, fit, 128)
+    flat = texture.sample(geometry.fragments, texture.maps(torch.zeros(2, 1)), model.winding_flipped)
+    torch.testing.assert_close(buffers[:, 6:].permute(0, 2, 3, 1), flat)
+    torch.testing.assert_close(buffers[:, 3:6], render_buffers(model, _with_albedo(fit), 128)[:, 3:6])
+    shading = sh_shading(geometry.normals, fit.light)
+    torch.testing.assert_close(buffers[:, :3].permute(0, 2, 3, 1), flat * shading * geometry.fragments.mask[..., None])
+
+
+def _with_albedo(fit: FaceFit) -> FaceFit:
+    fit.albedo = torch.full((len(fit), 3), 0.5)
+    return fit
