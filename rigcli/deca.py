@@ -26,6 +26,11 @@ jaw axis-angle 3), camera 3 (orthographic scale, then x and y translation) and l
 SH). Parameter names match ``deca_model.tar['E_flame']`` so its weights load strictly. Its input
 is an RGB crop in [0, 1], 224 x 224, of a square 1.25 x 1.1 x the mean side of the 68-landmark
 box, centred on that box (DECA's test-time crop from landmarks).
+
+Then the paper's data step: ``FlameFaceModel`` puts FLAME behind the fitter's face-model interface
+(so the landmark fitter fits FLAME without DECA's weights), ``deca_to_fit`` / ``estimate_with_deca``
+turn DECA's codes into a fit in the aligned frame, and ``render_deca_buffers`` draws the buffers
+with DECA's texture-space albedo (``FlameTexture``).
 """
 
 from __future__ import annotations
