@@ -46,6 +46,12 @@ class FaceModel(Protocol):
 
     ``regions`` must hold at least ``face`` (all facial skin), ``narrow_face`` (the skin the light
     fit may use, before eyes, brows and lips are cut out) and ``eyeball_left`` / ``eyeball_right``.
+
+    Optional members the fitter uses when a model has them (FLAME, in ``rigcli.deca``, does):
+    ``landmark_points(identity, expression, rotation) -> (B, 68, 3)`` places the landmarks itself
+    (instead of ``landmark_vertices`` plus silhouette marching); ``expression_prior(expression) ->
+    (B,)`` replaces the L1 blendshape prior; ``expression_range`` (default (0, 1), None for
+    unbounded) is where the fitter keeps the expression values.
     """
 
     name: str

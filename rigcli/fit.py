@@ -8,7 +8,9 @@ the landmark reprojection error over the inter-ocular distance, plus a Gaussian 
 (ICT's components are PCA-scaled) and an L1 prior on expression, which prefers few blendshapes.
 The 17 jaw landmarks are silhouette points: each has a strip of candidate vertices along an
 outward ray on the mesh, and at every step the outermost projected candidate is the one that has
-to meet the detected point ("landmark marching").
+to meet the detected point ("landmark marching"). A model may instead place its landmarks and
+price its expression itself (FLAME: barycentric landmarks with a yaw-dependent contour, unbounded
+PCA coefficients under a Gaussian prior); see ``FaceModel``.
 
 Light and albedo then come from the pixels: with the geometry fixed, the visible skin (face minus
 eyes, brows and lips) gives per colour a least-squares fit on the 9 SH shading functions of the
@@ -135,11 +137,18 @@ def project_landmarks(
     fit: FaceFit,
     candidates: torch.Tensor,
 ) -> torch.Tensor:
-    """The 68 landmarks a fit puts in the crop (B, 68, 2), jaw points on the silhouette."""
-    inner_ids = model.landmark_vertices[INNER]
-    index = torch.cat([inner_ids, candidates.flatten(), model.landmark_vertices[27:36]])
+    """The 68 landmarks a fit puts in the crop (B, 68, 2), jaw points on the silhouette.
+
+    A model with ``landmark_points`` (FLAME: barycentric points, a yaw-dependent jaw contour)
+    places them itself; ``candidates`` is then unused.
+    """
     batch = len(fit)
     identity = fit.identity.expand(batch, -1)
+    if hasattr(model, "landmark_points"):
+        points = model.landmark_points(identity, fit.expression, fit.rotation)
+        return project(points, fit.rotation, fit.scale, fit.translation)[0][..., :2]
+    inner_ids = model.landmark_vertices[INNER]
+    index = torch.cat([inner_ids, candidates.flatten(), model.landmark_vertices[27:36]])
     verts = model.vertices(identity, fit.expression, index)
     screen, _ = project(verts, fit.rotation, fit.scale, fit.translation)
     uv = screen[..., :2]
@@ -195,7 +204,7 @@ def fit_landmarks(
     torch.manual_seed(seed)
     lm = landmarks.to(torch.float32)
     batch = lm.shape[0]
-    candidates = silhouette_candidates(model)
+    candidates = None if hasattr(model, "landmark_points") else silhouette_candidates(model)
     scale0, trans0 = _initial_pose(model, lm)
     iod = interocular(lm).clamp_min(1.0)
     angles = torch.zeros(batch, 3, requires_grad=True)
@@ -210,6 +219,8 @@ def fit_landmarks(
     weights = torch.ones(68)
     weights[JAW] = JAW_WEIGHT
     left, right = mirrored_pairs(model.expression_names)
+    model_prior = getattr(model, "expression_prior", None)
+    bounds = getattr(model, "expression_range", (0.0, 1.0))  # None: unbounded
 
     def current() -> FaceFit:
         return FaceFit(*angles.unbind(1), log_scale.exp(), trans0 + shift * iod[:, None], expression, ident)
@@ -222,8 +233,11 @@ def fit_landmarks(
         err = ((pred - lm) ** 2).sum(-1) / iod[:, None] ** 2  # (B, 68)
         loss = (err * weights).sum(1).mean() / weights.sum()
         if not rigid:
-            l1 = (expression * l1_weight).sum(1).mean()
-            loss = loss + EXPRESSION_L1 * l1 + EXPRESSION_L2 * (expression**2).sum(1).mean()
+            if model_prior is not None:  # the model knows its coefficients' distribution (FLAME: Gaussian)
+                loss = loss + model_prior(expression).mean()
+            else:  # blendshape weights in [0, 1]: L1 prefers few shapes
+                l1 = (expression * l1_weight).sum(1).mean()
+                loss = loss + EXPRESSION_L1 * l1 + EXPRESSION_L2 * (expression**2).sum(1).mean()
             if len(left):
                 loss = loss + SYMMETRY * ((expression[:, left] - expression[:, right]) ** 2).sum(1).mean()
             if not fixed_identity:
@@ -249,7 +263,8 @@ def fit_landmarks(
             optimizer.step()
             schedule.step()
             with torch.no_grad():
-                expression.clamp_(0.0, 1.0)
+                if bounds is not None:
+                    expression.clamp_(*bounds)
                 expression[:, ~visible] = 0.0
             done += 1
             if progress:
