@@ -664,6 +664,13 @@ def report_html(evaluation: Evaluation, doc: dict) -> str:
             parts += [f"<td data-key='{key}'>{format_value(row[key])}</td>" for key, _ in METRICS]
             parts.append("</tr>")
     parts.append("</tbody></table>")
+    for model in doc["models"]:
+        floor = model["measurement_floor"]
+        parts.append(
+            f"<p class='note'>Measurement floor of {esc(model['label'])}: the inputs themselves, fitted again the "
+            f"same way, are off by {floor['light_error_deg']} deg in light, {floor['blendshape_error']} in "
+            f"blendshape weight and {floor['yaw_error_deg']} deg in yaw.</p>"
+        )
     first = evaluation.runs[0]
     size = first.size
     for kind in KINDS:
