@@ -409,6 +409,8 @@ def sample_suite(
 ) -> list[Sampled]:
     """Each photo inverted once under its own buffers, then every edit of the suite sampled from
     that x_T as one batch (the reconstruction first, which also yields x_T)."""
+    from rigcli.edit import to_uint8
+
     names = editor.face_model.expression_names
     size = editor.size
     normals = editor.skin_normals(fit)
@@ -438,8 +440,6 @@ def sample_suite(
         for edit in edits[1:]:
             if on_edit:
                 on_edit(edit.label)
-        from rigcli.edit import to_uint8
-
         results.append(
             Sampled(i, edits, asked, to_uint8(torch.cat(outs)), torch.cat(buffers), _to_model_input(photo.crop, size),
                     _masks_at(editor.face_masks(asked), size), seconds)

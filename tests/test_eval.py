@@ -27,6 +27,7 @@ from rigcli.evaluate import (
     ModelSpec,
     blendshape_error,
     edit_count,
+    eval_photos,
     identity_distances,
     light_error_deg,
     parse_spec,
@@ -262,6 +263,11 @@ def test_eval_command_report_and_compare(held_out_home, tmp_path):
 
 
 def test_eval_errors(held_out_home, album, tmp_path):
+    store = Store(held_out_home)
+    recorded = json.loads((held_out_home / "people" / "astro" / "model" / "model.json").read_text())["holdout"]
+    assert [p.label for p in eval_photos(store, "astro", holdout=1)] == [recorded[0][:8]]
+    new = eval_photos(store, "astro", photos=[album[6].path, album[7].path.parent])
+    assert [p.path for p in new[:2]] == [album[6].path, album[0].path] and len(new) == len(album)
     cases = [
         (["--holdout", "3"], "with 2 photo(s) held out"),
         (["--holdout", "1", "--photos", str(album[6].path)], "choose one of --holdout and --photos"),
