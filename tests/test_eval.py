@@ -286,3 +286,12 @@ def test_eval_errors(held_out_home, album, tmp_path):
     model_json.write_text(json.dumps({**json.loads(model_json.read_text()), "holdout": []}))
     result = rig(home, "eval", "astro", "--out", str(tmp_path / "y"))
     assert result.exit_code == 2 and "rig finetune astro --holdout K" in result.stderr
+
+
+def test_help_explains_every_option():
+    result = runner.invoke(app, ["eval", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "MODEL:STEPS@ENGINE" in result.stdout
+    for option in ("--holdout", "--photos", "--model", "--compare", "--steps", "--engine", "--seed", "--out"):
+        assert option in result.stdout
+    finetune = runner.invoke(app, ["finetune", "--help"], env={"COLUMNS": "200"})
+    assert "--holdout" in finetune.stdout and "rig eval" in finetune.stdout
