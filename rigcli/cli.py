@@ -577,6 +577,14 @@ def finetune_command(
     restart: Annotated[
         bool, typer.Option("--restart", help="Discard an interrupted run instead of resuming it.")
     ] = False,
+    holdout: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Set this many photos aside (drawn with --seed), train without them and record their ids in "
+            "model.json for `rig eval --holdout`.",
+        ),
+    ] = 0,
 ) -> None:
     """Stage 2: fine-tune a diffusion model on one person's photos (resumes an interrupted run)."""
     from rigcli.train import finetune
@@ -606,6 +614,7 @@ def finetune_command(
                 device=device,
                 restart=restart,
                 checkpoint_every=checkpoint_every,
+                holdout=holdout,
                 on_step=stepped,
             )
         except KeyboardInterrupt:
@@ -616,6 +625,8 @@ def finetune_command(
             raise typer.Exit(130) from None
     origin = f"base {info['base']}" if info["base"] else "from scratch"
     out().print(f"{escape(name)}: {info['steps']} steps ({origin}), final loss {info['final_loss']:.4f}")
+    if info["holdout"]:
+        out().print(f"held out for `rig eval`: {', '.join(info['holdout'])}")
     if info["from_scratch"]:
         out().print("trained from scratch on one album: expect lower quality than from a stage-1 base model")
 
@@ -975,6 +986,101 @@ DEMO_EDITS = {  # output name -> controls
     "smile": {"expression": {"smile": 0.9}},
     "yaw": {"yaw": 15.0},
 }
+
+
+@app.command("eval")
+@handles_errors
+def eval_command(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The person to evaluate a model of.")],
+    holdout: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Evaluate on K of the photos `rig finetune --holdout` set aside (default: all it recorded).",
+            show_default=False,
+        ),
+    ] = None,
+    photos: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--photos",
+            help="New photos of the person instead: files or folders (repeat the option).",
+            show_default=False,
+        ),
+    ] = None,
+    model: Annotated[
+        str,
+        typer.Option(
+            help="The model: `person` (the person's fine-tuned model), a registered base model, or a model folder."
+        ),
+    ] = "person",
+    compare: Annotated[
+        str | None,
+        typer.Option(
+            help="A second model on the same photos and seed, side by side, written MODEL:STEPS@ENGINE where any "
+            "part left out is the first's: `generic` (a base model), `:10` (10 DDIM steps), `@onnx`, `person:10@onnx`.",
+            show_default=False,
+        ),
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, max=1000, help="DDIM steps (the paper: 20).")] = 20,
+    engine: Annotated[str, typer.Option(help="Runtime for the UNet: torch, or onnx (exported once).")] = "torch",
+    seed: Annotated[
+        int, typer.Option(help="Seed, recorded in metrics.json (inversion and sampling are deterministic).")
+    ] = 0,
+    device: Annotated[str, typer.Option(help="torch device: cpu, cuda, ...")] = "cpu",
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Folder for metrics.json and report.html (default: eval-NAME).", show_default=False),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an earlier metrics.json and report.html.")] = False,
+) -> None:
+    """Measure identity, fidelity and edit accuracy on photos the model did not train on.
+
+    Per photo a fixed suite: reconstruction (no edit), light from left, right, top and bottom, smile
+    0.8, jaw open 0.6, blink 1.0, yaw +15 and -15 degrees, and a transfer of light, expression and pose
+    from each other photo. Writes metrics.json (every edit, and means per edit type, rounded to 4
+    decimals) and report.html (self-contained: the same summary and one image grid per edit type).
+    """
+    from rigcli.evaluate import (
+        METRICS,
+        ModelSpec,
+        eval_photos,
+        evaluate,
+        format_value,
+        output_paths,
+        parse_spec,
+        write_outputs,
+    )
+
+    store = store_of(ctx)
+    target = out_dir or Path(f"eval-{name}")
+    existing = [str(p) for p in output_paths(target) if p.exists()]
+    if existing and not force:
+        raise RigError(f"output exists (pass --force to overwrite): {', '.join(existing)}")
+    chosen = eval_photos(store, name, holdout, photos)
+    first = ModelSpec(model, steps, engine)
+    specs = [first] if compare is None else [first, parse_spec(compare, first)]
+    with _progress() as progress:
+        task = progress.add_task("reading", total=None)
+        evaluation = evaluate(
+            store, name, chosen, specs, seed=seed, device=device,
+            on_progress=lambda label, done, total: progress.update(
+                task, description=escape(label)[:48], completed=done, total=total
+            ),
+        )  # fmt: skip
+    metrics_path, report_path, doc = write_outputs(evaluation, target)
+    table = Table(title=f"eval {escape(name)}: {len(chosen)} photo(s), seed {seed}", title_justify="left")
+    table.add_column("model")
+    table.add_column("edit type")
+    table.add_column("n", justify="right")
+    for _, title in METRICS:
+        table.add_column(title, justify="right")
+    for entry in doc["models"]:
+        for kind, row in entry["summary"].items():
+            table.add_row(escape(entry["label"]), kind, str(row["count"]), *(format_value(row[k]) for k, _ in METRICS))
+    out().print(table)
+    out().print(f"metrics: {escape(str(metrics_path))}\nreport:  {escape(str(report_path))}")
 
 
 @app.command("export-onnx")

@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,8 +66,9 @@ class TrainingData:
 # ---------------------------------------------------------------- data
 
 
-def person_data(store, name: str, size: int) -> TrainingData:
-    """A person's training photos (crop + buffers at ``size``), rendered once and cached.
+def person_data(store, name: str, size: int, exclude: Sequence[str] = ()) -> TrainingData:
+    """A person's training photos (crop + buffers at ``size``), rendered once and cached; photos
+    whose ids are in ``exclude`` (held out for evaluation) are left out.
 
     The cache key covers the fit, the face model and the renderer, so a refit or a new face model
     makes a new cache.
@@ -82,7 +83,7 @@ def person_data(store, name: str, size: int) -> TrainingData:
             f"{name} has no 3D fit: install a face model (`rig assets download-ict`), then `rig refit {name}`"
         )
     manifest = store.load(name)
-    records = [r for r in manifest.photos if r.train and r.id in fit_doc["photos"]]
+    records = [r for r in manifest.photos if r.train and r.id in fit_doc["photos"] and r.id not in exclude]
     if not records:
         raise RigError(f"{name} has no photos usable for training")
     key = hashlib.sha256(
@@ -430,6 +431,25 @@ def register_model(store, name: str, source: Path) -> dict:
     return info
 
 
+def holdout_photos(store, name: str, count: int, seed: int = 0) -> list[str]:
+    """``count`` of a person's trainable, fitted photos set aside for ``rig eval``, drawn with ``seed``
+    (the same album and seed give the same photos)."""
+    import random
+
+    from rigcli.enroll import read_fit
+
+    if count <= 0:
+        return []
+    fit_doc = read_fit(store, name)
+    fitted = fit_doc["photos"] if fit_doc else {}
+    usable = sorted(r.id for r in store.load(name).photos if r.train and r.id in fitted)
+    if count >= len(usable):
+        raise RigError(
+            f"--holdout {count} would leave no photo of {name} to train on ({len(usable)} usable): hold out fewer"
+        )
+    return sorted(random.Random(seed).sample(usable, count))
+
+
 def finetune(
     store,
     name: str,
@@ -444,11 +464,14 @@ def finetune(
     device: str = "cpu",
     restart: bool = False,
     checkpoint_every: int = 250,
+    holdout: int = 0,
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict:
     """Stage 2: personalize a base model on ``name``'s photos (or train from scratch); returns model.json.
 
-    Resumes an interrupted run with the same settings; ``restart`` discards it.
+    ``holdout`` photos are drawn with ``seed``, kept out of training and listed in model.json
+    (``holdout``) for ``rig eval``. Resumes an interrupted run with the same settings; ``restart``
+    discards it.
     """
     import shutil
 
@@ -477,7 +500,8 @@ def finetune(
     cfg.checkpoint_every = checkpoint_every
     cfg.preview_every = max(checkpoint_every, cfg.steps // 10)
     with store.locked(name):  # held for the whole run: one training per person at a time
-        data = person_data(store, name, model.cfg.image_size)
+        held_out = holdout_photos(store, name, holdout, seed)
+        data = person_data(store, name, model.cfg.image_size, exclude=held_out)
         if base_info:
             check_base_buffers(base, base_info, name, data.face_model_id)
         run_dir = store.person_dir(name) / "training"
@@ -494,6 +518,7 @@ def finetune(
             "final_loss": log[-1]["loss"] if log else None,
             "face_model_id": data.face_model_id,
             "data_hash": data.data_hash,
+            "holdout": held_out,
             "train": asdict(cfg),
             "trained": now_iso(),
         }

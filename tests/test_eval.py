@@ -1,0 +1,297 @@
+"""rig eval: each metric against a known answer, held-out photos, the report in a real browser, --compare."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import structural_similarity
+from typer.testing import CliRunner
+
+from rigcli import RigError
+from rigcli.cli import app
+from rigcli.edit import LIGHT_DIRECTIONS, light_for
+from rigcli.enroll import add_photos
+from rigcli.evaluate import (
+    DECIMALS,
+    METRICS,
+    PSNR_CAP,
+    SAME_PERSON,
+    ModelSpec,
+    blendshape_error,
+    edit_count,
+    eval_photos,
+    identity_distances,
+    light_error_deg,
+    parse_spec,
+    psnr,
+    ssim,
+    ssim_map,
+    yaw_error_deg,
+)
+from rigcli.fit import FaceFit, fit_light, render_buffers
+from rigcli.photo import read_photo
+from rigcli.store import Store
+from rigcli.train import holdout_photos, person_data
+from tests.conftest import home_with_model
+
+runner = CliRunner()
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+def rig(home, *args):
+    return runner.invoke(app, ["--home", str(home), *args], env={"COLUMNS": "200"})
+
+
+# ---------------------------------------------------------------- metrics with known answers
+
+
+def test_psnr_and_ssim_known_answers():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (48, 48, 3)).astype(np.uint8)
+    assert psnr(image, image) == PSNR_CAP and ssim(image, image) == pytest.approx(1.0)
+    shifted = image.astype(np.float64) + 10.0  # every pixel off by 10: MSE 100
+    assert psnr(shifted, image) == pytest.approx(20 * math.log10(255 / 10), abs=1e-9)
+    mask = np.zeros((48, 48), bool)
+    mask[10:30, 5:25] = True
+    half = image.astype(np.float64)
+    half[mask] += 5.0  # off by 5 inside the mask only
+    assert psnr(half, image, mask) == pytest.approx(20 * math.log10(255 / 5), abs=1e-9)
+    assert psnr(half, image, ~mask) == PSNR_CAP
+    assert psnr(half, image, np.zeros_like(mask)) is None
+    # SSIM against scikit-image's (Gaussian window, sigma 1.5, population covariance)
+    noisy = np.clip(image + rng.normal(0, 20, image.shape), 0, 255).astype(np.uint8)
+    _, reference = structural_similarity(
+        image, noisy, channel_axis=2, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+        data_range=255, full=True,
+    )  # fmt: skip
+    ours = ssim_map(image, noisy)
+    assert np.allclose(ours, reference.mean(axis=2), atol=1e-9)
+    assert ssim(image, noisy, mask) == pytest.approx(float(reference.mean(axis=2)[mask].mean()), abs=1e-9)
+    noisier = np.clip(image + rng.normal(0, 60, image.shape), 0, 255).astype(np.uint8)
+    assert ssim(image, noisier) < ssim(image, noisy) < 1.0
+
+
+def test_edit_errors_known_answers():
+    before = torch.zeros(5)
+    asked = torch.tensor([0.8, 0.8, 0.0, 0.0, 0.05])  # a smile on both sides, one faint shape
+    got = torch.tensor([0.6, 0.7, 0.3, 0.0, 0.05])
+    # the smile's two shapes and the faint one were set: |0.2| + |0.1| + 0 over 3
+    assert blendshape_error(got, asked, before) == pytest.approx(0.1)
+    assert blendshape_error(got, before, before) == pytest.approx(1.65 / 5)  # nothing involved: all shapes
+    assert yaw_error_deg(torch.tensor(math.radians(20.0)), torch.tensor(math.radians(5.0))) == pytest.approx(15.0)
+
+
+def test_light_error_on_a_rendered_face(face_model):
+    """A face rendered under a known light and fitted again: its direction comes back; another is off by
+    the angle between the two."""
+    frontal = FaceFit(
+        *torch.zeros(3, 1), torch.tensor([9.5]), torch.tensor([[128.0, 150.0]]),
+        torch.zeros(1, len(face_model.expression_names)), torch.zeros(face_model.identity_size),
+        albedo=torch.tensor([[0.7, 0.55, 0.45]]),
+    )  # fmt: skip
+    for side, other in (("left", "right"), ("top", "left")):
+        frontal.light = light_for(LIGHT_DIRECTIONS[side], 0.8, 0.35, None)[None]
+        shaded = render_buffers(face_model, frontal, 256)[:, :3].permute(0, 2, 3, 1)
+        light, _ = fit_light(face_model, frontal, shaded)
+        asked = light_for(LIGHT_DIRECTIONS[side], 0.8, 0.35, None)
+        assert light_error_deg(light[0], asked) < 3.0
+        a, b = (torch.nn.functional.normalize(torch.tensor(LIGHT_DIRECTIONS[s]), dim=0) for s in (side, other))
+        between = math.degrees(math.acos(float((a * b).sum())))
+        wrong = light_for(LIGHT_DIRECTIONS[other], 0.8, 0.35, None)
+        assert light_error_deg(light[0], wrong) == pytest.approx(between, abs=3.0)
+
+
+CAMERAMAN_FACE = (189.0, 117.0, 258.0, 186.0)  # where dlib's CNN detector finds him (HOG misses him); 14 s saved
+
+
+def test_identity_distance_same_and_other_person(analyzer, album):
+    from skimage import data
+
+    from rigcli.detect import FaceBox
+
+    def descriptor(rgb, box=None):
+        points = analyzer.landmarks(rgb, box or analyzer.find_face(rgb).box)
+        return analyzer.embed(rgb, points)
+
+    astronaut = descriptor(read_photo(album[0].path).pixels)
+    assert identity_distances(astronaut, astronaut) == pytest.approx((0.0, 0.0), abs=1e-9)
+    copy = descriptor(read_photo(album[2].path).pixels)  # rotated, rescaled, recoloured, recompressed
+    cosine, euclidean = identity_distances(astronaut, copy)
+    assert euclidean < SAME_PERSON and cosine < 0.1
+    # the cameraman: the other person test_enroll adds to the album, where he is flagged as an outlier
+    cameraman = np.repeat(data.camera()[:, :, None], 3, axis=2)
+    other = descriptor(cameraman, FaceBox(CAMERAMAN_FACE, 1.0))
+    cosine, euclidean = identity_distances(astronaut, other)
+    assert euclidean > SAME_PERSON
+    assert cosine == pytest.approx(1 - astronaut @ other / np.linalg.norm(astronaut) / np.linalg.norm(other))
+
+
+def test_model_specs():
+    first = ModelSpec("person", 20, "torch")
+    assert parse_spec("generic", first) == ModelSpec("generic", 20, "torch")
+    assert parse_spec(":10", first) == ModelSpec("person", 10, "torch")
+    assert parse_spec("@onnx", first) == ModelSpec("person", 20, "onnx")
+    assert parse_spec("base:5@onnx", first) == ModelSpec("base", 5, "onnx")
+    assert parse_spec("/models/v2:8", first) == ModelSpec("/models/v2", 8, "torch")
+    for bad in ("person:", ":0", "x@"):
+        with pytest.raises(RigError):
+            parse_spec(bad, first)
+    assert edit_count(1) == 10 and edit_count(2) == 22  # 1 + 4 + 3 + 2, and one transfer each
+
+
+# ---------------------------------------------------------------- held-out photos, the command, the report
+
+
+@pytest.fixture(scope="module")
+def held_out_home(tmp_path_factory, album, ict_store):
+    """Six album photos; a tiny model fine-tuned (briefly) with two of them held out, through the CLI."""
+    home = home_with_model(tmp_path_factory.mktemp("eval"), ict_store)
+    add_photos(Store(home), "astro", [p.path for p in album[:6]])
+    result = rig(home, "finetune", "astro", "--from-scratch", "--preset", "tiny", "--steps", "20", "--lr", "3e-4",
+                 "--holdout", "2", "--seed", "3")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return home
+
+
+def test_holdout_is_seeded_recorded_and_left_out_of_training(held_out_home):
+    store = Store(held_out_home)
+    info = json.loads((held_out_home / "people" / "astro" / "model" / "model.json").read_text())
+    assert info["holdout"] == holdout_photos(store, "astro", 2, seed=3) and len(set(info["holdout"])) == 2
+    assert holdout_photos(store, "astro", 2, seed=3) == holdout_photos(store, "astro", 2, seed=3)
+    assert {tuple(holdout_photos(store, "astro", 2, seed=s)) for s in range(6)} != {tuple(info["holdout"])}
+    everything = person_data(store, "astro", 64)
+    trained = person_data(store, "astro", 64, exclude=info["holdout"])
+    assert len(everything) == 6 and len(trained) == 4 and trained.data_hash == info["data_hash"]
+    with pytest.raises(RigError, match="leave no photo"):
+        holdout_photos(store, "astro", 6)
+
+
+def chromium(*args: str, tmp_path) -> subprocess.CompletedProcess:
+    binary = shutil.which("chromium")
+    if binary is None:
+        pytest.fail("chromium is needed to render report.html: install it with `apt-get install -y chromium`")
+    flags = [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]
+    return subprocess.run([binary, *flags, *args], capture_output=True, text=True, timeout=120, check=True)
+
+
+class SummaryTable(HTMLParser):
+    """The rendered summary table's cells: (model, kind) -> {data-key: text}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[tuple[str, str], dict[str, str]] = {}
+        self.row: dict[str, str] | None = None
+        self.key: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "tr" and "data-kind" in attrs:
+            self.row = self.rows.setdefault((attrs["data-model"], attrs["data-kind"]), {})
+        elif tag == "td" and self.row is not None:
+            self.key = attrs.get("data-key")
+
+    def handle_endtag(self, tag):
+        if tag == "tr":
+            self.row = None
+        if tag == "td":
+            self.key = None
+
+    def handle_data(self, data):
+        if self.row is not None and self.key:
+            self.row[self.key] = self.row.get(self.key, "") + data
+
+
+def test_eval_command_report_and_compare(held_out_home, tmp_path):
+    out = tmp_path / "report"
+    result = rig(held_out_home, "eval", "astro", "--holdout", "2", "--steps", "3", "--compare", ":2", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "metrics.json").read_text())
+    info = json.loads((held_out_home / "people" / "astro" / "model" / "model.json").read_text())
+    assert [p["label"] for p in doc["photos"]] == [pid[:8] for pid in info["holdout"]]
+    first, second = doc["models"]
+    assert (first["steps"], second["steps"]) == (3, 2) and first["engine"] == second["engine"] == "torch"
+    # both models ran the same suite on the same photos, in the same order, from the same input pixels (the
+    # inputs fitted again give the same floor), and each with its own steps (the reconstructions differ)
+    keys = [[(e["photo"], e["label"]) for e in m["edits"]] for m in doc["models"]]
+    assert keys[0] == keys[1] and len(keys[0]) == edit_count(2)
+    assert first["measurement_floor"] == second["measurement_floor"]
+    assert [e["psnr_face"] for e in first["edits"][:1]] != [e["psnr_face"] for e in second["edits"][:1]]
+    assert {e["kind"] for e in first["edits"]} == {"reconstruction", "light", "expression", "pose", "transfer"}
+    recon = [e for e in first["edits"] if e["kind"] == "reconstruction"]
+    assert all(e["psnr_face"] > 8 and 0 < e["ssim_face"] <= 1 for e in recon)
+    assert all(e["psnr_face"] is None for e in first["edits"] if e["kind"] != "reconstruction")
+    # the inputs fitted again by the same pipeline: what the edit-accuracy numbers cannot resolve
+    print(json.dumps(first["summary"]), json.dumps(first["measurement_floor"]))
+    assert first["measurement_floor"]["yaw_error_deg"] < 5.0
+    assert first["measurement_floor"]["blendshape_error"] < 0.25
+    # the summary is the mean of the edits, rounded as documented
+    light = [e["identity_euclidean"] for e in first["edits"] if e["kind"] == "light"]
+    assert first["summary"]["light"]["identity_euclidean"] == pytest.approx(np.mean(light), abs=10**-DECIMALS)
+    assert first["summary"]["pose"]["count"] == 4
+    # the printed table holds the same numbers
+    assert f"{first['summary']['reconstruction']['psnr_face']:.{DECIMALS}f}" in result.stdout
+    # the report, opened in a real browser: a page with content, and the table of metrics.json
+    shot = tmp_path / "shot.png"
+    chromium(f"--screenshot={shot}", "--window-size=1280,2000", (out / "report.html").as_uri(), tmp_path=tmp_path)
+    pixels = iio.imread(shot).astype(np.float64)
+    assert pixels.shape[:2] == (2000, 1280) and pixels[..., :3].std() > 20.0
+    dom = chromium("--dump-dom", (out / "report.html").as_uri(), tmp_path=tmp_path).stdout
+    table = SummaryTable()
+    table.feed(dom)
+    assert len(table.rows) == 2 * 5
+    for model in doc["models"]:
+        for kind, row in model["summary"].items():
+            cells = table.rows[(model["label"], kind)]
+            assert int(cells["count"]) == row["count"]
+            for key, _ in METRICS:
+                assert (cells[key] == "-") if row[key] is None else float(cells[key]) == row[key], (kind, key)
+    assert dom.count("data:image/png;base64,") == edit_count(2) and "http" not in dom.replace("http-equiv", "")
+    # outputs are not overwritten without --force
+    again = rig(held_out_home, "eval", "astro", "--holdout", "1", "--out", str(out))
+    assert again.exit_code == 2 and "--force" in again.stderr
+
+
+def test_eval_errors(held_out_home, album, tmp_path):
+    store = Store(held_out_home)
+    recorded = json.loads((held_out_home / "people" / "astro" / "model" / "model.json").read_text())["holdout"]
+    assert [p.label for p in eval_photos(store, "astro", holdout=1)] == [recorded[0][:8]]
+    new = eval_photos(store, "astro", photos=[album[6].path, album[7].path.parent])
+    assert [p.path for p in new[:2]] == [album[6].path, album[0].path] and len(new) == len(album)
+    cases = [
+        (["--holdout", "3"], "with 2 photo(s) held out"),
+        (["--holdout", "1", "--photos", str(album[6].path)], "choose one of --holdout and --photos"),
+        (["--photos", str(tmp_path / "missing.jpg")], "does not exist"),
+        (["--model", "nonesuch"], "no model 'nonesuch'"),
+        (["--compare", "person:"], "MODEL[:STEPS][@ENGINE]"),
+        (["--engine", "trt"], "unknown engine 'trt'"),
+    ]
+    for args, words in cases:
+        result = rig(held_out_home, "eval", "astro", "--out", str(tmp_path / "x"), *args)
+        assert result.exit_code == 2 and words in result.stderr, (args, result.output)
+        assert "Traceback" not in result.output
+    home = tmp_path / "home"
+    shutil.copytree(held_out_home, home)
+    model_json = home / "people" / "astro" / "model" / "model.json"
+    model_json.write_text(json.dumps({**json.loads(model_json.read_text()), "holdout": []}))
+    result = rig(home, "eval", "astro", "--out", str(tmp_path / "y"))
+    assert result.exit_code == 2 and "rig finetune astro --holdout K" in result.stderr
+
+
+def test_help_explains_every_option():
+    result = runner.invoke(app, ["eval", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "MODEL:STEPS@ENGINE" in result.stdout
+    for option in ("--holdout", "--photos", "--model", "--compare", "--steps", "--engine", "--seed", "--out"):
+        assert option in result.stdout
+    finetune = runner.invoke(app, ["finetune", "--help"], env={"COLUMNS": "200"})
+    assert "--holdout" in finetune.stdout and "rig eval" in finetune.stdout
