@@ -86,6 +86,17 @@ class EngineSpec:
         return None
 
 
+def cast_unet(unet: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``unet`` in ``dtype`` (in place), its GroupNorms kept in fp32 as the UNet computes them (GroupNorm32
+    normalizes in fp32 and casts back): the usual half-precision recipe, as under autocast."""
+    unet.to(dtype)
+    if dtype != torch.float32:
+        for module in unet.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.float()
+    return unet
+
+
 def torch_engine(
     unet: torch.nn.Module,
     dtype: torch.dtype = torch.float32,
@@ -96,7 +107,7 @@ def torch_engine(
     """The UNet itself as an engine: half precision, channels-last, ``torch.compile`` and CUDA graphs
     are optional. With CUDA graphs, the first call at each input shape captures a graph (after a
     warm-up on a side stream) and later calls at that shape replay it on static buffers."""
-    unet = unet.to(dtype=dtype).eval()
+    unet = cast_unet(unet, dtype).eval()
     if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     if cuda_graphs and next(unet.parameters()).device.type != "cuda":

@@ -100,7 +100,9 @@ def export(unet: torch.nn.Module, folder: Path, image_size: int, fp16: bool = Fa
     require_onnx()
     key = artifact_key(unet, fp16, opset)
     dtype = torch.float16 if fp16 else torch.float32
-    step = _Step(copy.deepcopy(unet).cpu()).eval().to(dtype)
+    from engines import cast_unet
+
+    step = _Step(cast_unet(copy.deepcopy(unet).cpu(), dtype)).eval()
     args = (
         torch.randn(2, 3, image_size, image_size, dtype=dtype),
         torch.tensor([10, 500]),
