@@ -211,6 +211,14 @@ def test_a_stale_artifact_is_rebuilt_not_used(unet, tmp_path):
 # ---------------------------------------------------------------- rig bench
 
 
+@pytest.mark.parametrize("command", [["export-trt"], ["engines", "list"], ["engines", "remove"], ["bench"]])
+def test_help(command):
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "Usage" in result.stdout
+    if command == ["bench"]:
+        assert "dense" in result.stdout and "989" in result.stdout
+
+
 def test_bench_runs_on_cpu_and_its_json_is_consistent(tmp_path):
     out = tmp_path / "bench.json"
     engines = "torch-fp32,onnx,torch-fp16,trt"
