@@ -295,6 +295,18 @@ def test_trt_matches_torch_per_step(unet, tmp_path):
         assert relative_error(eps, reference(*args)) < 1e-2
 
 
+@needs_cuda
+def test_onnx_on_the_gpu_provider_matches_torch(unet, exported, tmp_path):
+    engine = onnx_engine(exported)
+    if "CUDAExecutionProvider" not in engine.providers:
+        pytest.skip("needs onnxruntime-gpu (CUDA execution provider) on a CUDA GPU")
+    reference = make_engine("torch", copy.deepcopy(unet), tmp_path, 64, "cuda")
+    for batch in (1, 4):
+        args = gpu_inputs(batch, seed=batch)
+        eps = engine(*args)
+        assert eps.is_cuda and relative_error(eps, reference(*args)) < 1e-2  # GPU providers may use TF32
+
+
 @pytest.fixture(scope="module")
 def trained_gpu_model():
     """A tiny model trained for a few hundred steps on smooth synthetic faces-like blobs (on the GPU)."""
