@@ -319,12 +319,12 @@ def trained_gpu_model():
     yy, xx = torch.meshgrid(grid, grid, indexing="ij")
     for _ in range(300):
         centre = torch.rand(8, 2, 1, 1, device="cuda") - 0.5
-        blob = torch.exp(-((xx - centre[:, :1]) ** 2 + (yy - centre[:, 1:]) ** 2) * 4)[:, None]
+        blob = torch.exp(-((xx - centre[:, :1]) ** 2 + (yy - centre[:, 1:]) ** 2) * 4)  # (8, 1, 64, 64)
         images = (blob * torch.rand(8, 3, 1, 1, device="cuda") * 2 - 1).clamp(-1, 1)
         buffers = blob.expand(-1, 9, -1, -1)
         t = torch.randint(0, 1000, (8,), device="cuda")
         noise = torch.randn_like(images)
-        eps = model(diffusion.q_sample(images, t, noise), t, buffers, images)
+        eps = model(diffusion.q_sample(images, t, noise), t, buffers, images=images)
         loss = diffusion.loss(eps, noise, t)
         optimizer.zero_grad()
         loss.backward()
