@@ -143,7 +143,7 @@ def trt_artifact(
     atomic_write_bytes(folder / "model.plan", plan)
     atomic_write_json(
         folder / "engine.json",
-        {**key, "image_size": image_size, "onnx": onnx_path.parent.name, "source": source,
+        {**key, "image_size": image_size, "onnx_artifact": onnx_path.parent.name, "source": source,
          "build_seconds": round(time.perf_counter() - started, 1)},
     )  # fmt: skip
     return folder / "model.plan"

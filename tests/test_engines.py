@@ -136,6 +136,85 @@ def test_export_trt_without_tensorrt_says_what_to_install(how, monkeypatch, tmp_
     assert "pip install 'rig[gpu]'" in result.stderr and "Traceback" not in result.output
 
 
+def recording_tensorrt(built: list[dict]):
+    """A stand-in for the ``tensorrt`` module with the builder calls rig makes, recording them, so the
+    profile, precision flag and engine cache can be checked without a GPU (the real build runs in
+    test_trt_matches_torch_per_step on one)."""
+    import importlib.machinery
+    import types
+
+    trt = types.ModuleType("tensorrt")
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
+    trt.__version__ = "10.0.test"
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16")
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=5)
+    record: dict = {}
+
+    class Parser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            pass
+
+        def parse_from_file(self, path):
+            record["onnx"] = path
+            return True
+
+    class Config:
+        def set_flag(self, flag):
+            record.setdefault("flags", set()).add(flag)
+
+        def add_optimization_profile(self, profile):
+            record["profile"] = profile
+
+    class Profile(dict):
+        def set_shape(self, name, low, opt, high):
+            self[name] = (tuple(low), tuple(opt), tuple(high))
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            record["network_flags"] = flags
+
+        create_builder_config = staticmethod(Config)
+        create_optimization_profile = staticmethod(Profile)
+
+        def build_serialized_network(self, network, config):
+            built.append(dict(record))
+            return b"plan %d" % len(built)
+
+    trt.Builder, trt.OnnxParser = Builder, Parser
+    return trt
+
+
+def test_trt_build_profile_precision_and_cache(monkeypatch, unet, tmp_path):
+    import engines.tensorrt as module
+    from engines.tensorrt import trt_artifact
+
+    built: list[dict] = []
+    monkeypatch.setitem(sys.modules, "tensorrt", recording_tensorrt(built))
+    gpu = {"tensorrt": "10.0.test", "gpu": "Test GPU", "capability": "9.0", "cuda": "12.4"}
+    monkeypatch.setattr(module, "device_key", lambda: dict(gpu))
+    plan = trt_artifact(unet, tmp_path, 64, fp16=True, max_batch=8)
+    assert plan.read_bytes() == b"plan 1" and len(built) == 1
+    record = built[0]
+    assert record["flags"] == {"FP16"} and record["network_flags"] == 0  # fp16 kernels chosen by TensorRT
+    shapes = {"x_t": (3, 64, 64), "t": (), "buffers": (9, 64, 64), "latent": (64,)}
+    assert record["profile"] == {n: ((1, *r), (8, *r), (8, *r)) for n, r in shapes.items()}
+    graph = onnx.load(record["onnx"]).graph  # built from the fp32 export
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert trt_artifact(unet, tmp_path, 64, fp16=True, max_batch=8) == plan and len(built) == 1  # cached
+    info = json.loads((plan.parent / "engine.json").read_text())
+    assert info["kind"] == "tensorrt" and info["gpu"] == "Test GPU" and info["precision"] == "fp16"
+    gpu["gpu"] = "Another GPU"  # an engine is never used on a GPU it was not built for
+    other = trt_artifact(unet, tmp_path, 64, fp16=True, max_batch=8)
+    assert other != plan and len(built) == 2
+    assert trt_artifact(unet, tmp_path, 64, fp16=True, max_batch=16) not in (plan, other) and len(built) == 3
+
+
 # ---------------------------------------------------------------- artifacts in the store
 
 
