@@ -7,6 +7,7 @@ precision, the opset and the library versions, so a stale file is rebuilt, never
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -22,11 +23,19 @@ INPUTS = ("x_t", "t", "buffers", "latent")
 DEFAULT_OPSET = 17
 
 
-def require_onnx() -> None:
-    """Refuse clearly when the optional ONNX packages are missing."""
+def missing_onnx() -> str | None:
+    """What to install when the optional ONNX packages are missing (None when they are there)."""
     missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
     if missing:
-        raise RigError(f"{' and '.join(missing)} not installed: pip install 'rig[onnx]' (or onnx onnxruntime)")
+        return f"{' and '.join(missing)} not installed: pip install 'rig[onnx]' (or onnx onnxruntime)"
+    return None
+
+
+def require_onnx() -> None:
+    """Refuse clearly when the optional ONNX packages are missing."""
+    message = missing_onnx()
+    if message:
+        raise RigError(message)
 
 
 class _Step(torch.nn.Module):
@@ -48,13 +57,13 @@ def weights_hash(unet: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def artifact_key(unet: torch.nn.Module, fp16: bool, opset: int) -> dict:
-    """Everything an exported file depends on; its hash names the artifact's folder."""
+def artifact_key(unet: torch.nn.Module | str, fp16: bool, opset: int) -> dict:
+    """Everything an exported file depends on (``unet`` or its weights hash); its hash names the folder."""
     import onnx
     import onnxruntime
 
     return {
-        "weights": weights_hash(unet),
+        "weights": unet if isinstance(unet, str) else weights_hash(unet),
         "precision": "fp16" if fp16 else "fp32",
         "opset": opset,
         "torch": torch.__version__,
@@ -63,15 +72,37 @@ def artifact_key(unet: torch.nn.Module, fp16: bool, opset: int) -> dict:
     }
 
 
+def key_folder(root: Path, key: dict) -> Path:
+    """The artifact folder of a key under ``root``: the first 16 hex digits of the key's hash."""
+    return root / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_current(folder: Path, filename: str, key: dict) -> bool:
+    """Whether ``folder`` holds ``filename`` made for exactly ``key`` (else it is rebuilt)."""
+    info = folder / "engine.json"
+    if not ((folder / filename).is_file() and info.is_file()):
+        return False
+    try:
+        recorded = json.loads(info.read_text())
+    except ValueError:
+        return False
+    return {k: recorded.get(k) for k in key} == key
+
+
 def export(unet: torch.nn.Module, folder: Path, image_size: int, fp16: bool = False, opset: int = DEFAULT_OPSET,
-           max_batch: int = 32) -> Path:  # fmt: skip
-    """Export the UNet step to ``folder/model.onnx`` (written atomically) and describe it in engine.json."""
+           max_batch: int = 32, source: str | None = None) -> Path:  # fmt: skip
+    """Export the UNet step to ``folder/model.onnx`` (written atomically) and describe it in engine.json.
+
+    The export runs on a CPU copy of the UNet, so the caller's module keeps its device and dtype.
+    """
     from rigcli.store import atomic_write_bytes, atomic_write_json
 
     require_onnx()
     key = artifact_key(unet, fp16, opset)
     dtype = torch.float16 if fp16 else torch.float32
-    step = _Step(unet).eval().to(dtype)
+    from engines import cast_unet
+
+    step = _Step(cast_unet(copy.deepcopy(unet).cpu(), dtype)).eval()
     args = (
         torch.randn(2, 3, image_size, image_size, dtype=dtype),
         torch.tensor([10, 500]),
@@ -88,25 +119,32 @@ def export(unet: torch.nn.Module, folder: Path, image_size: int, fp16: bool = Fa
         )  # fmt: skip
     atomic_write_bytes(folder / "model.onnx", tmp.read_bytes())
     tmp.unlink()
-    atomic_write_json(folder / "engine.json", {**key, "image_size": image_size, "max_batch": max_batch})
+    atomic_write_json(
+        folder / "engine.json",
+        {**key, "kind": "onnx", "image_size": image_size, "max_batch": max_batch, "source": source},
+    )
     return folder / "model.onnx"
 
 
 def artifact(unet: torch.nn.Module, root: Path, image_size: int, fp16: bool = False, opset: int = DEFAULT_OPSET,
-             max_batch: int = 32) -> Path:  # fmt: skip
-    """The up-to-date ONNX file for these weights and settings under ``root``, exported if missing."""
+             max_batch: int = 32, source: str | None = None) -> Path:  # fmt: skip
+    """The up-to-date ONNX file for these weights and settings under ``root``, exported if missing.
+
+    ``source`` (the model folder) is recorded so that ``rig engines list`` can tell a stale export.
+    """
     require_onnx()
     key = artifact_key(unet, fp16, opset)
-    folder = root / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = folder / "model.onnx"
-    info = folder / "engine.json"
-    if path.is_file() and info.is_file() and {k: json.loads(info.read_text()).get(k) for k in key} == key:
-        return path
-    return export(unet, folder, image_size, fp16, opset, max_batch)
+    folder = key_folder(root, key)
+    if is_current(folder, "model.onnx", key):
+        return folder / "model.onnx"
+    return export(unet, folder, image_size, fp16, opset, max_batch, source)
 
 
 def onnx_engine(path: Path, providers: list[str] | None = None):
-    """An engine over an ONNX file: CUDA or TensorRT providers when installed, else the CPU one."""
+    """An engine over an ONNX file: CUDA or TensorRT providers when installed, else the CPU one.
+
+    On a GPU provider with CUDA tensors the inputs and output are bound by device address.
+    """
     require_onnx()
     import onnxruntime as ort
 
@@ -115,7 +153,31 @@ def onnx_engine(path: Path, providers: list[str] | None = None):
     session = ort.InferenceSession(str(path), providers=[*wanted, "CPUExecutionProvider"])
     dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
 
+    on_gpu = any(p in session.get_providers() for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider"))
+    torch_dtype = torch.float16 if dtype == np.float16 else torch.float32
+
+    def bound(x_t: torch.Tensor, t: torch.Tensor, buffers: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """CUDA tensors in, CUDA tensor out: ONNX Runtime reads and writes torch's memory (no host copies)."""
+        device = x_t.device
+        feed = {
+            "x_t": x_t.to(torch_dtype).contiguous(),
+            "t": t.to(device, torch.int64).contiguous(),
+            "buffers": buffers.to(torch_dtype).contiguous(),
+            "latent": latent.to(torch_dtype).contiguous(),
+        }
+        eps = torch.empty(x_t.shape, dtype=torch_dtype, device=device)
+        binding = session.io_binding()
+        for name, tensor in (*feed.items(), ("eps", eps)):
+            kind = np.int64 if name == "t" else dtype
+            bind = binding.bind_output if name == "eps" else binding.bind_input
+            bind(name, "cuda", device.index or 0, kind, tuple(tensor.shape), tensor.data_ptr())
+        torch.cuda.current_stream(device).synchronize()  # ONNX Runtime runs on its own stream
+        session.run_with_iobinding(binding)
+        return eps.to(x_t.dtype)
+
     def denoise(x_t: torch.Tensor, t: torch.Tensor, buffers: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        if on_gpu and x_t.is_cuda:
+            return bound(x_t, t, buffers, latent)
         feed = {
             "x_t": x_t.detach().cpu().numpy().astype(dtype),
             "t": t.detach().cpu().numpy().astype(np.int64),

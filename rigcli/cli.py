@@ -879,7 +879,11 @@ def edit_command(
         Path | None, typer.Option(help="A model folder instead of the person's fine-tuned one.", show_default=False)
     ] = None,
     engine: Annotated[
-        str, typer.Option(help="Runtime for the UNet: torch, or onnx (ONNX Runtime, exported once).")
+        str,
+        typer.Option(
+            help="Runtime for the UNet: torch, onnx (ONNX Runtime) or trt (TensorRT, fp16), exported once and kept; "
+            "options after dashes, e.g. torch-fp16-cl-graphs, onnx-fp16, trt-fp32 (see README, Engines)."
+        ),
     ] = "torch",
     no_invert: Annotated[
         bool, typer.Option("--no-invert", help="Start from seeded noise instead of inverting the photo.")
@@ -1108,9 +1112,215 @@ def export_onnx_command(
     net, _ = load_model(folder)
     with store.locked(name, on_wait=_say_waiting):
         path = artifact(
-            net.denoisingUNet, store.person_dir(name) / "engines", net.cfg.image_size, fp16, opset, max_batch
-        )
+            net.denoisingUNet, store.person_dir(name) / "engines", net.cfg.image_size, fp16, opset, max_batch,
+            source=str(folder.resolve()),
+        )  # fmt: skip
     out().print(f"ONNX engine: {escape(str(path))}")
+
+
+# ---------------------------------------------------------------- engines: TensorRT, listing, benchmark
+
+engines_app = typer.Typer(help="Exported UNet engines (ONNX, TensorRT) kept in the store.", no_args_is_help=True)
+app.add_typer(engines_app, name="engines")
+
+
+def _model_folder(store: Store, name: str, model: Path | None) -> Path:
+    store.require(name)
+    folder = model or store.person_dir(name) / "model"
+    if not (folder / "model.json").is_file():
+        raise RigError(f"{name} has no fine-tuned model: run `rig finetune {name}` first (or pass --model DIR)")
+    return folder
+
+
+@app.command("export-trt")
+@handles_errors
+def export_trt_command(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The person whose fine-tuned UNet to build an engine for.")],
+    fp16: Annotated[
+        bool, typer.Option("--fp16/--fp32", help="Half precision (the default) or full fp32 kernels.")
+    ] = True,
+    max_batch: Annotated[
+        int, typer.Option(min=1, help="Largest batch of the optimization profile (batches 1..B; larger run in chunks).")
+    ] = 32,
+    model: Annotated[
+        Path | None, typer.Option(help="A model folder instead of the person's.", show_default=False)
+    ] = None,
+) -> None:
+    """Build a TensorRT engine of the conditioned UNet step (via ONNX) for this GPU; needs the gpu extra."""
+    from engines.tensorrt import require_tensorrt, trt_artifact
+    from rigcli.train import load_model
+
+    require_tensorrt()
+    store = store_of(ctx)
+    folder = _model_folder(store, name, model)
+    net, _ = load_model(folder)
+    with store.locked(name, on_wait=_say_waiting), err().status("exporting to ONNX") as status:
+        path = trt_artifact(
+            net.denoisingUNet, store.person_dir(name) / "engines", net.cfg.image_size, fp16, max_batch,
+            source=str(folder.resolve()), on_build=lambda message: status.update(f"{message} (minutes)"),
+        )  # fmt: skip
+    out().print(f"TensorRT engine: {escape(str(path))}")
+
+
+@engines_app.command("list")
+@handles_errors
+def engines_list(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(help="Only this person's engines.", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Exported engines per person: kind, precision, key, size, and whether each is stale (its model,
+    library versions or GPU changed since: it would be rebuilt on next use, never used as is)."""
+    from engines import list_artifacts
+
+    store = store_of(ctx)
+    found = list_artifacts(store, [store.require(name)] if name else None)
+    if as_json:
+        rows = [
+            {"person": a.person, "key": a.key, "kind": a.kind, "precision": a.precision, "bytes": a.size,
+             "state": a.state, "reason": a.reason, "info": a.info}
+            for a in found
+        ]  # fmt: skip
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="engines", title_justify="left")
+    for column in ("person / model", "kind", "precision", "key", "size", "state"):
+        table.add_column(column, justify="right" if column == "size" else "left", overflow="fold")
+    style = {"current": "green", "stale": "red", "unknown": "yellow"}
+    for a in found:
+        source = a.info.get("source")
+        who = (
+            a.person
+            if not source or Path(source) == (store.person_dir(a.person) / "model").resolve()
+            else (f"{a.person} ({source})")
+        )
+        state = f"[{style[a.state]}]{a.state}[/]" + (f": {escape(a.reason)}" if a.reason else "")
+        table.add_row(escape(who), a.kind, a.precision, a.key, f"{a.size / 2**20:.1f} MB", state)
+    out().print(table if found else "no exported engines (rig export-onnx NAME, rig export-trt NAME)")
+
+
+@engines_app.command("remove")
+@handles_errors
+def engines_remove(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The person whose engine to remove.")],
+    key: Annotated[str | None, typer.Argument(help="The engine's key (see `rig engines list`).")] = None,
+    remove_all: Annotated[bool, typer.Option("--all", help="Remove all of this person's engines.")] = False,
+) -> None:
+    """Remove exported engines (they are rebuilt when next needed)."""
+    from engines import remove_artifacts
+
+    store = store_of(ctx)
+    with store.locked(store.require(name), on_wait=_say_waiting):
+        removed = remove_artifacts(store, name, key, remove_all)
+    out().print(f"removed {len(removed)} engine(s) of {escape(name)}: {', '.join(removed) or 'none'}")
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise RigError(f"{option} {text!r}: write whole numbers separated by commas, e.g. 1,8,32") from None
+    if not values or min(values) < 1:
+        raise RigError(f"{option} {text!r}: give at least one number, each 1 or more")
+    return values
+
+
+@app.command("bench")
+@handles_errors
+def bench_command(
+    preset: Annotated[
+        Preset, typer.Option(help="Model configuration (random weights: speed does not need training).")
+    ] = (Preset.paper),
+    batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,8,32",
+    steps: Annotated[str, typer.Option(help="DDIM step counts, comma-separated.")] = "20,10",
+    engines: Annotated[
+        str,
+        typer.Option(
+            help="Engine specs, comma-separated: torch-fp32, torch-fp16, torch-bf16, with -cl (channels-last), "
+            "-compile (torch.compile), -graphs (CUDA graphs); onnx, onnx-fp16; trt (fp16), trt-fp32."
+        ),
+    ] = "torch-fp32,torch-fp16,onnx,trt",
+    device: Annotated[
+        str | None, typer.Option(help="torch device (default: cuda when available, else cpu).", show_default=False)
+    ] = None,
+    no_invert: Annotated[
+        bool, typer.Option("--no-invert", help="Edits without DDIM inversion (sampling calls only).")
+    ] = False,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed edits per run; the fastest counts.")] = 2,
+    calls: Annotated[int, typer.Option(min=1, help="Timed UNet calls per engine and batch, after a warm-up.")] = 5,
+    peak_tflops: Annotated[
+        float | None,
+        typer.Option(
+            help="The GPU's peak in TFLOP/s for the fraction-of-peak column. Default: a table of dense (no "
+            "sparsity) fp16/bf16 tensor-core peaks: H100 SXM 989, H100 PCIe 756, H200 989, A100 312, V100 125, "
+            "L4 121, RTX 4090 165; n/a for CPUs and other GPUs.",
+            show_default=False,
+        ),
+    ] = None,
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write the full results as JSON.")] = Path(
+        "rig-bench.json"
+    ),
+) -> None:
+    """Time the paper's configuration (fp32, eager, 20 DDIM steps, batch 1, with inversion) and each
+    engine x batch x steps in one run: ms per UNet call, edits/s, speed-up, peak memory, % of GPU peak."""
+    import torch
+
+    from engines.bench import BenchPlan, run_bench
+    from rigcli.store import atomic_write_json
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RigError("--device cuda: torch sees no CUDA GPU (install torch's CUDA build, or use --device cpu)")
+    from engines import EngineSpec
+
+    specs = [e.strip() for e in engines.split(",") if e.strip()]
+    for spec in specs:
+        EngineSpec.parse(spec)  # refuse a typo before minutes of measuring
+    plan = BenchPlan(
+        preset=preset.value, batches=_int_list(batch, "--batch"), steps=_int_list(steps, "--steps"), engines=specs,
+        device=device, invert=not no_invert, repeats=repeats, calls=calls, peak_tflops=peak_tflops,
+    )  # fmt: skip
+    with _progress() as progress:
+        task = progress.add_task("benchmark", total=1)
+
+        def moved(label: str, done: int, total: int) -> None:
+            progress.update(task, description=label, completed=done, total=total)
+
+        report = run_bench(plan, on_progress=moved)
+    atomic_write_json(json_path, report)
+    base = report["baseline"]
+    table = Table(
+        title=f"rig bench: {report['preset']} ({report['image_size']} px, {report['unet_gflops_per_call']:.1f} "
+        f"GFLOPs/call) on {escape(report['device_name'])}",
+        title_justify="left",
+        caption="baseline: the paper's configuration (torch fp32 eager, 20 DDIM steps, batch 1"
+        + (", with inversion)" if plan.invert else ")"),
+    )
+    for column in ("engine", "batch", "steps", "ms / UNet call", "edits/s", "speed-up", "peak MB", "% of peak"):
+        table.add_column(column, justify="left" if column == "engine" else "right")
+    table.add_column("note", overflow="fold")
+    said = set()
+    for row in [base, *report["runs"]]:
+        label = ("baseline " if row["baseline"] else "") + row["engine"]
+        if row["status"] == "skipped":  # one line per engine that cannot run here, whatever the batch
+            if row["engine"] not in said:
+                said.add(row["engine"])
+                table.add_row(label, "all", "all", "", "", "", "", "", f"[yellow]skipped[/]: {escape(row['reason'])}")
+            continue
+        if row["status"] != "ok":
+            note = f"[red]{row['status']}[/]: {escape(row['reason'])}"
+            table.add_row(label, str(row["batch"]), str(row["steps"]), "", "", "", "", "", note)
+            continue
+        fraction = row["fraction_of_peak"]
+        table.add_row(
+            label, str(row["batch"]), str(row["steps"]), f"{row['ms_per_unet_call']:.1f}",
+            f"{row['edits_per_s']:.2f}", f"{row['speedup']:.2f}x" if row["speedup"] is not None else "n/a",
+            f"{row['peak_memory_mb']:.0f}", f"{100 * fraction:.0f}%" if fraction is not None else "n/a", "",
+        )  # fmt: skip
+    out().print(table)
+    out().print(f"results: {escape(str(json_path))}")
 
 
 @app.command("demo")

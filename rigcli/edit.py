@@ -227,19 +227,14 @@ class Editor:
         self.identity = torch.tensor(fit_doc["identity"], dtype=torch.float32)
         self.crop_size = store.load(name).align_size
         self.analyzer = FaceAnalyzer(detector)
-        self.denoise = self._engine(engine, store.person_dir(name) / "engines")
+        self.denoise = self._engine(engine, store.person_dir(name) / "engines", folder)
 
-    def _engine(self, kind: str, root: Path):
-        """The runtime that serves eps = f(x_t, t, buffers, latent) for the sampler."""
-        from engines import ENGINES, torch_engine
+    def _engine(self, spec: str, root: Path, folder: Path):
+        """The runtime that serves eps = f(x_t, t, buffers, latent) for the sampler (see engines)."""
+        from engines import make_engine
 
-        if kind == "torch":
-            return torch_engine(self.model.denoisingUNet)
-        if kind == "onnx":
-            from engines.onnx import artifact, onnx_engine
-
-            return onnx_engine(artifact(self.model.denoisingUNet.cpu(), root, self.size))
-        raise RigError(f"unknown engine {kind!r}; choose one of: {', '.join(ENGINES)}")
+        unet = self.model.denoisingUNet
+        return make_engine(spec, unet, root, self.size, self.device, source=str(folder.resolve()))
 
     @property
     def size(self) -> int:

@@ -192,5 +192,5 @@ def test_export_onnx_and_edit_with_the_onnx_engine(trained_home, album, tmp_path
         assert result.exit_code == 0, result.output
         outputs[engine] = torch.from_numpy(read_photo(target).pixels).float() / 127.5 - 1
     assert psnr(outputs["onnx"], outputs["torch"]) > 35.0
-    bad = rig(trained_home, "edit", "astro", str(album[0].path), "--engine", "trt", "-o", str(tmp_path / "x.png"))
-    assert bad.exit_code == 2 and "unknown engine 'trt'" in bad.stderr
+    bad = rig(trained_home, "edit", "astro", str(album[0].path), "--engine", "tpu", "-o", str(tmp_path / "x.png"))
+    assert bad.exit_code == 2 and "unknown engine 'tpu'" in bad.stderr

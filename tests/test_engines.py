@@ -1,18 +1,31 @@
-"""Engines: the exported ONNX UNet step against torch, artifact keys, and the missing-package message."""
+"""Engines: ONNX and TensorRT against torch, artifact keys and staleness, engines list/remove, rig bench.
+
+The GPU tests (TensorRT, fp16, CUDA graphs, torch.compile) are skipped where no CUDA GPU / TensorRT is present.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
+import sys
 
+import onnx
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from engines import torch_engine
+from engines import EngineSpec, make_engine, torch_engine
 from engines.onnx import artifact, onnx_engine
+from engines.tensorrt import missing_tensorrt
 from rigcli import RigError
+from rigcli.cli import app
 from rigcli.fit import FaceFit, render_buffers
 from rigcli.render import light_from_direction
+from rigcli.store import Manifest, Store, now_iso
+from rigcli.train import load_model, model_info, save_model
 from rigcli.unet import DiffusionRig, preset
+
+runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +91,343 @@ def test_missing_onnx_says_what_to_install(monkeypatch, unet, tmp_path):
     monkeypatch.setattr(module.importlib.util, "find_spec", lambda name: None if name == "onnx" else real(name))
     with pytest.raises(RigError, match=r"pip install 'rig\[onnx\]'"):
         artifact(unet, tmp_path, 64)
+
+
+# ---------------------------------------------------------------- engine specs and torch options
+
+
+def test_engine_specs_parse_and_refuse():
+    spec = EngineSpec.parse("torch-fp16-cl-graphs")
+    assert (spec.kind, spec.precision, spec.channels_last, spec.cuda_graphs) == ("torch", "fp16", True, True)
+    assert EngineSpec.parse("trt").precision == "fp16" and EngineSpec.parse("onnx").precision == "fp32"
+    for bad, words in (("tpu", "unknown engine"), ("onnx-graphs", "onnx takes options"), ("torch-fp16-bf16", "one")):
+        with pytest.raises(RigError, match=words):
+            EngineSpec.parse(bad)
+
+
+def test_channels_last_engine_matches_plain(unet):
+    x, b, t, z = torch.randn(2, 3, 64, 64), torch.randn(2, 9, 64, 64), torch.tensor([3, 700]), torch.randn(2, 64)
+    reference = torch_engine(copy.deepcopy(unet))(x, t, b, z)
+    assert relative_error(torch_engine(copy.deepcopy(unet), channels_last=True)(x, t, b, z), reference) < 1e-5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal; a CUDA GPU is present")
+def test_cuda_graphs_and_trt_refuse_cpu_clearly(unet, tmp_path):
+    with pytest.raises(RigError, match="CUDA graphs need"):
+        torch_engine(copy.deepcopy(unet), cuda_graphs=True)
+    with pytest.raises(RigError, match="cannot run here"):
+        make_engine("torch-graphs", copy.deepcopy(unet), tmp_path, 64)
+    with pytest.raises(RigError, match="cannot run here"):
+        make_engine("trt", copy.deepcopy(unet), tmp_path, 64)
+
+
+# ---------------------------------------------------------------- TensorRT absent
+
+
+@pytest.mark.parametrize("how", ["env", "sys.modules"])
+def test_export_trt_without_tensorrt_says_what_to_install(how, monkeypatch, tmp_path):
+    if how == "env":
+        monkeypatch.setenv("RIG_NO_TENSORRT", "1")
+    else:
+        monkeypatch.setitem(sys.modules, "tensorrt", None)  # what an uninstalled package looks like to import
+    assert missing_tensorrt() is not None
+    result = rig(tmp_path, "export-trt", "nobody")  # refused before looking for the person
+    assert result.exit_code == 2, result.output
+    assert "pip install 'rig[gpu]'" in result.stderr and "Traceback" not in result.output
+
+
+def recording_tensorrt(built: list[dict]):
+    """A stand-in for the ``tensorrt`` module with the builder calls rig makes, recording them, so the
+    profile, precision flag and engine cache can be checked without a GPU (the real build runs in
+    test_trt_matches_torch_per_step on one)."""
+    import importlib.machinery
+    import types
+
+    trt = types.ModuleType("tensorrt")
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
+    trt.__version__ = "10.0.test"
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16")
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=5)
+    record: dict = {}
+
+    class Parser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            pass
+
+        def parse_from_file(self, path):
+            record["onnx"] = path
+            return True
+
+    class Config:
+        def set_flag(self, flag):
+            record.setdefault("flags", set()).add(flag)
+
+        def add_optimization_profile(self, profile):
+            record["profile"] = profile
+
+    class Profile(dict):
+        def set_shape(self, name, low, opt, high):
+            self[name] = (tuple(low), tuple(opt), tuple(high))
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            record["network_flags"] = flags
+
+        create_builder_config = staticmethod(Config)
+        create_optimization_profile = staticmethod(Profile)
+
+        def build_serialized_network(self, network, config):
+            built.append(dict(record))
+            return b"plan %d" % len(built)
+
+    trt.Builder, trt.OnnxParser = Builder, Parser
+    return trt
+
+
+def test_trt_build_profile_precision_and_cache(monkeypatch, unet, tmp_path):
+    import engines.tensorrt as module
+    from engines.tensorrt import trt_artifact
+
+    built: list[dict] = []
+    monkeypatch.setitem(sys.modules, "tensorrt", recording_tensorrt(built))
+    gpu = {"tensorrt": "10.0.test", "gpu": "Test GPU", "capability": "9.0", "cuda": "12.4"}
+    monkeypatch.setattr(module, "device_key", lambda: dict(gpu))
+    plan = trt_artifact(unet, tmp_path, 64, fp16=True, max_batch=8)
+    assert plan.read_bytes() == b"plan 1" and len(built) == 1
+    record = built[0]
+    assert record["flags"] == {"FP16"} and record["network_flags"] == 0  # fp16 kernels chosen by TensorRT
+    shapes = {"x_t": (3, 64, 64), "t": (), "buffers": (9, 64, 64), "latent": (64,)}
+    assert record["profile"] == {n: ((1, *r), (8, *r), (8, *r)) for n, r in shapes.items()}
+    graph = onnx.load(record["onnx"]).graph  # built from the fp32 export
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert trt_artifact(unet, tmp_path, 64, fp16=True, max_batch=8) == plan and len(built) == 1  # cached
+    info = json.loads((plan.parent / "engine.json").read_text())
+    assert info["kind"] == "tensorrt" and info["gpu"] == "Test GPU" and info["precision"] == "fp16"
+    gpu["gpu"] = "Another GPU"  # an engine is never used on a GPU it was not built for
+    other = trt_artifact(unet, tmp_path, 64, fp16=True, max_batch=8)
+    assert other != plan and len(built) == 2
+    assert trt_artifact(unet, tmp_path, 64, fp16=True, max_batch=16) not in (plan, other) and len(built) == 3
+
+
+# ---------------------------------------------------------------- artifacts in the store
+
+
+def rig(home, *args, env=None):
+    return runner.invoke(app, ["--home", str(home), *args], env={"COLUMNS": "200", **(env or {})})
+
+
+@pytest.fixture
+def person_home(tmp_path, unet):
+    """A store with one person (no photos needed) and a tiny saved model."""
+    store = Store(tmp_path / "home")
+    store.save(Manifest(name="astro", created=now_iso(), updated=now_iso(), align_size=256))
+    model = DiffusionRig(preset("tiny"))
+    model.denoisingUNet.load_state_dict(unet.state_dict())
+    save_model(store.person_dir("astro") / "model", model, {})
+    return store
+
+
+def listed(home) -> list[dict]:
+    result = rig(home, "engines", "list", "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_engines_list_and_remove_round_trip(person_home):
+    home = person_home.root
+    assert listed(home) == []
+    assert rig(home, "export-onnx", "astro").exit_code == 0
+    (first,) = listed(home)
+    assert (first["person"], first["kind"], first["precision"], first["state"]) == ("astro", "onnx", "fp32", "current")
+    assert first["bytes"] == sum(f.stat().st_size for f in (home / "people/astro/engines" / first["key"]).iterdir())
+    table = rig(home, "engines", "list")
+    assert first["key"] in table.stdout and "current" in table.stdout
+
+    model, _ = load_model(person_home.person_dir("astro") / "model")  # retrain: new weights
+    with torch.no_grad():
+        model.denoisingUNet.out[2].bias += 0.5
+    save_model(person_home.person_dir("astro") / "model", model, {})
+    (old,) = listed(home)
+    assert old["state"] == "stale" and "weights changed" in old["reason"]
+    assert rig(home, "export-onnx", "astro", "--fp16").exit_code == 0
+    rows = {r["key"]: r for r in listed(home)}
+    assert len(rows) == 2 and rows[first["key"]]["state"] == "stale"
+    (new,) = [r for k, r in rows.items() if k != first["key"]]
+    assert new["state"] == "current" and new["precision"] == "fp16"
+    assert onnx.load(home / "people/astro/engines" / new["key"] / "model.onnx").graph.input[
+        0
+    ].type.tensor_type.elem_type == (onnx.TensorProto.FLOAT16)
+    assert load_model(person_home.person_dir("astro") / "model")[0].denoisingUNet.out[2].bias.dtype == torch.float32
+
+    bad = rig(home, "engines", "remove", "astro", "nokey")
+    assert bad.exit_code == 2 and "has no engine 'nokey'" in bad.stderr
+    assert rig(home, "engines", "remove", "astro").exit_code == 2  # neither KEY nor --all
+    assert rig(home, "engines", "remove", "astro", first["key"]).exit_code == 0
+    assert [r["key"] for r in listed(home)] == [new["key"]]
+    assert not (home / "people/astro/engines" / first["key"]).exists()
+    assert rig(home, "engines", "remove", "astro", "--all").exit_code == 0
+    assert listed(home) == [] and not list(home.glob(".trash-*"))
+
+
+def test_a_stale_artifact_is_rebuilt_not_used(unet, tmp_path):
+    path = artifact(unet, tmp_path, 64)
+    info_path = path.parent / "engine.json"
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps({**info, "onnxruntime": "0.0.1"}))  # as if exported by another version
+    path.write_bytes(b"not an onnx model")
+    rebuilt = artifact(unet, tmp_path, 64)
+    assert rebuilt == path and json.loads(info_path.read_text())["onnxruntime"] == info["onnxruntime"]
+    x, t, b, z = torch.randn(1, 3, 64, 64), torch.tensor([5]), torch.randn(1, 9, 64, 64), torch.randn(1, 64)
+    assert relative_error(onnx_engine(rebuilt)(x, t, b, z), torch_engine(copy.deepcopy(unet))(x, t, b, z)) < 1e-4
+
+
+# ---------------------------------------------------------------- rig bench
+
+
+@pytest.mark.parametrize("command", [["export-trt"], ["engines", "list"], ["engines", "remove"], ["bench"]])
+def test_help(command):
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "Usage" in result.stdout
+    if command == ["bench"]:
+        assert "dense" in result.stdout and "989" in result.stdout
+
+
+def test_bench_runs_on_cpu_and_its_json_is_consistent(tmp_path):
+    out = tmp_path / "bench.json"
+    engines = "torch-fp32,onnx,torch-fp16,trt"
+    result = rig(tmp_path, "bench", "--preset", "tiny", "--device", "cpu", "--batch", "2", "--steps", "3",
+                 "--engines", engines, "--repeats", "1", "--calls", "2", "--json", str(out))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    base, runs = report["baseline"], report["runs"]
+    assert (base["engine"], base["batch"], base["steps"], base["unet_calls_per_edit"]) == ("torch-fp32", 1, 20, 39)
+    assert [(r["engine"], r["batch"]) for r in runs] == [(e, 2) for e in ("torch-fp32", "onnx", "torch-fp16", "trt")]
+    gflops = model_info(preset("tiny"))["unet_gflops_per_call"]
+    assert report["unet_gflops_per_call"] == pytest.approx(gflops)
+    for row in [base, *[r for r in runs if r["status"] == "ok"]]:
+        assert row["unet_calls_per_edit"] == 2 * row["steps"] - 1  # sampling + inversion
+        assert row["edits_per_s"] == pytest.approx(row["batch"] / row["seconds_per_batch"])
+        assert row["seconds_per_edit"] * row["edits_per_s"] == pytest.approx(1.0)
+        assert row["speedup"] == pytest.approx(row["edits_per_s"] / base["edits_per_s"])
+        assert row["achieved_tflops"] == pytest.approx(gflops * row["batch"] / row["ms_per_unet_call"])
+        assert row["fraction_of_peak"] is None and row["peak_memory_mb"] > 50  # CPU: no peak; RSS holds torch
+        # the edit loop and the separately timed UNet calls measure the same work
+        per_call = row["seconds_per_batch"] / row["unet_calls_per_edit"] * 1000
+        assert 0.3 < per_call / row["ms_per_unet_call"] < 5
+    assert {r["engine"] for r in runs if r["status"] == "ok"} == {"torch-fp32", "onnx"}
+    skipped = {r["engine"]: r["reason"] for r in runs if r["status"] == "skipped"}
+    assert set(skipped) == {"torch-fp16", "trt"} and "CUDA GPU" in skipped["torch-fp16"]
+    assert "TensorRT" in skipped["trt"] or "tensorrt" in skipped["trt"]
+    assert "skipped" in result.stdout and "baseline torch-fp32" in result.stdout
+
+
+def test_bench_refuses_bad_lists(tmp_path):
+    for args, words in ((["--batch", "1,x"], "--batch"), (["--engines", "torch,tpu"], "unknown engine")):
+        result = rig(tmp_path, "bench", "--preset", "tiny", "--device", "cpu", *args)
+        assert result.exit_code == 2 and words in result.stderr
+
+
+# ---------------------------------------------------------------- on a GPU (skipped without one)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_trt = pytest.mark.skipif(
+    not torch.cuda.is_available() or missing_tensorrt() is not None, reason="needs a CUDA GPU / TensorRT"
+)
+
+
+def gpu_inputs(batch: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x, b = torch.randn(batch, 3, 64, 64, generator=g), torch.rand(batch, 9, 64, 64, generator=g)
+    t, z = torch.randint(0, 1000, (batch,), generator=g), torch.randn(batch, 64, generator=g)
+    return [v.cuda() for v in (x, t, b, z)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("spec", ["torch-fp16", "torch-bf16-cl", "torch-graphs", "torch-fp16-graphs", "torch-compile"])
+def test_torch_gpu_engines_per_step(unet, spec, tmp_path):
+    reference = make_engine("torch", copy.deepcopy(unet), tmp_path, 64, "cuda")
+    engine = make_engine(spec, copy.deepcopy(unet), tmp_path, 64, "cuda")
+    for batch in (1, 3, 3, 5):  # graphs: capture, replay, capture another shape
+        args = gpu_inputs(batch, seed=batch)
+        limit = 3e-2 if "bf16" in spec else 1e-2
+        assert relative_error(engine(*args), reference(*args)) < limit
+
+
+@needs_trt
+def test_trt_matches_torch_per_step(unet, tmp_path):
+    from engines.tensorrt import trt_artifact, trt_engine
+
+    plan = trt_artifact(copy.deepcopy(unet), tmp_path, 64, fp16=True, max_batch=4)
+    assert trt_artifact(copy.deepcopy(unet), tmp_path, 64, fp16=True, max_batch=4) == plan  # cached
+    engine = trt_engine(plan)
+    reference = make_engine("torch", copy.deepcopy(unet), tmp_path, 64, "cuda")
+    for batch in (1, 3, 6):  # 6 > max_batch: runs in chunks
+        args = gpu_inputs(batch, seed=batch)
+        eps = engine(*args)
+        assert eps.is_cuda and eps.dtype == torch.float32
+        assert relative_error(eps, reference(*args)) < 1e-2
+
+
+@needs_cuda
+def test_onnx_on_the_gpu_provider_matches_torch(unet, exported, tmp_path):
+    engine = onnx_engine(exported)
+    if "CUDAExecutionProvider" not in engine.providers:
+        pytest.skip("needs onnxruntime-gpu (CUDA execution provider) on a CUDA GPU")
+    reference = make_engine("torch", copy.deepcopy(unet), tmp_path, 64, "cuda")
+    for batch in (1, 4):
+        args = gpu_inputs(batch, seed=batch)
+        eps = engine(*args)
+        assert eps.is_cuda and relative_error(eps, reference(*args)) < 1e-2  # GPU providers may use TF32
+
+
+@pytest.fixture(scope="module")
+def trained_gpu_model():
+    """A tiny model trained for a few hundred steps on smooth synthetic faces-like blobs (on the GPU)."""
+    from rigcli.diffusion import Diffusion
+
+    torch.manual_seed(0)
+    model = DiffusionRig(preset("tiny")).cuda().train()
+    diffusion, optimizer = Diffusion(), torch.optim.Adam(model.parameters(), lr=3e-4)
+    grid = torch.linspace(-1, 1, 64, device="cuda")
+    yy, xx = torch.meshgrid(grid, grid, indexing="ij")
+    for _ in range(300):
+        centre = torch.rand(8, 2, 1, 1, device="cuda") - 0.5
+        blob = torch.exp(-((xx - centre[:, :1]) ** 2 + (yy - centre[:, 1:]) ** 2) * 4)  # (8, 1, 64, 64)
+        images = (blob * torch.rand(8, 3, 1, 1, device="cuda") * 2 - 1).clamp(-1, 1)
+        buffers = blob.expand(-1, 9, -1, -1)
+        t = torch.randint(0, 1000, (8,), device="cuda")
+        noise = torch.randn_like(images)
+        eps = model(diffusion.q_sample(images, t, noise), t, buffers, images=images)
+        loss = diffusion.loss(eps, noise, t)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), images[:4], buffers[:4]
+
+
+@needs_cuda
+@pytest.mark.parametrize("spec", ["torch-fp16", "trt"])
+def test_fp16_edit_stays_within_35_db_of_fp32(trained_gpu_model, spec, tmp_path):
+    from rigcli.diffusion import Diffusion, ddim_invert, ddim_sample, ddim_timesteps
+    from rigcli.train import psnr
+
+    if spec == "trt" and missing_tensorrt():
+        pytest.skip("needs a CUDA GPU / TensorRT")
+    model, images, buffers = trained_gpu_model
+
+    def edit(engine):
+        with torch.no_grad():
+            latent = model.encode(images)
+            ts, diffusion = ddim_timesteps(20), Diffusion()
+            x_t = ddim_invert(lambda x, t: engine(x, t, buffers, latent), images, diffusion, ts)
+            return ddim_sample(lambda x, t: engine(x, t, buffers.flip(-1), latent), x_t, diffusion, ts, clip=False)
+
+    reference = edit(make_engine("torch", copy.deepcopy(model.denoisingUNet), tmp_path, 64, "cuda"))
+    fast = edit(make_engine(spec, copy.deepcopy(model.denoisingUNet), tmp_path, 64, "cuda"))
+    assert psnr(fast, reference) >= 35.0
