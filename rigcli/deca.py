@@ -641,6 +641,7 @@ def estimate_with_deca(
     shared_identity: bool = True,
     batch_size: int = 8,
     progress=None,
+    identity_rows=None,
 ):
     """FLAME parameters of photos by DECA's encoder, as the paper's data step estimated them:
     ``(fit, params)``, params being DECA's decomposed codes (``tex`` for ``render_deca_buffers``).
@@ -649,7 +650,8 @@ def estimate_with_deca(
     in the same pixels; DECA sees its own 224 crop of each (``deca_crop``), and the result is a
     ``FaceFit`` in the aligned frame with DECA's light, the mean shape over the batch when
     ``shared_identity`` (the paper's per-person shape), a skin albedo under that light, and the
-    landmark error. ``encoder`` maps (N, 3, 224, 224) in [0, 1] to (N, 236) codes (a
+    landmark error; ``identity_rows`` (indices) takes that mean over those photos only (a person's
+    training photos, not their outliers). ``encoder`` maps (N, 3, 224, 224) in [0, 1] to (N, 236) codes (a
     ``DecaEncoder`` with DECA's weights). ``progress(done, total)`` follows the photos.
     """
     from rigcli.align import invert_affine
@@ -667,6 +669,9 @@ def estimate_with_deca(
             if progress:
                 progress(min(start + batch_size, len(inputs)), len(inputs))
         params = decompose(torch.cat(codes))
+        if identity_rows is not None and shared_identity:
+            mean = params["shape"][list(identity_rows)].mean(0, keepdim=True)
+            params["shape"] = mean.expand_as(params["shape"]).clone()
         fit = deca_to_fit(model, params, np.stack(to_frame), shared_identity=shared_identity)
         images = torch.from_numpy(np.asarray(crops)).to(torch.float32) / 255.0
         fit.albedo = albedo_under_light(model, fit, images)
@@ -734,3 +739,143 @@ def render_deca_buffers(
     albedo = texture.sample(geometry.fragments, texture.maps(tex_code), model.winding_flipped)
     shaded = albedo * sh_shading(geometry.normals, fit.light) * geometry.fragments.mask[..., None]
     return torch.cat([shaded, geometry.normals, albedo], -1).permute(0, 3, 1, 2).contiguous()
+
+
+# ---------------------------------------------------------------- ICT's blendshapes as FLAME directions
+
+CONTROLS_VERSION = 1
+CONTROL_RIDGE_EXP = 1e-3  # per squared PCA coefficient, in squared eye-distances of landmark error
+CONTROL_RIDGE_JAW = (1e-4, 1e-1, 1e-1)  # per squared radian: opening cheap, sideways and roll not
+CONTROL_JAW_SHARE = 0.5  # the jaw moves for a blendshape when it alone explains this share of its motion
+CONTROL_STEPS = 4  # Gauss-Newton steps for the jaw (its skinning makes landmarks non-linear in its angle)
+
+
+def _landmark_frame(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre (3,) and scale (outer eye corners' distance) of 68 iBUG landmarks (68, 3)."""
+    return points.mean(0), (points[45] - points[36]).norm()
+
+
+def _kabsch(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The rotation R (3, 3) minimising |R source_i - target_i| over centred point sets (N, 3)."""
+    u, _, vt = torch.linalg.svd(target.T @ source)
+    d = torch.sign(torch.linalg.det(u @ vt))
+    return u @ torch.diag(torch.tensor([1.0, 1.0, float(d)], dtype=source.dtype)) @ vt
+
+
+def ict_landmark_displacements(ict, names) -> tuple[torch.Tensor, torch.Tensor]:
+    """ICT's neutral landmarks (68, 3) and, per blendshape name, its landmark displacement at weight 1 (N, 68, 3)."""
+    lm = ict.landmark_vertices
+    neutral = ict.neutral[lm].to(torch.float64)
+    index = [ict.expression_names.index(n) for n in names]
+    return neutral, ict.expression_basis[index][:, lm].to(torch.float64)
+
+
+def flame_control_directions(ict, flame_model: FlameFaceModel, names=None) -> dict[str, torch.Tensor]:
+    """Per ICT blendshape name, the FLAME expression (50 coefficients + 3 jaw axis-angle) whose
+    landmark displacement on FLAME's neutral face matches the blendshape's on ICT's neutral face.
+
+    Both displacements are measured in a normalised frame: each model's neutral landmarks centred
+    and scaled by the outer eye corners' distance, ICT's turned onto FLAME's (Kabsch); the 68
+    landmarks are the shared definition (FLAME's frontal jaw contour). The skeleton explains first:
+    the jaw's rotation is fitted alone (ridge least squares, Gauss-Newton, as it acts through
+    skinning), and kept when it explains at least ``CONTROL_JAW_SHARE`` of the motion's squared norm;
+    then the expression coefficients fit what is left (ridge, linear given the jaw).
+    Otherwise a rich expression basis would imitate an opening jaw with lips and cheeks.
+    """
+    names = list(ict.expression_names if names is None else names)
+    ict_neutral, displacement = ict_landmark_displacements(ict, names)
+    n_exp = flame_model.flame.n_exp
+    identity = torch.zeros(1, flame_model.identity_size, dtype=torch.float64)
+    eye = torch.eye(3, dtype=torch.float64)[None]
+    model64 = FlameFaceModel.__new__(FlameFaceModel)
+    model64.__dict__.update(flame_model.__dict__)
+    model64.flame = copy.deepcopy(flame_model.flame).to(torch.float64)
+
+    def landmarks(exp: torch.Tensor, jaw: torch.Tensor) -> torch.Tensor:
+        return model64.landmark_points(identity, torch.cat([exp, jaw])[None], eye)[0]
+
+    def jacobian(fn, x: torch.Tensor) -> torch.Tensor:
+        return torch.autograd.functional.jacobian(fn, x, vectorize=True).reshape(-1, x.shape[0]) / flame_scale
+
+    zero_exp, zero_jaw = torch.zeros(n_exp, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    flame_neutral = landmarks(zero_exp, zero_jaw).detach()
+    ict_centre, ict_scale = _landmark_frame(ict_neutral)
+    flame_centre, flame_scale = _landmark_frame(flame_neutral)
+    turn = _kabsch((ict_neutral - ict_centre) / ict_scale, (flame_neutral - flame_centre) / flame_scale)
+    targets = (displacement @ turn.T / ict_scale).reshape(len(names), -1)  # eye-distances, FLAME's axes
+    ridge_jaw = torch.diag(torch.tensor(CONTROL_RIDGE_JAW, dtype=torch.float64))
+    ridge_exp = CONTROL_RIDGE_EXP * torch.eye(n_exp, dtype=torch.float64)
+
+    def moved(exp: torch.Tensor, jaw: torch.Tensor) -> torch.Tensor:
+        return ((landmarks(exp, jaw).detach() - flame_neutral) / flame_scale).reshape(-1)
+
+    jaw_at_rest = jacobian(lambda j: landmarks(zero_exp, j), zero_jaw)
+    exp_at_rest = jacobian(lambda e: landmarks(e, zero_jaw), zero_exp)  # exact while the jaw is at rest
+    out = {}
+    for name, target in zip(names, targets, strict=True):
+        jaw = zero_jaw.clone()
+        for step in range(CONTROL_STEPS):
+            jac = jaw_at_rest if step == 0 else jacobian(lambda j: landmarks(zero_exp, j), jaw)
+            residual = moved(zero_exp, jaw) - target
+            jaw = jaw - torch.linalg.solve(jac.T @ jac + ridge_jaw, jac.T @ residual + ridge_jaw @ jaw)
+        left = moved(zero_exp, jaw) - target
+        if float(left @ left) > (1 - CONTROL_JAW_SHARE) * float(target @ target):
+            jaw = zero_jaw.clone()  # the jaw explains little of this blendshape: leave it to the expression
+        jac = exp_at_rest if not jaw.any() else jacobian(lambda e, j=jaw: landmarks(e, j), zero_exp)
+        residual = moved(zero_exp, jaw) - target
+        exp = -torch.linalg.solve(jac.T @ jac + ridge_exp, jac.T @ residual)
+        out[name] = torch.cat([exp, jaw]).to(torch.float32)
+    return out
+
+
+def flame_displacement(flame_model: FlameFaceModel, expression: torch.Tensor) -> torch.Tensor:
+    """Landmark displacement (68, 3) of a FLAME expression (53,) on the neutral face, in eye-distances."""
+    identity = torch.zeros(1, flame_model.identity_size)
+    eye = torch.eye(3)[None]
+    with torch.no_grad():
+        moved = flame_model.landmark_points(identity, expression[None].float(), eye)[0]
+        rest = flame_model.landmark_points(identity, torch.zeros_like(expression)[None].float(), eye)[0]
+    return (moved - rest) / _landmark_frame(rest)[1]
+
+
+def load_control_directions(store, flame_model: FlameFaceModel) -> dict[str, torch.Tensor]:
+    """ICT's blendshapes as FLAME directions (``flame_control_directions``), cached in the store per
+    (ICT model, FLAME model) as safetensors + JSON; a RigError when ICT-FaceKit is not imported."""
+    import contextlib
+    import hashlib
+    import json
+
+    from safetensors.torch import load, save
+
+    from rigcli import RigError
+    from rigcli.facemodel import installed, load_ict
+    from rigcli.store import atomic_write_bytes, atomic_write_json
+
+    if not installed(store):
+        raise RigError(
+            "expression controls on FLAME are derived from ICT-FaceKit's blendshapes, which are not imported: "
+            "run `rig assets download-ict` (or `rig assets import-ict PATH`) (see README, 'Using FLAME')"
+        )
+    ict = load_ict(store)
+    folder = store.root / "assets" / "controls"
+    stem = f"{ict.model_id}--{flame_model.model_id}-v{CONTROLS_VERSION}"
+    blob_path, meta_path = folder / f"{stem}.safetensors", folder / f"{stem}.json"
+    if blob_path.is_file() and meta_path.is_file():
+        blob = blob_path.read_bytes()
+        meta = json.loads(meta_path.read_text())
+        if meta.get("sha256") == hashlib.sha256(blob).hexdigest():
+            return dict(load(blob))
+    directions = flame_control_directions(ict, flame_model)
+    blob = save({k: v.contiguous() for k, v in directions.items()})
+    meta = {
+        "ict_model_id": ict.model_id,
+        "flame_model_id": flame_model.model_id,
+        "version": CONTROLS_VERSION,
+        "names": list(directions),
+        "layout": flame_model.expression_names,
+        "sha256": hashlib.sha256(blob).hexdigest(),
+    }
+    with contextlib.suppress(OSError):  # a read-only store computes them each time
+        atomic_write_bytes(blob_path, blob)
+        atomic_write_json(meta_path, meta)  # last: the pair is complete
+    return directions

@@ -123,8 +123,15 @@ def apply_controls(
     names: Sequence[str],
     skin_normals: list[torch.Tensor] | None = None,
     reference: dict[Path, FaceFit] | None = None,
+    directions: dict[str, torch.Tensor] | None = None,
 ) -> FaceFit:
-    """The edited parameters of a batch of fitted photos (the input fit is not changed)."""
+    """The edited parameters of a batch of fitted photos (the input fit is not changed).
+
+    ``directions`` (FLAME): per ICT blendshape name, a FLAME expression direction
+    (``rigcli.deca.load_control_directions``); a control then sets the photo's amount along the
+    sum of its blendshapes' directions to its weight (the amount read by projection), as setting
+    the blendshape weights does on ICT. Names in ``names`` (FLAME's own) are set directly.
+    """
     edited = fit.select(list(range(len(fit))))
     edited.expression = fit.expression.clone()
     edited.light = fit.light.clone()
@@ -142,10 +149,16 @@ def apply_controls(
     if controls.expression_from is not None:
         edited.expression[:] = reference[controls.expression_from].expression[0]
     for control, weight in controls.expression.items():
+        if directions is not None:
+            _set_along(edited, sum(directions[n] for n in EXPRESSION_CONTROLS[control]), weight)
+            continue
         for name in EXPRESSION_CONTROLS[control]:
             edited.expression[:, names.index(name)] = weight
     for name, weight in controls.blend.items():
-        edited.expression[:, names.index(name)] = weight
+        if name in names:
+            edited.expression[:, names.index(name)] = weight
+        elif directions is not None:
+            _set_along(edited, directions[name], weight)
     if controls.pose_from is not None:
         ref = reference[controls.pose_from]
         edited.yaw, edited.pitch, edited.roll = (
@@ -158,6 +171,13 @@ def apply_controls(
         edited.pitch = fit.pitch + math.radians(controls.pitch)
         edited.roll = fit.roll + math.radians(controls.roll)
     return edited
+
+
+def _set_along(fit: FaceFit, direction: torch.Tensor, weight: float) -> None:
+    """Move each photo's expression along ``direction`` so that its amount along it becomes ``weight``."""
+    direction = direction.to(fit.expression.dtype)
+    amount = fit.expression @ direction / (direction @ direction).clamp_min(1e-12)
+    fit.expression += (weight - amount)[:, None] * direction
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -209,7 +229,7 @@ class Editor:
     ):
         from rigcli.detect import FaceAnalyzer
         from rigcli.enroll import read_fit
-        from rigcli.facemodel import load_face_model
+        from rigcli.facemodel import face_model_name, load_face_model
         from rigcli.train import load_model
 
         store.require(name)
@@ -221,7 +241,8 @@ class Editor:
             raise RigError(f"{name} has no 3D fit: run `rig refit {name}`")
         self.store, self.name, self.device = store, name, device
         self.model, self.model_info = load_model(folder, device)
-        self.face_model = load_face_model(store)
+        self.face_model = load_face_model(store, face_model_name(fit_doc))
+        self._directions: dict[str, torch.Tensor] | None = None
         if self.model_info.get("face_model_id") not in (None, self.face_model.model_id):
             raise RigError(f"the model in {folder} was trained with another face model; fine-tune it again")
         self.identity = torch.tensor(fit_doc["identity"], dtype=torch.float32)
@@ -244,6 +265,28 @@ class Editor:
     @property
     def size(self) -> int:
         return self.model.cfg.image_size
+
+    @property
+    def control_names(self) -> list[str]:
+        """Names ``--blend`` and ``--sweep`` accept: the face model's, and on FLAME also ICT's
+        blendshapes (through ``directions``) when ICT-FaceKit is imported."""
+        from rigcli.facemodel import installed, load_ict
+
+        names = list(self.face_model.expression_names)
+        if self.face_model.name == "flame" and installed(self.store):
+            names += load_ict(self.store).expression_names
+        return names
+
+    def directions_for(self, controls: Controls) -> dict[str, torch.Tensor] | None:
+        """ICT's blendshapes as FLAME directions when the controls need them (None on ICT)."""
+        from rigcli.deca import load_control_directions
+
+        own = self.face_model.expression_names
+        if self.face_model.name != "flame" or not (controls.expression or set(controls.blend) - set(own)):
+            return None
+        if self._directions is None:
+            self._directions = load_control_directions(self.store, self.face_model)
+        return self._directions
 
     def prepare(self, path: Path) -> PreparedPhoto:
         """Read, detect and align one photo (PhotoError when it has no usable face)."""
@@ -406,7 +449,7 @@ def edit_photos(
     and the rest go on. Usable photos go through the model in batches of ``batch``."""
     from rigcli.photo import PhotoError
 
-    controls.validate(editor.face_model.expression_names)
+    controls.validate(editor.control_names)
     reference = {path: fit_reference(editor, path) for path in controls.needs_reference_fits}
     results = [EditResult(Path(p)) for p in inputs]
     ready = []
@@ -423,7 +466,9 @@ def edit_photos(
         chunk = ready[start : start + batch]
         photos = [results[i].prepared for i in chunk]
         fit = editor.fit(photos)
-        edited = apply_controls(fit, controls, names, editor.skin_normals(fit), reference)
+        edited = apply_controls(
+            fit, controls, names, editor.skin_normals(fit), reference, editor.directions_for(controls)
+        )
 
         size = len(chunk)
 
@@ -484,8 +529,8 @@ def sweep_frames(
     start = None
     for value in values:
         controls = sweep_controls(base, name, value)
-        controls.validate(names)
-        edited = apply_controls(fit, controls, names, editor.skin_normals(fit))
+        controls.validate(editor.control_names)
+        edited = apply_controls(fit, controls, names, editor.skin_normals(fit), None, editor.directions_for(controls))
         out, x_t, _, _ = editor.run(photos, fit, edited, steps=steps, invert=invert, seed=seed, start=start)
         start = x_t  # the same noise for every frame
         frames.append(to_uint8(out)[0])
