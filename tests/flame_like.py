@@ -20,7 +20,7 @@ TILT_DEG = 8.0
 JAW_BLENDSHAPES = ("jawOpen", "jawLeft", "jawRight")
 
 
-def _tilt() -> torch.Tensor:
+def tilt() -> torch.Tensor:
     a = math.radians(TILT_DEG)
     return torch.tensor([[1.0, 0.0, 0.0], [0.0, math.cos(a), -math.sin(a)], [0.0, math.sin(a), math.cos(a)]])
 
@@ -35,8 +35,8 @@ def _triangle_from(triangles: torch.Tensor, vertex: int) -> tuple[int, list[floa
 
 def flame_like_tensors(ict, seed: int = 0) -> dict[str, torch.Tensor]:
     """FLAME tensors built from the ICT ``LinearFaceModel`` ``ict`` (see the module doc)."""
-    tilt = _tilt()
-    metres = lambda x: (x @ tilt.T) / 100.0  # noqa: E731  (..., V, 3) cm -> metres, tilted
+    turn = tilt()
+    metres = lambda x: (x @ turn.T) / 100.0  # noqa: E731  (..., V, 3) cm -> metres, tilted
     neutral = ict.neutral
     v = neutral.shape[0]
     lm = ict.landmark_vertices
