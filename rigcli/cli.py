@@ -354,6 +354,10 @@ def people_show(
     console.print(f"[bold]{escape(info['name'])}[/]  created {info['created']}  updated {info['updated']}")
     console.print(f"folder {escape(info['folder'])}  crops {info['align_size']} px")
     console.print(f"{len(photos)} photos, {training} used for training")
+    if info["face_fit"]:
+        fitted = info["face_fit"]
+        how = fitted.get("estimator") or "landmarks"
+        console.print(f"3D fit: {fitted['face_model']} ({fitted['model_id']}, {how})")
     if info["model"]:
         m = info["model"]
         origin = f"base {m['base']}" if m["base"] else "from scratch"

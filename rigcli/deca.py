@@ -784,48 +784,59 @@ def flame_control_directions(ict, flame_model: FlameFaceModel, names=None) -> di
     """
     names = list(ict.expression_names if names is None else names)
     ict_neutral, displacement = ict_landmark_displacements(ict, names)
-    n_exp = flame_model.flame.n_exp
-    identity = torch.zeros(1, flame_model.identity_size, dtype=torch.float64)
-    eye = torch.eye(3, dtype=torch.float64)[None]
+    n_exp, count = flame_model.flame.n_exp, len(names)
     model64 = FlameFaceModel.__new__(FlameFaceModel)
     model64.__dict__.update(flame_model.__dict__)
     model64.flame = copy.deepcopy(flame_model.flame).to(torch.float64)
+    identity = torch.zeros(1, flame_model.identity_size, dtype=torch.float64)
 
     def landmarks(exp: torch.Tensor, jaw: torch.Tensor) -> torch.Tensor:
-        return model64.landmark_points(identity, torch.cat([exp, jaw])[None], eye)[0]
+        """(N, 204) landmarks of N expressions (N, n_exp) with jaws (N, 3), in eye-distances."""
+        eye = torch.eye(3, dtype=torch.float64).expand(exp.shape[0], 3, 3)
+        return model64.landmark_points(identity, torch.cat([exp, jaw], 1), eye).reshape(exp.shape[0], -1) / scale
 
-    def jacobian(fn, x: torch.Tensor) -> torch.Tensor:
-        return torch.autograd.functional.jacobian(fn, x, vectorize=True).reshape(-1, x.shape[0]) / flame_scale
+    def jacobians(fn, x: torch.Tensor) -> torch.Tensor:
+        """(N, 204, k): d fn(x)_n / d x_n for a row-wise fn of x (N, k), one forward-mode pass per column."""
+        columns = []
+        for k in range(x.shape[1]):
+            tangent = torch.zeros_like(x)
+            tangent[:, k] = 1
+            columns.append(torch.func.jvp(fn, (x,), (tangent,))[1])
+        return torch.stack(columns, -1)
 
-    zero_exp, zero_jaw = torch.zeros(n_exp, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
-    flame_neutral = landmarks(zero_exp, zero_jaw).detach()
+    scale = 1.0
+    zero_exp, zero_jaw = torch.zeros(1, n_exp, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64)
+    flame_neutral = landmarks(zero_exp, zero_jaw)[0].reshape(-1, 3)
     ict_centre, ict_scale = _landmark_frame(ict_neutral)
-    flame_centre, flame_scale = _landmark_frame(flame_neutral)
-    turn = _kabsch((ict_neutral - ict_centre) / ict_scale, (flame_neutral - flame_centre) / flame_scale)
-    targets = (displacement @ turn.T / ict_scale).reshape(len(names), -1)  # eye-distances, FLAME's axes
+    flame_centre, scale = _landmark_frame(flame_neutral)
+    rest = flame_neutral.reshape(-1) / scale
+    turn = _kabsch((ict_neutral - ict_centre) / ict_scale, (flame_neutral - flame_centre) / scale)
+    targets = (displacement @ turn.T / ict_scale).reshape(count, -1)  # eye-distances, FLAME's axes
     ridge_jaw = torch.diag(torch.tensor(CONTROL_RIDGE_JAW, dtype=torch.float64))
     ridge_exp = CONTROL_RIDGE_EXP * torch.eye(n_exp, dtype=torch.float64)
+    no_exp = zero_exp.expand(count, -1)
 
-    def moved(exp: torch.Tensor, jaw: torch.Tensor) -> torch.Tensor:
-        return ((landmarks(exp, jaw).detach() - flame_neutral) / flame_scale).reshape(-1)
+    def jaw_landmarks(jaw: torch.Tensor) -> torch.Tensor:
+        return landmarks(no_exp, jaw)
 
-    jaw_at_rest = jacobian(lambda j: landmarks(zero_exp, j), zero_jaw)
-    exp_at_rest = jacobian(lambda e: landmarks(e, zero_jaw), zero_exp)  # exact while the jaw is at rest
-    out = {}
-    for name, target in zip(names, targets, strict=True):
-        jaw = zero_jaw.clone()
-        for step in range(CONTROL_STEPS):
-            jac = jaw_at_rest if step == 0 else jacobian(lambda j: landmarks(zero_exp, j), jaw)
-            residual = moved(zero_exp, jaw) - target
-            jaw = jaw - torch.linalg.solve(jac.T @ jac + ridge_jaw, jac.T @ residual + ridge_jaw @ jaw)
-        left = moved(zero_exp, jaw) - target
-        if float(left @ left) > (1 - CONTROL_JAW_SHARE) * float(target @ target):
-            jaw = zero_jaw.clone()  # the jaw explains little of this blendshape: leave it to the expression
-        jac = exp_at_rest if not jaw.any() else jacobian(lambda e, j=jaw: landmarks(e, j), zero_exp)
-        residual = moved(zero_exp, jaw) - target
-        exp = -torch.linalg.solve(jac.T @ jac + ridge_exp, jac.T @ residual)
-        out[name] = torch.cat([exp, jaw]).to(torch.float32)
-    return out
+    # the jaw alone, for every name at once: ridge Gauss-Newton
+    jaw = zero_jaw.expand(count, -1).clone()
+    for _ in range(CONTROL_STEPS):
+        jac = jacobians(jaw_landmarks, jaw)
+        residual = jaw_landmarks(jaw) - rest - targets
+        lhs = jac.transpose(1, 2) @ jac + ridge_jaw
+        rhs = (jac.transpose(1, 2) @ residual[..., None])[..., 0] + jaw @ ridge_jaw
+        jaw = jaw - torch.linalg.solve(lhs, rhs)
+    left = jaw_landmarks(jaw) - rest - targets
+    weak = (left * left).sum(1) > (1 - CONTROL_JAW_SHARE) * (targets * targets).sum(1)
+    jaw[weak] = 0  # the jaw explains little of these blendshapes: leave them to the expression
+    # then the expression coefficients, linear given the jaw (exactly so at rest: one Jacobian for all)
+    jac = jacobians(lambda e: landmarks(e, jaw), torch.zeros(count, n_exp, dtype=torch.float64))
+    residual = landmarks(no_exp, jaw) - rest - targets
+    lhs = jac.transpose(1, 2) @ jac + ridge_exp
+    exp = -torch.linalg.solve(lhs, (jac.transpose(1, 2) @ residual[..., None])[..., 0])
+    directions = torch.cat([exp, jaw], 1).to(torch.float32)
+    return {name: directions[i].clone() for i, name in enumerate(names)}
 
 
 def flame_displacement(flame_model: FlameFaceModel, expression: torch.Tensor) -> torch.Tensor:
