@@ -173,6 +173,12 @@ def test_add_person_and_refit_record_the_face_model(flame_home, flame, face_mode
     assert max(p["landmark_error"] for p in doc["photos"].values()) < 0.08
     assert "jawPitch" in json.dumps(photo)
     assert describe(store, "astro")["face_fit"]["face_model"] == "flame"
+    # the fit sheet renders the FLAME fit: 3 rows of crop | shaded | normal | albedo, mesh outline drawn
+    from rigcli.sheet import fit_sheet
+
+    sheet = fit_sheet(store, "astro")
+    assert sheet.shape[0] >= 3 * 256 and sheet.shape[1] >= 4 * 256
+    assert (sheet == np.array([255, 64, 64], dtype=np.uint8)).all(-1).sum() > 100
 
 
 def test_refit_switches_models_and_keeps_the_choice(tmp_path, album, ict_store, with_flame):
