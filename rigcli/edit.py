@@ -243,6 +243,7 @@ class Editor:
         self.model, self.model_info = load_model(folder, device)
         self.face_model = load_face_model(store, face_model_name(fit_doc))
         self._directions: dict[str, torch.Tensor] | None = None
+        self._control_names: list[str] | None = None
         if self.model_info.get("face_model_id") not in (None, self.face_model.model_id):
             raise RigError(f"the model in {folder} was trained with another face model; fine-tune it again")
         self.identity = torch.tensor(fit_doc["identity"], dtype=torch.float32)
@@ -272,10 +273,12 @@ class Editor:
         blendshapes (through ``directions``) when ICT-FaceKit is imported."""
         from rigcli.facemodel import installed, load_ict
 
-        names = list(self.face_model.expression_names)
-        if self.face_model.name == "flame" and installed(self.store):
-            names += load_ict(self.store).expression_names
-        return names
+        if self._control_names is None:
+            names = list(self.face_model.expression_names)
+            if self.face_model.name == "flame" and installed(self.store):
+                names += load_ict(self.store).expression_names
+            self._control_names = names
+        return self._control_names
 
     def directions_for(self, controls: Controls) -> dict[str, torch.Tensor] | None:
         """ICT's blendshapes as FLAME directions when the controls need them (None on ICT)."""
