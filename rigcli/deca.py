@@ -642,6 +642,7 @@ def estimate_with_deca(
     batch_size: int = 8,
     progress=None,
     identity_rows=None,
+    identity: torch.Tensor | None = None,
 ):
     """FLAME parameters of photos by DECA's encoder, as the paper's data step estimated them:
     ``(fit, params)``, params being DECA's decomposed codes (``tex`` for ``render_deca_buffers``).
@@ -651,7 +652,8 @@ def estimate_with_deca(
     ``FaceFit`` in the aligned frame with DECA's light, the mean shape over the batch when
     ``shared_identity`` (the paper's per-person shape), a skin albedo under that light, and the
     landmark error; ``identity_rows`` (indices) takes that mean over those photos only (a person's
-    training photos, not their outliers). ``encoder`` maps (N, 3, 224, 224) in [0, 1] to (N, 236) codes (a
+    training photos, not their outliers); ``identity`` (n_shape,) fixes the shape instead (a known
+    person's, at edit time). ``encoder`` maps (N, 3, 224, 224) in [0, 1] to (N, 236) codes (a
     ``DecaEncoder`` with DECA's weights). ``progress(done, total)`` follows the photos.
     """
     from rigcli.align import invert_affine
@@ -669,7 +671,9 @@ def estimate_with_deca(
             if progress:
                 progress(min(start + batch_size, len(inputs)), len(inputs))
         params = decompose(torch.cat(codes))
-        if identity_rows is not None and shared_identity:
+        if identity is not None:
+            params["shape"] = identity.to(torch.float32)[None].expand(len(params["shape"]), -1).clone()
+        elif identity_rows is not None and shared_identity:
             mean = params["shape"][list(identity_rows)].mean(0, keepdim=True)
             params["shape"] = mean.expand_as(params["shape"]).clone()
         fit = deca_to_fit(model, params, np.stack(to_frame), shared_identity=shared_identity)

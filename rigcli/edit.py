@@ -247,6 +247,8 @@ class Editor:
         if self.model_info.get("face_model_id") not in (None, self.face_model.model_id):
             raise RigError(f"the model in {folder} was trained with another face model; fine-tune it again")
         self.identity = torch.tensor(fit_doc["identity"], dtype=torch.float32)
+        self.estimator = fit_doc.get("estimator", "landmarks")  # photos are fitted as the album was
+        self._encoder = None
         self.crop_size = store.load(name).align_size
         self.analyzer = FaceAnalyzer(detector)
         self.denoise = self._engine(engine, store.person_dir(name) / "engines")
@@ -308,10 +310,23 @@ class Editor:
         from rigcli.fit import fit_landmarks, fit_light
 
         lm = torch.tensor(np.stack([p.crop_landmarks for p in photos]), dtype=torch.float32)
+        if self.estimator == "deca":
+            return self._deca_fit(photos, lm, hold_identity)
         fit = fit_landmarks(self.face_model, lm, identity=self.identity if hold_identity else None)
         crops = torch.from_numpy(np.stack([p.crop for p in photos])).float() / 255.0
         fit.light, fit.albedo = fit_light(self.face_model, fit, crops)
         return fit
+
+    def _deca_fit(self, photos: list[PreparedPhoto], lm: torch.Tensor, hold_identity: bool) -> FaceFit:
+        """DECA's estimate of the photos (a person fitted by DECA is edited with DECA's parameters)."""
+        from rigcli.deca import DecaEncoder, estimate_with_deca
+        from rigcli.flame import load_deca_encoder
+
+        if self._encoder is None:
+            self._encoder = DecaEncoder.from_state_dict(load_deca_encoder(self.store)).eval()
+        crops = np.stack([p.crop for p in photos])
+        identity = self.identity if hold_identity else None
+        return estimate_with_deca(self._encoder, self.face_model, crops, lm.numpy(), identity=identity)[0]
 
     def buffers(self, fit: FaceFit) -> torch.Tensor:
         from rigcli.fit import render_buffers

@@ -238,6 +238,12 @@ def test_deca_estimator_is_the_default_when_its_weights_are_imported(
     assert sum(len(s) for s in encoder.seen) == 2 and encoder.seen[0].shape[1:] == (3, 224, 224)
     # the person's shape is DECA's mean over the album, as the paper fixed it
     np.testing.assert_allclose(doc["identity"], codes[:, :100].mean(0).numpy(), atol=1e-4)
+    # at edit time a known person's shape is held instead
+    held = torch.linspace(-1, 1, 100)
+    crops = np.full((2, 256, 256, 3), 128, np.uint8)
+    points = 80 + np.random.default_rng(2).random((2, 68, 2)) * 100
+    fit, _ = deca.estimate_with_deca(FakeEncoder(codes), with_flame, crops, points, identity=held)
+    torch.testing.assert_close(fit.identity, held)
     with pytest.raises(RigError, match="unknown estimator"):
         refit(store, "cy", estimator="magic")
     assert refit(store, "cy", estimator="landmarks")["estimator"] == "landmarks"
