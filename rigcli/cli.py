@@ -232,6 +232,20 @@ def _outcome_table(name: str, outcomes: list) -> None:
     out().print(table)
 
 
+_FACE_MODEL_OPTION = typer.Option(
+    "--face-model",
+    help="3D face model to fit: ict (ICT-FaceKit) or flame (the paper's; needs `rig assets import-flame`). "
+    "Default: the person's current model, else ict.",
+    show_default=False,
+)
+_ESTIMATOR_OPTION = typer.Option(
+    "--estimator",
+    help="How FLAME parameters are estimated: deca (DECA's encoder, as the paper; needs its weights imported) "
+    "or landmarks (the landmark fitter). Default: deca when its weights are imported, else landmarks.",
+    show_default=False,
+)
+
+
 @app.command("add-person")
 @handles_errors
 def add_person(
@@ -259,10 +273,15 @@ def add_person(
             show_default=False,
         ),
     ] = None,
+    face_model: Annotated[str | None, _FACE_MODEL_OPTION] = None,
+    estimator: Annotated[str | None, _ESTIMATOR_OPTION] = None,
 ) -> None:
     """Add a person, or more photos of them: detect, landmark, align and embed each photo, and store it."""
     store = store_of(ctx)
-    _add(store, name, photos, detector=detector.value, size=size, min_face=min_face, keep_outliers=keep_outliers)
+    _add(
+        store, name, photos, detector=detector.value, size=size, min_face=min_face, keep_outliers=keep_outliers,
+        face_model=face_model, estimator=estimator,
+    )  # fmt: skip
 
 
 @people_app.command("list")
@@ -335,6 +354,10 @@ def people_show(
     console.print(f"[bold]{escape(info['name'])}[/]  created {info['created']}  updated {info['updated']}")
     console.print(f"folder {escape(info['folder'])}  crops {info['align_size']} px")
     console.print(f"{len(photos)} photos, {training} used for training")
+    if info["face_fit"]:
+        fitted = info["face_fit"]
+        how = fitted.get("estimator") or "landmarks"
+        console.print(f"3D fit: {fitted['face_model']} ({fitted['model_id']}, {how})")
     if info["model"]:
         m = info["model"]
         origin = f"base {m['base']}" if m["base"] else "from scratch"
@@ -407,6 +430,8 @@ def people_remove(
 def refit_command(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="The person whose photos to fit again.")],
+    face_model: Annotated[str | None, _FACE_MODEL_OPTION] = None,
+    estimator: Annotated[str | None, _ESTIMATOR_OPTION] = None,
 ) -> None:
     """Fit the 3D face model to a person's photos again (after rig or the face model changed)."""
     from rigcli.enroll import refit
@@ -418,6 +443,8 @@ def refit_command(
             name,
             on_fit=lambda step, steps: progress.update(task, completed=step, total=steps),
             on_wait=_say_waiting,
+            face_model=face_model,
+            estimator=estimator,
         )
     worst = max(p["landmark_error"] for p in doc["photos"].values())
     out().print(
@@ -937,8 +964,8 @@ def edit_command(
     if missing:
         raise RigError(f"no such photo: {', '.join(missing)}")
     editor = Editor(store_of(ctx), name, model_dir=model, device=device, engine=engine)
-    controls.validate(editor.face_model.expression_names)
-    sweep_spec = parse_sweep(sweep, editor.face_model.expression_names) if sweep else None
+    controls.validate(editor.control_names)
+    sweep_spec = parse_sweep(sweep, editor.control_names) if sweep else None
     with _progress() as progress:
         task = progress.add_task("reading", total=len(inputs))
 

@@ -123,8 +123,15 @@ def apply_controls(
     names: Sequence[str],
     skin_normals: list[torch.Tensor] | None = None,
     reference: dict[Path, FaceFit] | None = None,
+    directions: dict[str, torch.Tensor] | None = None,
 ) -> FaceFit:
-    """The edited parameters of a batch of fitted photos (the input fit is not changed)."""
+    """The edited parameters of a batch of fitted photos (the input fit is not changed).
+
+    ``directions`` (FLAME): per ICT blendshape name, a FLAME expression direction
+    (``rigcli.deca.load_control_directions``); a control then sets the photo's amount along the
+    sum of its blendshapes' directions to its weight (the amount read by projection), as setting
+    the blendshape weights does on ICT. Names in ``names`` (FLAME's own) are set directly.
+    """
     edited = fit.select(list(range(len(fit))))
     edited.expression = fit.expression.clone()
     edited.light = fit.light.clone()
@@ -142,10 +149,16 @@ def apply_controls(
     if controls.expression_from is not None:
         edited.expression[:] = reference[controls.expression_from].expression[0]
     for control, weight in controls.expression.items():
+        if directions is not None:
+            _set_along(edited, sum(directions[n] for n in EXPRESSION_CONTROLS[control]), weight)
+            continue
         for name in EXPRESSION_CONTROLS[control]:
             edited.expression[:, names.index(name)] = weight
     for name, weight in controls.blend.items():
-        edited.expression[:, names.index(name)] = weight
+        if name in names:
+            edited.expression[:, names.index(name)] = weight
+        elif directions is not None:
+            _set_along(edited, directions[name], weight)
     if controls.pose_from is not None:
         ref = reference[controls.pose_from]
         edited.yaw, edited.pitch, edited.roll = (
@@ -158,6 +171,13 @@ def apply_controls(
         edited.pitch = fit.pitch + math.radians(controls.pitch)
         edited.roll = fit.roll + math.radians(controls.roll)
     return edited
+
+
+def _set_along(fit: FaceFit, direction: torch.Tensor, weight: float) -> None:
+    """Move each photo's expression along ``direction`` so that its amount along it becomes ``weight``."""
+    direction = direction.to(fit.expression.dtype)
+    amount = fit.expression @ direction / (direction @ direction).clamp_min(1e-12)
+    fit.expression += (weight - amount)[:, None] * direction
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -209,7 +229,7 @@ class Editor:
     ):
         from rigcli.detect import FaceAnalyzer
         from rigcli.enroll import read_fit
-        from rigcli.facemodel import load_face_model
+        from rigcli.facemodel import face_model_name, load_face_model
         from rigcli.train import load_model
 
         store.require(name)
@@ -221,10 +241,14 @@ class Editor:
             raise RigError(f"{name} has no 3D fit: run `rig refit {name}`")
         self.store, self.name, self.device = store, name, device
         self.model, self.model_info = load_model(folder, device)
-        self.face_model = load_face_model(store)
+        self.face_model = load_face_model(store, face_model_name(fit_doc))
+        self._directions: dict[str, torch.Tensor] | None = None
+        self._control_names: list[str] | None = None
         if self.model_info.get("face_model_id") not in (None, self.face_model.model_id):
             raise RigError(f"the model in {folder} was trained with another face model; fine-tune it again")
         self.identity = torch.tensor(fit_doc["identity"], dtype=torch.float32)
+        self.estimator = fit_doc.get("estimator", "landmarks")  # photos are fitted as the album was
+        self._encoder = None
         self.crop_size = store.load(name).align_size
         self.analyzer = FaceAnalyzer(detector)
         self.denoise = self._engine(engine, store.person_dir(name) / "engines", folder)
@@ -239,6 +263,30 @@ class Editor:
     @property
     def size(self) -> int:
         return self.model.cfg.image_size
+
+    @property
+    def control_names(self) -> list[str]:
+        """Names ``--blend`` and ``--sweep`` accept: the face model's, and on FLAME also ICT's
+        blendshapes (through ``directions``) when ICT-FaceKit is imported."""
+        from rigcli.facemodel import installed, load_ict
+
+        if self._control_names is None:
+            names = list(self.face_model.expression_names)
+            if self.face_model.name == "flame" and installed(self.store):
+                names += load_ict(self.store).expression_names
+            self._control_names = names
+        return self._control_names
+
+    def directions_for(self, controls: Controls) -> dict[str, torch.Tensor] | None:
+        """ICT's blendshapes as FLAME directions when the controls need them (None on ICT)."""
+        from rigcli.deca import load_control_directions
+
+        own = self.face_model.expression_names
+        if self.face_model.name != "flame" or not (controls.expression or set(controls.blend) - set(own)):
+            return None
+        if self._directions is None:
+            self._directions = load_control_directions(self.store, self.face_model)
+        return self._directions
 
     def prepare(self, path: Path) -> PreparedPhoto:
         """Read, detect and align one photo (PhotoError when it has no usable face)."""
@@ -257,10 +305,23 @@ class Editor:
         from rigcli.fit import fit_landmarks, fit_light
 
         lm = torch.tensor(np.stack([p.crop_landmarks for p in photos]), dtype=torch.float32)
+        if self.estimator == "deca":
+            return self._deca_fit(photos, lm, hold_identity)
         fit = fit_landmarks(self.face_model, lm, identity=self.identity if hold_identity else None)
         crops = torch.from_numpy(np.stack([p.crop for p in photos])).float() / 255.0
         fit.light, fit.albedo = fit_light(self.face_model, fit, crops)
         return fit
+
+    def _deca_fit(self, photos: list[PreparedPhoto], lm: torch.Tensor, hold_identity: bool) -> FaceFit:
+        """DECA's estimate of the photos (a person fitted by DECA is edited with DECA's parameters)."""
+        from rigcli.deca import DecaEncoder, estimate_with_deca
+        from rigcli.flame import load_deca_encoder
+
+        if self._encoder is None:
+            self._encoder = DecaEncoder.from_state_dict(load_deca_encoder(self.store)).eval()
+        crops = np.stack([p.crop for p in photos])
+        identity = self.identity if hold_identity else None
+        return estimate_with_deca(self._encoder, self.face_model, crops, lm.numpy(), identity=identity)[0]
 
     def buffers(self, fit: FaceFit) -> torch.Tensor:
         from rigcli.fit import render_buffers
@@ -401,7 +462,7 @@ def edit_photos(
     and the rest go on. Usable photos go through the model in batches of ``batch``."""
     from rigcli.photo import PhotoError
 
-    controls.validate(editor.face_model.expression_names)
+    controls.validate(editor.control_names)
     reference = {path: fit_reference(editor, path) for path in controls.needs_reference_fits}
     results = [EditResult(Path(p)) for p in inputs]
     ready = []
@@ -418,7 +479,9 @@ def edit_photos(
         chunk = ready[start : start + batch]
         photos = [results[i].prepared for i in chunk]
         fit = editor.fit(photos)
-        edited = apply_controls(fit, controls, names, editor.skin_normals(fit), reference)
+        edited = apply_controls(
+            fit, controls, names, editor.skin_normals(fit), reference, editor.directions_for(controls)
+        )
 
         size = len(chunk)
 
@@ -479,8 +542,8 @@ def sweep_frames(
     start = None
     for value in values:
         controls = sweep_controls(base, name, value)
-        controls.validate(names)
-        edited = apply_controls(fit, controls, names, editor.skin_normals(fit))
+        controls.validate(editor.control_names)
+        edited = apply_controls(fit, controls, names, editor.skin_normals(fit), None, editor.directions_for(controls))
         out, x_t, _, _ = editor.run(photos, fit, edited, steps=steps, invert=invert, seed=seed, start=start)
         start = x_t  # the same noise for every frame
         frames.append(to_uint8(out)[0])

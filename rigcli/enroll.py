@@ -37,6 +37,7 @@ dlib's own rule is "same person below 0.6" for a pair of faces; the median of an
 each of its true members than they sit to each other, so its limit is tighter."""
 MIN_ALBUM_FOR_OUTLIERS = 3
 FIT_FILE = "fit.json"
+FIT_SUMMARY_KEYS = ("face_model", "model_id", "estimator", "fitter_version", "fitted", "camera", "identity")
 NO_MODEL_NOTE = (
     "no face model installed, so the photos were stored without a 3D fit: run `rig assets download-ict` "
     "(or `rig assets import-ict PATH`), then `rig refit {name}`"
@@ -198,14 +199,20 @@ def add_photos(
     on_outcome: Callable[[Outcome], None] | None = None,
     on_wait: Callable[[LockHolder | None], None] | None = None,
     on_fit: Callable[[int, int], None] | None = None,
+    face_model: str | None = None,
+    estimator: str | None = None,
 ) -> AddReport:
     """Add photos (files or folders) to ``name``, creating the person on the first usable photo,
     then fit the face model to the album when one is installed.
 
     ``keep_outliers`` None keeps the person's setting. ``on_start(index, path)``, ``on_outcome(outcome)``
-    and ``on_fit(step, steps)`` report progress. Returns the outcomes and the final manifest.
+    and ``on_fit(step, steps)`` report progress. ``face_model`` ('ict' or 'flame'; None keeps the
+    person's current one, else ICT) and ``estimator`` are as for ``refit``. Returns the outcomes and
+    the final manifest.
     """
     check_name(name)
+    if face_model is not None:
+        check_fit_options(store, face_model, estimator)  # before any photo is stored
     paths = collect_inputs(inputs)
     if size is not None and size not in SIZES:
         raise RigError(f"unsupported crop size {size}; choose one of {', '.join(map(str, SIZES))}")
@@ -270,7 +277,7 @@ def add_photos(
         fit_note = ""
         if manifest.photos:
             store.save(manifest)
-            fit_note = _fit_after_add(store, name, manifest, outcomes, on_fit)
+            fit_note = _fit_after_add(store, name, manifest, outcomes, on_fit, face_model, estimator)
     for outcome in outcomes:
         record = manifest.find_photo(outcome.photo_id) if outcome.status == ADDED else None
         if record is not None and record.status == OUTLIER:
@@ -278,22 +285,29 @@ def add_photos(
     return AddReport(outcomes, manifest, fit_note)
 
 
-def _fit_after_add(store: Store, name: str, manifest: Manifest, outcomes: list[Outcome], on_fit) -> str:
-    from rigcli.facemodel import installed, load_face_model
+def _fit_after_add(
+    store: Store, name: str, manifest: Manifest, outcomes: list[Outcome], on_fit, face_model=None, estimator=None
+) -> str:
+    from rigcli.facemodel import available, face_model_name, load_face_model
 
-    if not installed(store):
-        return NO_MODEL_NOTE.format(name=name)
-    model = load_face_model(store)
     current = read_fit(store, name)
+    wanted = face_model or face_model_name(current)
+    if not available(store, wanted):
+        if face_model is None and wanted != "ict":
+            return f"{name} is fitted with {wanted}, which is not imported now: the fit was not updated"
+        return NO_MODEL_NOTE.format(name=name)
+    model = load_face_model(store, wanted)
+    estimator = resolve_estimator(store, wanted, estimator)
     changed = any(o.status == ADDED for o in outcomes)
     if (
         current
         and not changed
         and current["model_id"] == model.model_id
+        and current.get("estimator", "landmarks") == estimator
         and set(current["photos"]) == {p.id for p in manifest.photos}
     ):
         return "3D fit unchanged"
-    doc = fit_person(store, name, manifest, model, on_fit)
+    doc = fit_person(store, name, manifest, model, on_fit, estimator)
     worst = max(p["landmark_error"] for p in doc["photos"].values())
     return f"fitted {model.name} to {len(doc['photos'])} photos (worst landmark error {worst:.3f} of eye distance)"
 
@@ -309,11 +323,51 @@ def read_fit(store: Store, name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def fit_person(store: Store, name: str, manifest: Manifest, model, on_fit=None) -> dict:
+ESTIMATORS = ("landmarks", "deca")
+
+
+def deca_available(store: Store) -> bool:
+    """Whether DECA's encoder weights are imported (``rig assets import-flame --deca``)."""
+    from rigcli.flame import flame_status
+
+    return any(s.role == "deca" and s.present for s in flame_status(store))
+
+
+def resolve_estimator(store: Store, face_model: str, estimator: str | None) -> str:
+    """The estimator to use: DECA's encoder for FLAME when its weights are imported, else the landmark fitter."""
+    if estimator is not None and estimator not in ESTIMATORS:
+        raise RigError(f"unknown estimator {estimator!r}; choose one of: {', '.join(ESTIMATORS)}")
+    if estimator == "deca":
+        if face_model != "flame":
+            raise RigError("--estimator deca estimates FLAME parameters: use it with --face-model flame")
+        if not deca_available(store):
+            from rigcli.flame import load_deca_encoder
+
+            load_deca_encoder(store)  # raises the import hint
+        return "deca"
+    if estimator is None and face_model == "flame" and deca_available(store):
+        return "deca"
+    return "landmarks"
+
+
+def check_fit_options(store: Store, face_model: str, estimator: str | None) -> None:
+    """Refuse an unknown or missing face model or estimator before any work (RigError with the fix)."""
+    from rigcli.facemodel import FACE_MODELS, available, load_face_model
+
+    if face_model not in FACE_MODELS:
+        raise RigError(f"unknown face model {face_model!r}; choose one of: {', '.join(FACE_MODELS)}")
+    if not available(store, face_model):
+        load_face_model(store, face_model)  # raises the RigError that says how to import it
+    resolve_estimator(store, face_model, estimator)
+
+
+def fit_person(store: Store, name: str, manifest: Manifest, model, on_fit=None, estimator: str = "landmarks") -> dict:
     """Fit the face model to all of a person's photos and store it (the caller holds the lock).
 
-    The identity is fitted on the photos used for training, shared by all of them; outliers are
-    fitted with that identity held fixed, as a new photo is at edit time.
+    With the landmark fitter, the identity is fitted on the photos used for training, shared by all
+    of them; outliers are fitted with that identity held fixed, as a new photo is at edit time. With
+    ``estimator='deca'`` (FLAME), DECA's encoder regresses each photo's parameters and the person's
+    shape is the mean of its shapes over the training photos, as the paper fixed it.
     """
     import torch
 
@@ -327,16 +381,24 @@ def fit_person(store: Store, name: str, manifest: Manifest, model, on_fit=None) 
     )
     train = [i for i, r in enumerate(records) if r.train] or list(range(len(records)))
     rest = [i for i in range(len(records)) if i not in train]
-    fits = [fit_landmarks(model, landmarks[train], progress=on_fit)]
-    if rest:
-        fits.append(fit_landmarks(model, landmarks[rest], identity=fits[0].identity))
-    order = train + rest
-    fit = FaceFit.cat(fits).select([order.index(i) for i in range(len(records))])
     crops = np.stack([read_photo(folder / r.aligned).pixels for r in records])
-    fit.light, fit.albedo = fit_light(model, fit, torch.from_numpy(crops).float() / 255.0)
+    if estimator == "deca":
+        from rigcli.deca import DecaEncoder, estimate_with_deca
+        from rigcli.flame import load_deca_encoder
+
+        encoder = DecaEncoder.from_state_dict(load_deca_encoder(store)).eval()
+        fit, _ = estimate_with_deca(encoder, model, crops, landmarks.numpy(), identity_rows=train, progress=on_fit)
+    else:
+        fits = [fit_landmarks(model, landmarks[train], progress=on_fit)]
+        if rest:
+            fits.append(fit_landmarks(model, landmarks[rest], identity=fits[0].identity))
+        order = train + rest
+        fit = FaceFit.cat(fits).select([order.index(i) for i in range(len(records))])
+        fit.light, fit.albedo = fit_light(model, fit, torch.from_numpy(crops).float() / 255.0)
     doc = {
         "face_model": model.name,
         "model_id": model.model_id,
+        "estimator": estimator,
         "fitter_version": FITTER_VERSION,
         "fitted": now_iso(),
         "crop_size": manifest.align_size,
@@ -348,17 +410,27 @@ def fit_person(store: Store, name: str, manifest: Manifest, model, on_fit=None) 
     return doc
 
 
-def refit(store: Store, name: str, on_fit=None, on_wait=None) -> dict:
-    """Fit the person's album again (after the fitter or the face model changed)."""
-    from rigcli.facemodel import load_face_model
+def refit(
+    store: Store, name: str, on_fit=None, on_wait=None, face_model: str | None = None, estimator: str | None = None
+) -> dict:
+    """Fit the person's album again (after the fitter or the face model changed).
+
+    ``face_model`` ('ict' or 'flame') None keeps the person's current model (ICT for a person never
+    fitted); ``estimator`` ('landmarks' or 'deca') None uses DECA for FLAME when its weights are imported.
+    """
+    from rigcli.facemodel import face_model_name, load_face_model
 
     store.require(name)
-    model = load_face_model(store)
+    current = read_fit(store, name)
+    wanted = face_model or face_model_name(current)
+    check_fit_options(store, wanted, estimator)
+    model = load_face_model(store, wanted)
+    estimator = resolve_estimator(store, wanted, estimator)
     with store.locked(name, on_wait=on_wait):
         manifest = store.load(name)
         if not manifest.photos:
             raise RigError(f"{name} has no photos to fit")
-        return fit_person(store, name, manifest, model, on_fit)
+        return fit_person(store, name, manifest, model, on_fit, estimator)
 
 
 def remove_photo(store: Store, name: str, photo: str) -> PhotoRecord:
@@ -421,9 +493,7 @@ def describe(store: Store, name: str) -> dict:
         "align_size": manifest.align_size,
         "keep_outliers": manifest.keep_outliers,
         "folder": str(folder),
-        "face_fit": None
-        if fit is None
-        else {k: fit[k] for k in ("face_model", "model_id", "fitter_version", "fitted", "camera", "identity")},
+        "face_fit": None if fit is None else {k: fit.get(k) for k in FIT_SUMMARY_KEYS},
         "model": _model_summary(folder),
         "photos": photos,
     }

@@ -302,8 +302,45 @@ def installed(store: Store, name: str = ICT_NAME) -> bool:
     return (folder / "model.json").is_file() and (folder / "model.safetensors").is_file()
 
 
-def load_face_model(store: Store, name: str = ICT_NAME) -> LinearFaceModel:
-    """The cached face model, or a RigError that says how to install it."""
+FLAME_NAME = "flame"
+FACE_MODELS = (ICT_NAME, FLAME_NAME)
+
+
+def face_model_name(fit_doc: dict | None) -> str:
+    """The face model a person's fit (``fit.json``) was made with; ICT before the name was recorded."""
+    return (fit_doc or {}).get("face_model", ICT_NAME)
+
+
+def available(store: Store, name: str = ICT_NAME) -> bool:
+    """Whether ``load_face_model(store, name)`` has what it needs (without loading it)."""
+    if name == FLAME_NAME:
+        from rigcli.flame import flame_status
+
+        present = {s.role for s in flame_status(store) if s.present}
+        return {"flame", "landmarks"} <= present
+    return installed(store, name)
+
+
+def load_face_model(store: Store, name: str = ICT_NAME):
+    """The face model called ``name`` ('ict' or 'flame'), or a RigError that says how to install it."""
+    if name == FLAME_NAME:
+        return load_flame_face_model(store)
+    if name != ICT_NAME:
+        raise RigError(f"unknown face model {name!r}; choose one of: {', '.join(FACE_MODELS)}")
+    return load_ict(store, name)
+
+
+def load_flame_face_model(store: Store):
+    """FLAME from the user's import (model and landmark embedding) behind the FaceModel interface."""
+    from rigcli.deca import FlameFaceModel
+    from rigcli.flame import flame_model_id, load_flame_assets
+
+    tensors = load_flame_assets(store, require=("flame", "landmarks"))
+    return FlameFaceModel.from_tensors(tensors, flame_model_id(store))
+
+
+def load_ict(store: Store, name: str = ICT_NAME) -> LinearFaceModel:
+    """The cached ICT model, or a RigError that says how to install it."""
     if not installed(store, name):
         raise RigError(
             "no face model installed: run `rig assets download-ict` (fetches the public ICT-FaceKit, MIT) "

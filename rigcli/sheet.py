@@ -59,14 +59,14 @@ def fit_sheet(store, name: str) -> np.ndarray:
     """Per photo a row: crop with landmarks and mesh outline | shaded | normal | albedo buffers."""
     from rigcli import RigError
     from rigcli.enroll import crop_landmarks, read_face, read_fit
-    from rigcli.facemodel import load_face_model
+    from rigcli.facemodel import face_model_name, load_face_model
     from rigcli.fit import fit_from_json, rasterize_fit, render_buffers
     from rigcli.photo import read_photo
 
     doc = read_fit(store, name)
     if doc is None:
         raise RigError(f"{name} has no 3D fit yet: run `rig refit {name}`")
-    model = load_face_model(store)
+    model = load_face_model(store, face_model_name(doc))
     records = [r for r in store.load(name).photos if r.id in doc["photos"]]
     fit = fit_from_json([doc["photos"][r.id] for r in records], doc["identity"], model.expression_names)
     size = doc["crop_size"]

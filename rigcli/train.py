@@ -104,11 +104,11 @@ def render_training_pairs(store, name: str, records, fit_doc: dict, size: int) -
     """Crops resized to ``size`` in [-1, 1], and the fit's buffers rendered at ``size``."""
     from PIL import Image
 
-    from rigcli.facemodel import load_face_model
+    from rigcli.facemodel import face_model_name, load_face_model
     from rigcli.fit import fit_from_json, render_buffers
     from rigcli.photo import read_photo
 
-    model = load_face_model(store)
+    model = load_face_model(store, face_model_name(fit_doc))
     if model.model_id != fit_doc["model_id"]:
         raise RigError(f"{name} was fitted with another face model: run `rig refit {name}`")
     fit = fit_from_json([fit_doc["photos"][r.id] for r in records], fit_doc["identity"], model.expression_names)

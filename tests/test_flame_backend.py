@@ -1,0 +1,313 @@
+"""FLAME as the second face model: choosing it, fitting with it, controls mapped from ICT, edit, finetune.
+
+The real FLAME files are licensed and absent here, and the import checks FLAME 2020's sizes, so the
+in-process tests put a FLAME-shaped model built from ICT-FaceKit (``tests.flame_like``) behind
+``rigcli.facemodel.load_flame_face_model``; the subprocess tests see the real resolver, with no
+FLAME imported, and check its errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rigcli import RigError, facemodel
+from rigcli.deca import flame_control_directions, load_control_directions
+from rigcli.edit import EXPRESSION_CONTROLS, Controls, Editor, apply_controls, edit_photos
+from rigcli.enroll import add_photos, describe, read_fit, refit
+from rigcli.fit import FaceFit, fit_landmarks, project_landmarks
+from rigcli.store import Store
+from rigcli.train import finetune, register_model, save_model
+from rigcli.unet import DiffusionRig, preset
+from tests.conftest import home_with_model, run_rig
+from tests.flame_like import flame_like_model, tilt
+
+
+@pytest.fixture(scope="module")
+def flame(face_model):
+    return flame_like_model(face_model)
+
+
+@pytest.fixture(scope="module")
+def with_flame(flame):
+    """The FLAME-shaped model stands in for an imported FLAME while the module's tests run."""
+    real = facemodel.available
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(facemodel, "load_flame_face_model", lambda store: flame)
+        mp.setattr(facemodel, "available", lambda store, name="ict": name == "flame" or real(store, name))
+        yield flame
+
+
+@pytest.fixture(scope="module")
+def flame_home(tmp_path_factory, album, ict_store, with_flame):
+    """The astronaut (3 photos) added with --face-model flame, and a tiny model fine-tuned on that fit."""
+    home = home_with_model(tmp_path_factory.mktemp("flame"), ict_store)
+    store = Store(home)
+    add_photos(store, "astro", [p.path for p in album[:3]], face_model="flame")
+    finetune(store, "astro", from_scratch=True, preset_name="tiny", steps=2, batch=2, checkpoint_every=2)
+    return home
+
+
+def landmark_displacement(model, expression: torch.Tensor) -> torch.Tensor:
+    """What an expression does to a FLAME model's 68 landmarks at rest, in outer-eye-corner distances."""
+    identity, eye = torch.zeros(1, model.identity_size), torch.eye(3)[None]
+    with torch.no_grad():
+        rest = model.landmark_points(identity, torch.zeros(1, expression.shape[0]), eye)[0]
+        moved = model.landmark_points(identity, expression[None], eye)[0]
+    return (moved - rest) / (rest[45] - rest[36]).norm()
+
+
+def ict_displacement(ict, names) -> torch.Tensor:
+    """The same for ICT blendshapes at weight 1, posed through the model and turned into FLAME's frame."""
+    weights = torch.zeros(1, len(ict.expression_names))
+    for name in names:
+        weights[0, ict.expression_names.index(name)] = 1.0
+    zero = torch.zeros(1, ict.identity_size)
+    lm = ict.landmark_vertices
+    rest, moved = ict.vertices(zero, weights * 0, lm)[0], ict.vertices(zero, weights, lm)[0]
+    return (moved - rest) @ tilt().T / (rest[45] - rest[36]).norm()
+
+
+# ---------------------------------------------------------------- controls from ICT's blendshapes
+
+
+def test_ict_blendshapes_map_onto_flame_by_their_landmark_motion(face_model, flame):
+    names = ["mouthSmile_L", "mouthSmile_R", "jawOpen", "eyeBlink_L"]
+    directions = flame_control_directions(face_model, flame, names)
+    assert all(d.shape == (53,) for d in directions.values())
+    for control, limit in (("smile", 0.1), ("jaw_open", 0.35)):
+        parts = EXPRESSION_CONTROLS[control]
+        target = ict_displacement(face_model, parts)
+        got = landmark_displacement(flame, sum(directions[n] for n in parts))
+        assert float((got - target).norm()) < limit * float(target.norm())
+    # the jaw opens by turning FLAME's jaw joint (pitch, opening), not by imitating it with lips
+    jaw_open = directions["jawOpen"]
+    assert 0.1 < float(jaw_open[50]) < 0.6 and float(jaw_open[51:].abs().max()) < 0.02
+    jaw_only, exp_only = jaw_open.clone(), jaw_open.clone()
+    jaw_only[:50], exp_only[50:] = 0, 0
+    assert landmark_displacement(flame, jaw_only).norm() > 1.5 * landmark_displacement(flame, exp_only).norm()
+    # a smile or a blink does not move the jaw
+    for name in ("mouthSmile_L", "eyeBlink_L"):
+        assert not directions[name][50:].any()
+    # left and right mirror each other: the same amount of motion
+    left, right = (landmark_displacement(flame, directions[n]).norm() for n in ("mouthSmile_L", "mouthSmile_R"))
+    assert abs(float(left - right)) < 0.02 * float(left)
+
+
+def test_controls_set_the_amount_along_their_direction(flame):
+    g = torch.Generator().manual_seed(3)
+    directions = {n: torch.randn(53, generator=g) for n in ("mouthSmile_L", "mouthSmile_R", "jawOpen")}
+    fit = FaceFit(
+        yaw=torch.zeros(2), pitch=torch.zeros(2), roll=torch.zeros(2), scale=torch.ones(2),
+        translation=torch.zeros(2, 2), expression=torch.randn(2, 53, generator=g), identity=torch.zeros(100),
+        light=torch.zeros(2, 9, 3),
+    )  # fmt: skip
+    names = flame.expression_names
+    edited = apply_controls(fit, Controls(expression={"smile": 0.7}), names, directions=directions)
+    smile = directions["mouthSmile_L"] + directions["mouthSmile_R"]
+    amount = edited.expression @ smile / (smile @ smile)
+    torch.testing.assert_close(amount, torch.full((2,), 0.7))
+    # only the smile's direction changed: what is orthogonal to it is the photo's
+    change = edited.expression - fit.expression
+    torch.testing.assert_close(change - (change @ smile)[:, None] * smile / (smile @ smile), torch.zeros(2, 53))
+    # an ICT name in --blend goes through its direction; FLAME's own names are set directly
+    edited = apply_controls(fit, Controls(blend={"jawOpen": 1.0, "exp03": 0.25}), names, directions=directions)
+    assert torch.allclose(edited.expression[:, 3], torch.tensor(0.25))
+    d = directions["jawOpen"].clone()
+    d[3] = 0  # exp03 was set after the move along jawOpen
+    assert torch.allclose((edited.expression - fit.expression)[:, torch.arange(53) != 3],
+                          ((1.0 - fit.expression @ directions["jawOpen"] / (directions["jawOpen"] ** 2).sum())[:, None]
+                           * directions["jawOpen"])[:, torch.arange(53) != 3], atol=1e-5)  # fmt: skip
+
+
+def test_mapping_is_cached_per_model_pair_and_needs_ict(tmp_path, flame_home, flame):
+    with pytest.raises(RigError, match=r"ICT-FaceKit.*download-ict"):
+        load_control_directions(Store(tmp_path / "empty"), flame)
+    store = Store(flame_home)  # the edit below finds the directions cached
+    first = load_control_directions(store, flame)
+    files = sorted(p.name for p in (store.root / "assets" / "controls").iterdir())
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".safetensors")
+    meta = json.loads((store.root / "assets" / "controls" / files[0]).read_text())
+    assert meta["flame_model_id"] == flame.model_id and meta["ict_model_id"].startswith("ict-")
+    assert meta["names"] == facemodel.load_ict(store).expression_names
+    second = load_control_directions(store, flame)
+    assert second.keys() == first.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    # a damaged cache is recomputed, not trusted
+    blob = store.root / "assets" / "controls" / files[1]
+    blob.write_bytes(blob.read_bytes()[:-8] + b"\0" * 8)
+    third = load_control_directions(store, flame)
+    assert all(torch.equal(first[k], third[k]) for k in first)
+
+
+# ---------------------------------------------------------------- fitting with FLAME
+
+
+def test_landmark_fitter_recovers_the_pose_of_a_flame_face(flame):
+    g = torch.Generator().manual_seed(4)
+    expression = torch.zeros(3, 53)
+    expression[:, :50] = torch.randn(3, 50, generator=g) * 0.3
+    expression[:, 50] = torch.tensor([0.0, 0.1, 0.2])
+    truth = FaceFit(
+        yaw=torch.tensor([0.35, -0.2, 0.05]), pitch=torch.tensor([-0.1, 0.15, 0.0]),
+        roll=torch.tensor([0.05, -0.08, 0.1]), scale=torch.tensor([7.0, 8.0, 6.5]),
+        translation=torch.tensor([[128.0, 140.0], [120.0, 132.0], [134.0, 128.0]]),
+        expression=expression, identity=torch.randn(100, generator=g) * 0.5,
+    )  # fmt: skip
+    fit = fit_landmarks(flame, project_landmarks(flame, truth, None), steps=200)
+    assert float(fit.landmark_error.max()) < 0.02
+    for got, want in ((fit.yaw, truth.yaw), (fit.pitch, truth.pitch), (fit.roll, truth.roll)):
+        assert float((got - want).abs().max()) < math.radians(2.0)
+    assert float((fit.expression[:, 50] - truth.expression[:, 50]).abs().max()) < 0.05
+
+
+def test_add_person_and_refit_record_the_face_model(flame_home, flame, face_model):
+    store = Store(flame_home)
+    doc = read_fit(store, "astro")
+    assert doc["face_model"] == "flame" and doc["model_id"] == flame.model_id and doc["estimator"] == "landmarks"
+    assert len(doc["identity"]) == 100 and len(doc["photos"]) == 3
+    photo = next(iter(doc["photos"].values()))
+    assert max(p["landmark_error"] for p in doc["photos"].values()) < 0.08
+    assert "jawPitch" in json.dumps(photo)
+    assert describe(store, "astro")["face_fit"]["face_model"] == "flame"
+    # the fit sheet renders the FLAME fit: 3 rows of crop | shaded | normal | albedo, mesh outline drawn
+    from rigcli.sheet import fit_sheet
+
+    sheet = fit_sheet(store, "astro")
+    assert sheet.shape[0] >= 3 * 256 and sheet.shape[1] >= 4 * 256
+    assert (sheet == np.array([255, 64, 64], dtype=np.uint8)).all(-1).sum() > 100
+
+
+def test_refit_switches_models_and_keeps_the_choice(tmp_path, album, ict_store, with_flame):
+    import shutil
+
+    store = Store(tmp_path / "home")  # no ICT yet: the photos are stored unfitted
+    add_photos(store, "bea", [album[4].path])
+    assert read_fit(store, "bea") is None
+    assert refit(store, "bea", face_model="flame")["face_model"] == "flame"
+    add_photos(store, "bea", [album[5].path])  # the person's model is kept as photos are added
+    doc = read_fit(store, "bea")
+    assert doc["face_model"] == "flame" and doc["model_id"] == with_flame.model_id and len(doc["photos"]) == 2
+    with pytest.raises(RigError, match="download-ict"):
+        refit(store, "bea", face_model="ict")
+    shutil.copytree(ict_store.root / "assets" / "ict", store.root / "assets" / "ict")
+    assert refit(store, "bea", face_model="ict")["model_id"] == facemodel.load_ict(store).model_id
+    with pytest.raises(RigError, match="--face-model flame"):
+        refit(store, "bea", estimator="deca")
+    with pytest.raises(RigError, match="choose one of: ict, flame"):
+        refit(store, "bea", face_model="flam")
+    assert read_fit(store, "bea")["face_model"] == "ict"  # nothing changed by the refused refits
+
+
+class FakeEncoder(torch.nn.Module):
+    """Stands in for DECA's encoder: a known code per photo, told apart by the crop's mean colour."""
+
+    def __init__(self, codes: torch.Tensor) -> None:
+        super().__init__()
+        self.codes = codes
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.seen.append(images)
+        start = sum(len(s) for s in self.seen[:-1])
+        return self.codes[start : start + len(images)]
+
+
+def test_deca_estimator_is_the_default_when_its_weights_are_imported(
+    tmp_path, album, ict_store, with_flame, monkeypatch
+):
+    from rigcli import deca, enroll, flame
+
+    store = Store(home_with_model(tmp_path, ict_store))
+    g = torch.Generator().manual_seed(9)
+    codes = torch.zeros(2, deca.DECA_CODE_SIZE)
+    codes[:, :100] = torch.randn(2, 100, generator=g) * 0.5  # shape
+    codes[:, 156] = 0.0  # global pose at rest
+    codes[:, 156 + 6] = 8.0  # orthographic scale
+    codes[:, 156 + 9] = 1.5  # ambient light
+    encoder = FakeEncoder(codes)
+    monkeypatch.setattr(enroll, "deca_available", lambda store: True)
+    monkeypatch.setattr(flame, "load_deca_encoder", lambda store: {})
+    monkeypatch.setattr(deca.DecaEncoder, "from_state_dict", staticmethod(lambda state: encoder))
+    add_photos(store, "cy", [p.path for p in album[:2]], face_model="flame")
+    doc = read_fit(store, "cy")
+    assert doc["face_model"] == "flame" and doc["estimator"] == "deca"
+    assert sum(len(s) for s in encoder.seen) == 2 and encoder.seen[0].shape[1:] == (3, 224, 224)
+    # the person's shape is DECA's mean over the album, as the paper fixed it
+    np.testing.assert_allclose(doc["identity"], codes[:, :100].mean(0).numpy(), atol=1e-4)
+    # at edit time a known person's shape is held instead
+    held = torch.linspace(-1, 1, 100)
+    crops = np.full((2, 256, 256, 3), 128, np.uint8)
+    points = 80 + np.random.default_rng(2).random((2, 68, 2)) * 100
+    fit, _ = deca.estimate_with_deca(FakeEncoder(codes), with_flame, crops, points, identity=held)
+    torch.testing.assert_close(fit.identity, held)
+    with pytest.raises(RigError, match="unknown estimator"):
+        refit(store, "cy", estimator="magic")
+    assert refit(store, "cy", estimator="landmarks")["estimator"] == "landmarks"
+
+
+# ---------------------------------------------------------------- finetune and edit on a FLAME fit
+
+
+def test_finetune_refuses_a_base_of_the_other_face_model(flame_home, tmp_path, face_model, album):
+    store = Store(flame_home)
+    save_model(tmp_path / "ict", DiffusionRig(preset("tiny")), {"face_model_id": face_model.model_id})
+    register_model(store, "ictbase", tmp_path / "ict")
+    with pytest.raises(RigError, match=f"fitted with {read_fit(store, 'astro')['model_id']}"):
+        finetune(store, "astro", base="ictbase", steps=2)
+    # and an ICT person cannot start from a FLAME base
+    info = json.loads((flame_home / "people" / "astro" / "model" / "model.json").read_text())
+    assert info["face_model_id"] == read_fit(store, "astro")["model_id"]
+    register_model(store, "flamebase", flame_home / "people" / "astro" / "model")
+    add_photos(store, "dee", [album[6].path])
+    assert read_fit(store, "dee")["face_model"] == "ict"
+    with pytest.raises(RigError, match="face model flame-test"):
+        finetune(store, "dee", base="flamebase", steps=2)
+
+
+def test_smile_on_a_flame_person_changes_the_mouth(flame_home, album):
+    editor = Editor(Store(flame_home), "astro")
+    assert editor.face_model.name == "flame"
+    assert "mouthSmile_L" in editor.control_names and "jawPitch" in editor.control_names
+    (result,) = edit_photos(editor, [album[5].path], Controls(expression={"smile": 1.0}), steps=2)
+    assert result.error is None and result.output is not None
+    change = (result.edited_buffers - result.original_buffers).abs().sum(0).numpy()  # (S, S)
+    scale = editor.size / editor.crop_size
+    points = result.prepared.crop_landmarks * scale
+    mouth = points[48:68]
+    (x0, y0), (x1, y1) = mouth.min(0) - 0.1 * editor.size, mouth.max(0) + 0.1 * editor.size
+    ys, xs = np.mgrid[: editor.size, : editor.size]
+    near_mouth = (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
+    above_eyes = ys < points[17:27, 1].min() - 0.02 * editor.size
+    below_eyes = ys > points[36:48, 1].max()
+    assert change[near_mouth].sum() > 0.6 * change.sum() > 0  # the lips and the cheeks beside them
+    assert change[below_eyes].sum() > 0.9 * change.sum()
+    assert change[above_eyes].sum() < 0.01 * change.sum()
+    directions = editor.directions_for(Controls(expression={"smile": 1.0}))
+    smile = directions["mouthSmile_L"] + directions["mouthSmile_R"]
+    assert abs(float(result.edited_fit.expression[0] @ smile / (smile @ smile)) - 1.0) < 1e-4
+
+
+# ---------------------------------------------------------------- the CLI, with no FLAME imported
+
+
+def test_cli_without_flame_says_how_to_import_it(tmp_path, album):
+    from typer.testing import CliRunner
+
+    from rigcli.cli import app
+
+    home = tmp_path / "home"
+    r = run_rig("add-person", "eve", str(album[0].path), "--face-model", "flame", home=home)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "import-flame" in r.stderr and "Using FLAME" in r.stderr
+    assert not (home / "people" / "eve").exists()  # refused before any photo was stored
+    add_photos(Store(home), "eve", [album[0].path])
+    r = run_rig("refit", "eve", "--face-model", "flame", home=home)
+    assert r.returncode == 2 and "import-flame" in r.stderr and "Traceback" not in r.stderr
+    assert not (home / "people" / "eve" / "fit.json").exists()
+    for command in ("refit", "add-person"):
+        shown = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
+        assert "--face-model" in shown and "--estimator" in shown
