@@ -80,7 +80,8 @@ def test_cli_assets(tmp_path, ict_store):
     imported = rig(home, "assets", "import-ict", str(ICT))
     assert imported.exit_code == 0, imported.output
     status = rig(home, "assets", "status")
-    assert "missing" not in status.stdout and "28552 triangles" in status.stdout
+    ict_row = next(line for line in status.stdout.splitlines() if "face model (ICT FaceKit)" in line)
+    assert " ok " in ict_row and "missing" not in ict_row and "28552 triangles" in status.stdout
     bad = rig(home, "assets", "import-ict", str(tmp_path))
     assert bad.exit_code == 2 and "vertex_indices.json" in bad.stderr
     meta = json.loads((home / "assets" / "ict" / "model.json").read_text())
