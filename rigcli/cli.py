@@ -1055,7 +1055,13 @@ def eval_command(
         ),
     ] = None,
     steps: Annotated[int, typer.Option(min=1, max=1000, help="DDIM steps (the paper: 20).")] = 20,
-    engine: Annotated[str, typer.Option(help="Runtime for the UNet: torch, or onnx (exported once).")] = "torch",
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="Runtime for the UNet, as for `rig edit`: torch, onnx or trt, with options after dashes, e.g. "
+            "torch-fp16, onnx-fp16, trt-fp32 (see README, Engines)."
+        ),
+    ] = "torch",
     seed: Annotated[
         int, typer.Option(help="Seed, recorded in metrics.json (inversion and sampling are deterministic).")
     ] = 0,

@@ -254,7 +254,7 @@ def parse_spec(text: str, default: ModelSpec) -> ModelSpec:
     if not 1 <= steps <= 1000:
         raise RigError(f"{text!r}: DDIM steps must be between 1 and 1000")
     if not engine:
-        raise RigError(f"{text!r}: name an engine after '@' (torch or onnx)")
+        raise RigError(f"{text!r}: name an engine after '@' (torch, onnx, trt, ...)")
     return ModelSpec(rest or default.model, steps, engine)
 
 

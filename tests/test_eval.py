@@ -143,6 +143,7 @@ def test_model_specs():
     assert parse_spec(":10", first) == ModelSpec("person", 10, "torch")
     assert parse_spec("@onnx", first) == ModelSpec("person", 20, "onnx")
     assert parse_spec("base:5@onnx", first) == ModelSpec("base", 5, "onnx")
+    assert parse_spec(":10@torch-fp16", first) == ModelSpec("person", 10, "torch-fp16")
     assert parse_spec("/models/v2:8", first) == ModelSpec("/models/v2", 8, "torch")
     for bad in ("person:", ":0", "x@"):
         with pytest.raises(RigError):
@@ -274,7 +275,7 @@ def test_eval_errors(held_out_home, album, tmp_path):
         (["--photos", str(tmp_path / "missing.jpg")], "does not exist"),
         (["--model", "nonesuch"], "no model 'nonesuch'"),
         (["--compare", "person:"], "MODEL[:STEPS][@ENGINE]"),
-        (["--engine", "trt"], "unknown engine 'trt'"),
+        (["--engine", "warp"], "unknown engine 'warp'"),
     ]
     for args, words in cases:
         result = rig(held_out_home, "eval", "astro", "--out", str(tmp_path / "x"), *args)
