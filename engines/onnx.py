@@ -111,14 +111,16 @@ def export(unet: torch.nn.Module, folder: Path, image_size: int, fp16: bool = Fa
     )
     tmp = folder / "export.tmp.onnx"
     folder.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            step, args, str(tmp), input_names=list(INPUTS), output_names=["eps"], opset_version=opset,
-            dynamic_axes={name: {0: "batch"} for name in (*INPUTS, "eps")}, dynamo=False,
-        )  # fmt: skip
-    atomic_write_bytes(folder / "model.onnx", tmp.read_bytes())
-    tmp.unlink()
+    try:  # the exporter writes its own file: keep it out of sight until it is whole, and never leave it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                step, args, str(tmp), input_names=list(INPUTS), output_names=["eps"], opset_version=opset,
+                dynamic_axes={name: {0: "batch"} for name in (*INPUTS, "eps")}, dynamo=False,
+            )  # fmt: skip
+        atomic_write_bytes(folder / "model.onnx", tmp.read_bytes())
+    finally:
+        tmp.unlink(missing_ok=True)
     atomic_write_json(
         folder / "engine.json",
         {**key, "kind": "onnx", "image_size": image_size, "max_batch": max_batch, "source": source},

@@ -244,8 +244,10 @@ class Editor:
         self.face_model = load_face_model(store, face_model_name(fit_doc))
         self._directions: dict[str, torch.Tensor] | None = None
         self._control_names: list[str] | None = None
-        if self.model_info.get("face_model_id") not in (None, self.face_model.model_id):
-            raise RigError(f"the model in {folder} was trained with another face model; fine-tune it again")
+        if self.model_info.get("face_model_id") is not None:
+            from rigcli.train import check_base_buffers
+
+            check_base_buffers(str(folder), self.model_info, name, self.face_model.model_id)
         self.identity = torch.tensor(fit_doc["identity"], dtype=torch.float32)
         self.estimator = fit_doc.get("estimator", "landmarks")  # photos are fitted as the album was
         self._encoder = None

@@ -421,7 +421,12 @@ def sample_suite(
         edits = suite(sources, i, labels)
         one = fit.select([i])
         reference = {sources[j]: fit.select([j]) for j in range(len(prepared)) if j != i}
-        asked = FaceFit.cat([apply_controls(one, e.controls, names, [normals[i]], reference) for e in edits])
+        asked = FaceFit.cat(
+            [
+                apply_controls(one, e.controls, names, [normals[i]], reference, editor.directions_for(e.controls))
+                for e in edits
+            ]
+        )
         rest = len(edits) - 1
         torch.manual_seed(seed)
         started = time.perf_counter()

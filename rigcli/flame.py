@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from rigcli import RigError
+from rigcli.deca import DECA_SPLIT
 from rigcli.store import Store, _fsync_dir, atomic_write_bytes, atomic_write_json, hold_lock, now_iso
 
 FLAME_FOLDER = "flame"
@@ -89,9 +90,6 @@ LANDMARK_SHAPES = {
     "full_lmk_faces_idx": (68,),
     "full_lmk_bary_coords": (68, 3),
 }
-DECA_CODE_SPLIT = (("shape", 100), ("tex", 50), ("exp", 50), ("pose", 6), ("cam", 3), ("light", 27))
-"""How E_flame's 236 outputs divide, in order (pose = global rotation 3 + jaw 3; light = 9 SH x RGB)."""
-DECA_CODE_SIZE = sum(n for _, n in DECA_CODE_SPLIT)
 
 ASSETS = {
     # role: (cache file, what it enables, the option that imports it)
@@ -584,47 +582,15 @@ def read_template(path: Path) -> dict[str, np.ndarray]:
     return {"uv_coords": uv_coords, "uv_faces": uv_faces_array, "template_faces": np.asarray(faces, np.int64)}
 
 
-def resnet50_trunk_shapes() -> dict[str, tuple[int, ...]]:
-    """Key names and shapes of DECA's ResNet-50 trunk (torchvision's names; no fc layer)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def batch_norm(prefix: str, channels: int) -> None:
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            shapes[f"{prefix}.{name}"] = (channels,)
-        shapes[f"{prefix}.num_batches_tracked"] = ()
-
-    shapes["conv1.weight"] = (64, 3, 7, 7)
-    batch_norm("bn1", 64)
-    inplanes = 64
-    for layer, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3), strict=True), 1):
-        for block in range(blocks):
-            prefix = f"layer{layer}.{block}"
-            shapes[f"{prefix}.conv1.weight"] = (planes, inplanes, 1, 1)
-            batch_norm(f"{prefix}.bn1", planes)
-            shapes[f"{prefix}.conv2.weight"] = (planes, planes, 3, 3)
-            batch_norm(f"{prefix}.bn2", planes)
-            shapes[f"{prefix}.conv3.weight"] = (planes * 4, planes, 1, 1)
-            batch_norm(f"{prefix}.bn3", planes * 4)
-            if block == 0:
-                shapes[f"{prefix}.downsample.0.weight"] = (planes * 4, inplanes, 1, 1)
-                batch_norm(f"{prefix}.downsample.1", planes * 4)
-            inplanes = planes * 4
-    return shapes
-
-
 def e_flame_shapes() -> dict[str, tuple[int, ...]]:
-    """E_flame's state dict: ``encoder.*`` (the ResNet-50 trunk), then ``layers.0`` Linear(2048, 1024),
-    ReLU, ``layers.2`` Linear(1024, 236)."""
-    shapes = {f"encoder.{k}": v for k, v in resnet50_trunk_shapes().items()}
-    shapes.update(
-        {
-            "layers.0.weight": (1024, 2048),
-            "layers.0.bias": (1024,),
-            "layers.2.weight": (DECA_CODE_SIZE, 1024),
-            "layers.2.bias": (DECA_CODE_SIZE,),
-        }
-    )
-    return shapes
+    """E_flame's state dict, key by key: ``encoder.*`` (the ResNet-50 trunk), then ``layers.0``
+    Linear(2048, 1024), ReLU, ``layers.2`` Linear(1024, 236): read off rig's DecaEncoder (built on
+    the meta device, so nothing is allocated), which is tested against DECA's names."""
+    from rigcli.deca import DecaEncoder
+
+    with torch.device("meta"):
+        encoder = DecaEncoder()
+    return {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
 
 
 def read_deca(path: Path) -> dict[str, torch.Tensor]:
@@ -839,7 +805,7 @@ def _read_asset(role: str, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         return tensors, {"kind": kind, "components": TEXTURE_COMPONENTS, "resolution": tensors["tex_mean"].shape[0]}
     if role == "template":
         return read_template(path), {}
-    return read_deca(path), {"code_split": dict(DECA_CODE_SPLIT)}
+    return read_deca(path), {"code_split": dict(DECA_SPLIT)}
 
 
 def _write(

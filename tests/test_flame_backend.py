@@ -268,6 +268,18 @@ def test_finetune_refuses_a_base_of_the_other_face_model(flame_home, tmp_path, f
         finetune(store, "dee", base="flamebase", steps=2)
 
 
+def test_editor_takes_the_papers_flame_model_and_refuses_an_ict_one(flame_home, tmp_path, face_model):
+    """The paper's imported model saw FLAME buffers from DECA: any FLAME fit may use it, an ICT one not."""
+    from rigcli.train import PAPER_FACE_MODEL_ID
+
+    store = Store(flame_home)
+    save_model(tmp_path / "paper", DiffusionRig(preset("tiny")), {"face_model_id": PAPER_FACE_MODEL_ID})
+    assert Editor(store, "astro", tmp_path / "paper").face_model.name == "flame"
+    save_model(tmp_path / "ict", DiffusionRig(preset("tiny")), {"face_model_id": face_model.model_id})
+    with pytest.raises(RigError, match="buffers would not match"):
+        Editor(store, "astro", tmp_path / "ict")
+
+
 def test_smile_on_a_flame_person_changes_the_mouth(flame_home, album):
     editor = Editor(Store(flame_home), "astro")
     assert editor.face_model.name == "flame"
@@ -289,6 +301,19 @@ def test_smile_on_a_flame_person_changes_the_mouth(flame_home, album):
     directions = editor.directions_for(Controls(expression={"smile": 1.0}))
     smile = directions["mouthSmile_L"] + directions["mouthSmile_R"]
     assert abs(float(result.edited_fit.expression[0] @ smile / (smile @ smile)) - 1.0) < 1e-4
+
+
+def test_eval_suite_runs_on_a_flame_person(flame_home, album):
+    """The suite's expression edits go through the ICT-to-FLAME control mapping, not ICT's names."""
+    from rigcli.evaluate import ModelSpec, eval_photos, evaluate
+
+    store = Store(flame_home)
+    photos = eval_photos(store, "astro", photos=[album[5].path])
+    (run,) = evaluate(store, "astro", photos, [ModelSpec(steps=2)]).runs
+    kinds = {e.kind for e in run.edits}
+    assert {"reconstruction", "expression", "light", "pose"} <= kinds
+    smile = next(e for e in run.edits if e.kind == "expression")
+    assert smile.metrics["blendshape_error"] is not None and np.isfinite(smile.metrics["blendshape_error"])
 
 
 # ---------------------------------------------------------------- the CLI, with no FLAME imported
