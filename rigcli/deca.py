@@ -302,6 +302,8 @@ class FlameFaceModel:
         self.landmark_vertices = corners.gather(1, bary.argmax(1, keepdim=True))[:, 0]
         self.regions = self._regions(lm)
         self.triangles = self._outward(flame.faces)
+        self.texture: FlameTexture | None = None  # DECA's albedo space, when imported with its UVs
+        self.texture_id: str | None = None  # which one (training-data caches depend on it)
 
     def _regions(self, lm: torch.Tensor) -> dict[str, torch.Tensor]:
         flame, v = self.flame, self.neutral
@@ -379,6 +381,7 @@ class FlameFaceModel:
         for key in ("neutral", "landmark_vertices", "triangles"):
             setattr(moved, key, getattr(self, key).to(device))
         moved.regions = {k: r.to(device) for k, r in self.regions.items()}
+        moved.texture = self.texture.to(device) if self.texture is not None else None
         return moved
 
     @staticmethod
@@ -649,7 +652,7 @@ def estimate_with_deca(
 
     ``crops`` (B, H, W, 3) uint8 are the aligned crops and ``landmarks`` (B, 68, 2) their 68 points
     in the same pixels; DECA sees its own 224 crop of each (``deca_crop``), and the result is a
-    ``FaceFit`` in the aligned frame with DECA's light, the mean shape over the batch when
+    ``FaceFit`` in the aligned frame with DECA's light and texture code, the mean shape over the batch when
     ``shared_identity`` (the paper's per-person shape), a skin albedo under that light, and the
     landmark error; ``identity_rows`` (indices) takes that mean over those photos only (a person's
     training photos, not their outliers); ``identity`` (n_shape,) fixes the shape instead (a known
@@ -677,6 +680,7 @@ def estimate_with_deca(
             mean = params["shape"][list(identity_rows)].mean(0, keepdim=True)
             params["shape"] = mean.expand_as(params["shape"]).clone()
         fit = deca_to_fit(model, params, np.stack(to_frame), shared_identity=shared_identity)
+        fit.texture = params["tex"].to(torch.float32).clone()  # rendered when a texture space is imported
         images = torch.from_numpy(np.asarray(crops)).to(torch.float32) / 255.0
         fit.albedo = albedo_under_light(model, fit, images)
         lm = torch.as_tensor(np.asarray(landmarks), dtype=torch.float32)
@@ -713,6 +717,20 @@ class FlameTexture:
         self.uv_faces = torch.as_tensor(uv_faces, dtype=torch.int64)
         self.size = size
 
+    def to(self, device: torch.device | str) -> FlameTexture:
+        """The same texture space with its tensors on ``device``."""
+        moved = copy.copy(self)
+        for key in ("mean", "basis", "uv_coords", "uv_faces"):
+            setattr(moved, key, getattr(self, key).to(device))
+        return moved
+
+    @staticmethod
+    def from_tensors(tensors: dict[str, torch.Tensor]) -> FlameTexture | None:
+        """The texture space of the FLAME import's tensors, or None without both --texture and --template."""
+        if not {"tex_mean", "tex_basis", "uv_coords", "uv_faces"} <= tensors.keys():
+            return None
+        return FlameTexture(tensors["tex_mean"], tensors["tex_basis"], tensors["uv_coords"], tensors["uv_faces"])
+
     def maps(self, code: torch.Tensor) -> torch.Tensor:
         """Albedo maps (B, 3, size, size) for texture codes (B, <=K)."""
         k = min(code.shape[1], self.basis.shape[0])
@@ -732,14 +750,15 @@ class FlameTexture:
 
 
 def render_deca_buffers(
-    model: FlameFaceModel, fit, texture: FlameTexture, tex_code: torch.Tensor, size: int
+    model: FlameFaceModel, fit, texture: FlameTexture, tex_code: torch.Tensor, size: int, geometry=None
 ) -> torch.Tensor:
     """DiffusionRig's buffers (B, 9, size, size) with DECA's texture-space albedo: shaded = albedo x
-    SH shading of the camera-space normals, normals, albedo; zero off the face."""
+    SH shading of the camera-space normals, normals, albedo; zero off the face. ``geometry``: the fit
+    already rasterized at ``size`` (``fit.rasterize_fit``)."""
     from rigcli.fit import rasterize_fit
     from rigcli.render import sh_shading
 
-    geometry = rasterize_fit(model, fit, size)
+    geometry = geometry or rasterize_fit(model, fit, size)
     albedo = texture.sample(geometry.fragments, texture.maps(tex_code), model.winding_flipped)
     shaded = albedo * sh_shading(geometry.normals, fit.light) * geometry.fragments.mask[..., None]
     return torch.cat([shaded, geometry.normals, albedo], -1).permute(0, 3, 1, 2).contiguous()

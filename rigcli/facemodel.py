@@ -331,12 +331,16 @@ def load_face_model(store: Store, name: str = ICT_NAME):
 
 
 def load_flame_face_model(store: Store):
-    """FLAME from the user's import (model and landmark embedding) behind the FaceModel interface."""
-    from rigcli.deca import FlameFaceModel
-    from rigcli.flame import flame_model_id, load_flame_assets
+    """FLAME from the user's import (model and landmark embedding) behind the FaceModel interface,
+    with DECA's texture space when it was imported with the template's UVs."""
+    from rigcli.deca import FlameFaceModel, FlameTexture
+    from rigcli.flame import flame_model_id, flame_texture_id, load_flame_assets
 
     tensors = load_flame_assets(store, require=("flame", "landmarks"))
-    return FlameFaceModel.from_tensors(tensors, flame_model_id(store))
+    model = FlameFaceModel.from_tensors(tensors, flame_model_id(store))
+    model.texture = FlameTexture.from_tensors(tensors)
+    model.texture_id = flame_texture_id(store) if model.texture is not None else None
+    return model
 
 
 def load_ict(store: Store, name: str = ICT_NAME) -> LinearFaceModel:

@@ -67,6 +67,7 @@ class FaceFit:
     light: torch.Tensor | None = None  # (B, 9, 3)
     albedo: torch.Tensor | None = None  # (B, 3)
     landmark_error: torch.Tensor | None = None  # (B,) mean error / inter-ocular distance
+    texture: torch.Tensor | None = None  # (B, K) DECA's texture code (FLAME's albedo space), DECA fits only
 
     @property
     def rotation(self) -> torch.Tensor:
@@ -88,6 +89,7 @@ class FaceFit:
             join("light"),
             join("albedo"),
             join("landmark_error"),
+            join("texture"),
         )
 
     def select(self, index: list[int]) -> FaceFit:
@@ -104,6 +106,7 @@ class FaceFit:
             pick(self.light),
             pick(self.albedo),
             pick(self.landmark_error),
+            pick(self.texture),
         )
 
 
@@ -362,8 +365,18 @@ def _ridge(design: torch.Tensor, target: torch.Tensor, damping: float = 1e-6) ->
 
 
 def render_buffers(model: FaceModel, fit: FaceFit, size: int, geometry: Geometry | None = None) -> torch.Tensor:
-    """DiffusionRig's buffers (B, 9, size, size): shaded, normal, albedo; zero off the face."""
+    """DiffusionRig's buffers (B, 9, size, size): shaded, normal, albedo; zero off the face.
+
+    The albedo is the fit's skin colour, or, for a DECA fit (it carries a texture code) of a FLAME
+    model with an imported texture space, DECA's texture-space albedo, as the paper's data step
+    rendered it (``deca.render_deca_buffers``). Every caller renders through here, so training data,
+    edits and sheets agree."""
     geometry = geometry or rasterize_fit(model, fit, size)
+    texture = getattr(model, "texture", None)
+    if texture is not None and fit.texture is not None:
+        from rigcli.deca import render_deca_buffers
+
+        return render_deca_buffers(model, fit, texture, fit.texture, size, geometry)
     albedo_v = vertex_albedo(model, fit.albedo)
     albedo = geometry.fragments.interpolate(albedo_v, model.triangles)
     shading = sh_shading(geometry.normals, fit.light)
@@ -377,8 +390,9 @@ def render_buffers(model: FaceModel, fit: FaceFit, size: int, geometry: Geometry
 
 
 def photo_fit_json(fit: FaceFit, i: int, names: list[str]) -> dict:
-    """One photo's fitted parameters as a JSON-ready dict (the ``fit`` of ``people show --json``)."""
-    return {
+    """One photo's fitted parameters as a JSON-ready dict (the ``fit`` of ``people show --json``);
+    ``texture_code`` only for a DECA fit."""
+    doc = {
         "pose_deg": {
             "yaw": round(math.degrees(float(fit.yaw[i])), 3),
             "pitch": round(math.degrees(float(fit.pitch[i])), 3),
@@ -391,6 +405,9 @@ def photo_fit_json(fit: FaceFit, i: int, names: list[str]) -> dict:
         "albedo": [round(float(v), 5) for v in fit.albedo[i]],
         "landmark_error": round(float(fit.landmark_error[i]), 5),
     }
+    if fit.texture is not None:
+        doc["texture_code"] = [round(float(v), 5) for v in fit.texture[i]]
+    return doc
 
 
 def fit_from_json(photos: list[dict], identity: list[float], names: list[str]) -> FaceFit:
@@ -406,4 +423,7 @@ def fit_from_json(photos: list[dict], identity: list[float], names: list[str]) -
         torch.tensor([p["light_sh"] for p in photos], dtype=torch.float32),
         torch.tensor([p["albedo"] for p in photos], dtype=torch.float32),
         torch.tensor([p["landmark_error"] for p in photos], dtype=torch.float32),
+        torch.tensor([p["texture_code"] for p in photos], dtype=torch.float32)
+        if photos and all("texture_code" in p for p in photos)
+        else None,
     )

@@ -885,6 +885,18 @@ def flame_model_id(store: Store) -> str:
     return f"flame-{digest.hexdigest()[:16]}"
 
 
+def flame_texture_id(store: Store) -> str | None:
+    """An id for the imported texture space and template UVs (from their caches' hashes), or None
+    when either is missing: DECA fits render their albedo from them, so cached buffers depend on it."""
+    assets = _manifest(store)["assets"]
+    if not {"texture", "template"} <= assets.keys():
+        return None
+    digest = hashlib.sha256()
+    for role in ("texture", "template"):
+        digest.update(assets[role].get("cache_sha256", "").encode())
+    return f"texture-{digest.hexdigest()[:16]}"
+
+
 def load_deca_encoder(store: Store) -> dict[str, torch.Tensor]:
     """E_flame's state dict (DECA's coarse encoder), or a RigError naming the import command."""
     _recover_readonly(store)

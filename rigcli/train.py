@@ -70,8 +70,8 @@ def person_data(store, name: str, size: int, exclude: Sequence[str] = ()) -> Tra
     """A person's training photos (crop + buffers at ``size``), rendered once and cached; photos
     whose ids are in ``exclude`` (held out for evaluation) are left out.
 
-    The cache key covers the fit, the face model and the renderer, so a refit or a new face model
-    makes a new cache.
+    The cache key covers the fit, the face model, the renderer and, for a DECA fit, the texture space
+    its albedo comes from, so a refit, a new face model or a texture import makes a new cache.
     """
     from safetensors.torch import load_file, save
 
@@ -86,9 +86,12 @@ def person_data(store, name: str, size: int, exclude: Sequence[str] = ()) -> Tra
     records = [r for r in manifest.photos if r.train and r.id in fit_doc["photos"] and r.id not in exclude]
     if not records:
         raise RigError(f"{name} has no photos usable for training")
-    key = hashlib.sha256(
-        json.dumps([fit_doc["model_id"], fit_doc["fitted"], [r.id for r in records], size, RENDER_VERSION]).encode()
-    ).hexdigest()[:16]
+    parts = [fit_doc["model_id"], fit_doc["fitted"], [r.id for r in records], size, RENDER_VERSION]
+    if any("texture_code" in p for p in fit_doc["photos"].values()):  # a DECA fit: albedo from the texture space
+        from rigcli.flame import flame_texture_id
+
+        parts.append(flame_texture_id(store))
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
     cache = store.person_dir(name) / "cache" / f"train-{size}-{key}.safetensors"
     if cache.is_file():
         tensors = load_file(cache)

@@ -8,6 +8,7 @@ FLAME imported, and check its errors.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -21,7 +22,7 @@ from rigcli.edit import EXPRESSION_CONTROLS, Controls, Editor, apply_controls, e
 from rigcli.enroll import add_photos, describe, read_fit, refit
 from rigcli.fit import FaceFit, fit_landmarks, project_landmarks
 from rigcli.store import Store
-from rigcli.train import finetune, register_model, save_model
+from rigcli.train import finetune, person_data, register_model, save_model
 from rigcli.unet import DiffusionRig, preset
 from tests.conftest import home_with_model, run_rig
 from tests.flame_like import flame_like_model, tilt
@@ -228,6 +229,7 @@ def test_deca_estimator_is_the_default_when_its_weights_are_imported(
     codes[:, 156] = 0.0  # global pose at rest
     codes[:, 156 + 6] = 8.0  # orthographic scale
     codes[:, 156 + 9] = 1.5  # ambient light
+    codes[:, 100:150] = torch.randn(2, 50, generator=g)  # texture
     encoder = FakeEncoder(codes)
     monkeypatch.setattr(enroll, "deca_available", lambda store: True)
     monkeypatch.setattr(flame, "load_deca_encoder", lambda store: {})
@@ -238,6 +240,13 @@ def test_deca_estimator_is_the_default_when_its_weights_are_imported(
     assert sum(len(s) for s in encoder.seen) == 2 and encoder.seen[0].shape[1:] == (3, 224, 224)
     # the person's shape is DECA's mean over the album, as the paper fixed it
     np.testing.assert_allclose(doc["identity"], codes[:, :100].mean(0).numpy(), atol=1e-4)
+    # each photo keeps its texture code, and the training data's cache follows the texture space
+    texture = [doc["photos"][r.id]["texture_code"] for r in store.load("cy").photos]
+    np.testing.assert_allclose(texture, codes[:, 100:150].numpy(), atol=1e-5)
+    plain = person_data(store, "cy", 32)
+    assert person_data(store, "cy", 32).data_hash == plain.data_hash
+    monkeypatch.setattr(flame, "flame_texture_id", lambda store: "texture-imported")
+    assert person_data(store, "cy", 32).data_hash != plain.data_hash
     # at edit time a known person's shape is held instead
     held = torch.linspace(-1, 1, 100)
     crops = np.full((2, 256, 256, 3), 128, np.uint8)
@@ -336,3 +345,93 @@ def test_cli_without_flame_says_how_to_import_it(tmp_path, album):
     for command in ("refit", "add-person"):
         shown = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
         assert "--face-model" in shown and "--estimator" in shown
+
+
+# ---------------------------------------------------------------- DECA's texture-space albedo
+
+
+def linear_maps(size: int, coefficients: torch.Tensor) -> torch.Tensor:
+    """(size, size, 3, K) maps, each channel a + b u + c v at the texel centres (rows top down: v = 1 at
+    the top), from ``coefficients`` (K, 3, 3): per map and channel (a, b, c)."""
+    centres = (torch.arange(size) + 0.5) / size
+    u, v = centres[None, :].expand(size, -1), 1 - centres[:, None].expand(-1, size)
+    ramps = torch.stack([torch.ones_like(u), u, v])  # (3, H, W)
+    return torch.einsum("kcn,nhw->hwck", coefficients, ramps)
+
+
+def test_a_deca_fit_renders_texture_space_albedo_through_its_uvs(flame):
+    """A fit carrying a texture code renders albedo = mean + basis . code, read where the photo's pixel
+    lies on the UV map. The UVs are made so that each vertex's UV is where the fit projects it (u = x /
+    size, v = 1 - y / size), so a covered pixel (i, j) must read the maps at u = j / size, v = 1 - i / size,
+    and maps linear in u and v give the albedo there by hand."""
+    from rigcli.deca import FlameTexture
+    from rigcli.fit import rasterize_fit, render_buffers
+    from rigcli.render import project, sh_shading
+
+    size, k = 64, 3
+    fit = FaceFit(
+        yaw=torch.zeros(2), pitch=torch.zeros(2), roll=torch.zeros(2), scale=torch.full((2,), 2.2),
+        translation=torch.full((2, 2), 32.0), expression=torch.zeros(2, 53), identity=torch.zeros(100),
+        light=torch.zeros(2, 9, 3), albedo=torch.tensor([[0.6, 0.5, 0.4], [0.3, 0.3, 0.3]]),
+        landmark_error=torch.zeros(2),
+    )  # fmt: skip
+    fit.light[:, 0] = 0.8
+    fit.light[:, 3] = 0.3  # some light from the front (z)
+    verts = flame.vertices(fit.identity[None], fit.expression[:1])
+    screen, _ = project(verts, fit.rotation[:1], fit.scale[:1], fit.translation[:1])
+    uv = torch.stack([screen[0, :, 0] / size, 1 - screen[0, :, 1] / size], 1)
+    g = torch.Generator().manual_seed(5)
+    coefficients = torch.rand(k + 1, 3, 3, generator=g) * 0.4
+    maps = linear_maps(32, coefficients)
+    textured = copy.copy(flame)
+    textured.texture = FlameTexture(maps[..., 0], maps[..., 1:], uv, flame.flame.faces, size=32)
+    plain = render_buffers(flame, fit, size)
+
+    # without a texture code (ICT, the landmark fitter): exactly as before, texture space or not
+    torch.testing.assert_close(render_buffers(textured, fit, size), plain, rtol=0, atol=0)
+    fit.texture = torch.tensor([[0.5, -0.25, 1.0], [-1.0, 0.75, 0.0]])
+    # without a texture space (none imported): the code is kept but the skin colour is rendered
+    torch.testing.assert_close(render_buffers(flame, fit, size), plain, rtol=0, atol=0)
+
+    buffers = render_buffers(textured, fit, size)
+    geometry = rasterize_fit(flame, fit, size)
+    mask = geometry.fragments.mask
+    shading = sh_shading(geometry.normals, fit.light).permute(0, 3, 1, 2)
+    i, j = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    u, v = j / size, 1 - i / size
+    inside = mask[0] & (u > 0.05) & (u < 0.95) & (v > 0.05) & (v < 0.95)
+    assert int(inside.sum()) > 500
+    for b in range(2):
+        weights = torch.cat([torch.ones(1), fit.texture[b]])
+        abc = torch.einsum("k,kcn->cn", weights, coefficients)  # (3 channels, (a, b, c))
+        expect = abc[:, 0, None, None] + abc[:, 1, None, None] * u + abc[:, 2, None, None] * v
+        torch.testing.assert_close(buffers[b, 6:9][:, inside], expect[:, inside], atol=1e-4, rtol=0)
+        # shaded = albedo x the SH shading of the camera-space normals, normals as the skin-colour render's
+        torch.testing.assert_close(buffers[b, :3], buffers[b, 6:9] * shading[b], atol=1e-5, rtol=0)
+        torch.testing.assert_close(buffers[b, 3:6], plain[b, 3:6], rtol=0, atol=0)
+    assert float(buffers[:, 6:9].permute(1, 0, 2, 3)[:, ~mask].abs().max()) == 0.0
+    # the photos differ only by their codes, and so do their albedos
+    assert float((buffers[0, 6:9] - buffers[1, 6:9])[:, inside].abs().mean()) > 0.05
+    # an edit keeps the photo's texture code
+    edited = apply_controls(fit, Controls(yaw=10.0), flame.expression_names)
+    torch.testing.assert_close(edited.texture, fit.texture)
+
+
+def test_texture_code_round_trips_through_fit_json(flame):
+    from rigcli.fit import fit_from_json, photo_fit_json
+
+    g = torch.Generator().manual_seed(6)
+    fit = FaceFit(
+        yaw=torch.tensor([0.1, -0.2]), pitch=torch.zeros(2), roll=torch.zeros(2), scale=torch.full((2,), 2.0),
+        translation=torch.zeros(2, 2), expression=torch.zeros(2, 53), identity=torch.zeros(100),
+        light=torch.zeros(2, 9, 3), albedo=torch.full((2, 3), 0.5), landmark_error=torch.zeros(2),
+    )  # fmt: skip
+    names = flame.expression_names
+    docs = [json.loads(json.dumps(photo_fit_json(fit, i, names))) for i in range(2)]
+    assert "texture_code" not in docs[0] and fit_from_json(docs, [0.0] * 100, names).texture is None
+    fit.texture = torch.randn(2, 50, generator=g)
+    docs = [json.loads(json.dumps(photo_fit_json(fit, i, names))) for i in range(2)]
+    back = fit_from_json(docs, [0.0] * 100, names)
+    torch.testing.assert_close(back.texture, fit.texture, atol=1e-5, rtol=0)
+    torch.testing.assert_close(back.select([1]).texture, fit.texture[1:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(FaceFit.cat([back, back]).texture, torch.cat([back.texture] * 2))
