@@ -48,7 +48,7 @@ import pickle
 import shutil
 import uuid
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -372,20 +372,24 @@ def _check_finite(array: np.ndarray, where: str) -> None:
         raise RigError(f"{where} holds NaN or infinite values: the file is damaged")
 
 
+def _require_keys(path: Path, content: Any, keys: Iterable[str], holds: str, expected: str) -> None:
+    """A one-line error unless ``content`` is a dict with every key (naming the missing and found ones)."""
+    if not isinstance(content, dict):
+        raise RigError(f"{path.name} holds a {type(content).__name__}, not {holds}")
+    missing = [k for k in keys if k not in content]
+    if missing:
+        found = ", ".join(sorted(str(k) for k in content)) or "none"
+        raise RigError(
+            f"{path.name} has no {', '.join(repr(k) for k in missing)} (keys found: {found}); expected {expected}"
+        )
+
+
 def read_flame_model(path: Path) -> dict[str, np.ndarray]:
     """Read and check FLAME 2020's ``generic_model.pkl``; returns the cache's arrays (see the module doc)."""
     path = Path(path)
     data = _read(path, "FLAME model file")
     content = _load_pickle(path, data, "FLAME model (generic_model.pkl)")
-    if not isinstance(content, dict):
-        raise RigError(f"{path.name} holds a {type(content).__name__}, not FLAME's dict of arrays")
-    missing = [k for k in FLAME_2020_SHAPES if k not in content]
-    if missing:
-        found = ", ".join(sorted(str(k) for k in content)) or "none"
-        raise RigError(
-            f"{path.name} has no {', '.join(repr(k) for k in missing)} (keys found: {found}); "
-            "expected FLAME 2020's generic_model.pkl"
-        )
+    _require_keys(path, content, FLAME_2020_SHAPES, "FLAME's dict of arrays", "FLAME 2020's generic_model.pkl")
     arrays = {k: _as_array(content[k], f"{path.name}: '{k}'") for k in FLAME_2020_SHAPES}
     _check_version(path, arrays)
     for key, shape in FLAME_2020_SHAPES.items():
@@ -468,15 +472,7 @@ def read_landmarks(path: Path, n_faces: int = N_FACES) -> dict[str, np.ndarray]:
     content = read_npy_object(path, _read(path, "landmark embedding file"))
     if isinstance(content, np.ndarray) and content.dtype == object and content.ndim == 0:
         content = content.item()
-    if not isinstance(content, dict):
-        raise RigError(f"{path.name} holds a {type(content).__name__}, not DECA's dict of landmark arrays")
-    missing = [k for k in LANDMARK_SHAPES if k not in content]
-    if missing:
-        found = ", ".join(sorted(str(k) for k in content)) or "none"
-        raise RigError(
-            f"{path.name} has no {', '.join(repr(k) for k in missing)} (keys found: {found}); "
-            "expected DECA's landmark_embedding.npy"
-        )
+    _require_keys(path, content, LANDMARK_SHAPES, "DECA's dict of landmark arrays", "DECA's landmark_embedding.npy")
     result = {}
     for key, expected in LANDMARK_SHAPES.items():
         where = f"{path.name}: '{key}'"
