@@ -304,26 +304,26 @@ class Editor:
     def fit(self, photos: list[PreparedPhoto], hold_identity: bool = True) -> FaceFit:
         """Fit the face model to prepared photos, with the person's identity held fixed (or, for a
         reference photo that may show someone else, fitted freely)."""
+        crops = np.stack([p.crop for p in photos])
+        return self.fit_images(crops, np.stack([p.crop_landmarks for p in photos]), hold_identity)
+
+    def fit_images(self, crops: np.ndarray, landmarks: np.ndarray, hold_identity: bool = True) -> FaceFit:
+        """Fit aligned crops (N, S, S, 3) uint8 with their 68 landmarks (N, 68, 2) by the estimator the
+        person's album was fitted with (the landmark fitter, or DECA's encoder)."""
         from rigcli.fit import fit_landmarks, fit_light
 
-        lm = torch.tensor(np.stack([p.crop_landmarks for p in photos]), dtype=torch.float32)
-        if self.estimator == "deca":
-            return self._deca_fit(photos, lm, hold_identity)
-        fit = fit_landmarks(self.face_model, lm, identity=self.identity if hold_identity else None)
-        crops = torch.from_numpy(np.stack([p.crop for p in photos])).float() / 255.0
-        fit.light, fit.albedo = fit_light(self.face_model, fit, crops)
-        return fit
-
-    def _deca_fit(self, photos: list[PreparedPhoto], lm: torch.Tensor, hold_identity: bool) -> FaceFit:
-        """DECA's estimate of the photos (a person fitted by DECA is edited with DECA's parameters)."""
-        from rigcli.deca import DecaEncoder, estimate_with_deca
-        from rigcli.flame import load_deca_encoder
-
-        if self._encoder is None:
-            self._encoder = DecaEncoder.from_state_dict(load_deca_encoder(self.store)).eval()
-        crops = np.stack([p.crop for p in photos])
+        lm = torch.tensor(np.asarray(landmarks), dtype=torch.float32)
         identity = self.identity if hold_identity else None
-        return estimate_with_deca(self._encoder, self.face_model, crops, lm.numpy(), identity=identity)[0]
+        if self.estimator == "deca":
+            from rigcli.deca import DecaEncoder, estimate_with_deca
+            from rigcli.flame import load_deca_encoder
+
+            if self._encoder is None:
+                self._encoder = DecaEncoder.from_state_dict(load_deca_encoder(self.store)).eval()
+            return estimate_with_deca(self._encoder, self.face_model, crops, lm.numpy(), identity=identity)[0]
+        fit = fit_landmarks(self.face_model, lm, identity=identity)
+        fit.light, fit.albedo = fit_light(self.face_model, fit, torch.from_numpy(crops).float() / 255.0)
+        return fit
 
     def buffers(self, fit: FaceFit) -> torch.Tensor:
         from rigcli.fit import render_buffers

@@ -198,13 +198,12 @@ def refit_images(
     editor: Editor, images: Sequence[np.ndarray], boxes: Sequence, on_image: Callable[[], None] | None = None
 ) -> Refit:
     """Landmarks, descriptor and face-model fit (identity held, SH light) of model-size images, in
-    one batch (the landmark fit costs about the same for 1 image as for 50).
+    one batch (the landmark fit costs about the same for 1 image as for 50), by the estimator the
+    inputs were fitted with, so that edit errors do not measure the gap between two estimators.
 
     Each image is resized to the crop size; landmarks come from the face dlib detects near its box
     (the input's face in the crop), or from the box itself when none is found there.
     """
-    from rigcli.fit import fit_landmarks, fit_light
-
     size = editor.crop_size
     big = [_resize(image, size) for image in images]
     landmarks, descriptors, detected = [], [], []
@@ -216,9 +215,7 @@ def refit_images(
         detected.append(ok)
         if on_image:
             on_image()
-    fit = fit_landmarks(editor.face_model, torch.tensor(np.stack(landmarks), dtype=torch.float32), editor.identity)
-    pixels = torch.from_numpy(np.stack(big)).float() / 255.0
-    fit.light, fit.albedo = fit_light(editor.face_model, fit, pixels)
+    fit = editor.fit_images(np.stack(big), np.stack(landmarks))  # as the inputs were fitted: same estimator
     return Refit(fit, np.stack(descriptors), detected)
 
 

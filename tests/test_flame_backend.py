@@ -253,6 +253,17 @@ def test_deca_estimator_is_the_default_when_its_weights_are_imported(
     points = 80 + np.random.default_rng(2).random((2, 68, 2)) * 100
     fit, _ = deca.estimate_with_deca(FakeEncoder(codes), with_flame, crops, points, identity=held)
     torch.testing.assert_close(fit.identity, held)
+    # rig eval re-fits outputs by the estimator the inputs were fitted with (here DECA's encoder)
+    from rigcli.detect import FaceBox
+    from rigcli.evaluate import refit_images
+    from rigcli.train import PAPER_FACE_MODEL_ID
+
+    save_model(tmp_path / "m", DiffusionRig(preset("tiny")), {"face_model_id": PAPER_FACE_MODEL_ID})
+    editor = Editor(store, "cy", tmp_path / "m")
+    editor._encoder = again_encoder = FakeEncoder(codes)
+    again = refit_images(editor, list(crops), [FaceBox((60.0, 60.0, 200.0, 200.0), 0.0)] * 2)
+    assert sum(len(s) for s in again_encoder.seen) == 2
+    torch.testing.assert_close(again.fit.identity, torch.tensor(doc["identity"], dtype=torch.float32))
     with pytest.raises(RigError, match="unknown estimator"):
         refit(store, "cy", estimator="magic")
     assert refit(store, "cy", estimator="landmarks")["estimator"] == "landmarks"
