@@ -20,20 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_render_fit import timed  # the same warm-up-then-mean timer (benchmarks/ is on sys.path)
 
 from rigcli import __version__
 from rigcli.deca import DecaEncoder, FlameFaceModel
 from rigcli.fit import FaceFit, fit_landmarks, project_landmarks
 
 V, F = 5023, 9976
-
-
-def timed(fn, repeat: int = 5) -> float:
-    fn()  # warm up
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - start) / repeat
 
 
 def flame_sized(seed: int = 0) -> dict[str, torch.Tensor]:

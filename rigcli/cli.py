@@ -1120,6 +1120,15 @@ def eval_command(
     out().print(f"metrics: {escape(str(metrics_path))}\nreport:  {escape(str(report_path))}")
 
 
+def _model_folder(store: Store, name: str, model: Path | None) -> Path:
+    """The model folder to export: ``--model``, else the person's fine-tuned one (which must exist)."""
+    store.require(name)
+    folder = model or store.person_dir(name) / "model"
+    if not (folder / "model.json").is_file():
+        raise RigError(f"{name} has no fine-tuned model: run `rig finetune {name}` first (or pass --model DIR)")
+    return folder
+
+
 @app.command("export-onnx")
 @handles_errors
 def export_onnx_command(
@@ -1138,10 +1147,7 @@ def export_onnx_command(
 
     require_onnx()
     store = store_of(ctx)
-    store.require(name)
-    folder = model or store.person_dir(name) / "model"
-    if not (folder / "model.json").is_file():
-        raise RigError(f"{name} has no fine-tuned model: run `rig finetune {name}` first (or pass --model DIR)")
+    folder = _model_folder(store, name, model)
     net, _ = load_model(folder)
     with store.locked(name, on_wait=_say_waiting):
         path = artifact(
@@ -1155,14 +1161,6 @@ def export_onnx_command(
 
 engines_app = typer.Typer(help="Exported UNet engines (ONNX, TensorRT) kept in the store.", no_args_is_help=True)
 app.add_typer(engines_app, name="engines")
-
-
-def _model_folder(store: Store, name: str, model: Path | None) -> Path:
-    store.require(name)
-    folder = model or store.person_dir(name) / "model"
-    if not (folder / "model.json").is_file():
-        raise RigError(f"{name} has no fine-tuned model: run `rig finetune {name}` first (or pass --model DIR)")
-    return folder
 
 
 @app.command("export-trt")

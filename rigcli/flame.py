@@ -58,7 +58,7 @@ import torch
 
 from rigcli import RigError
 from rigcli.deca import DECA_SPLIT
-from rigcli.store import Store, _fsync_dir, atomic_write_bytes, atomic_write_json, hold_lock, now_iso
+from rigcli.store import Store, _fsync_dir, atomic_write_bytes, atomic_write_json, file_sha256, hold_lock, now_iso
 
 FLAME_FOLDER = "flame"
 ASSETS_JSON = "assets.json"
@@ -721,16 +721,7 @@ def flame_status(store: Store) -> list[FlameAssetStatus]:
 
 
 def _sha256_file(path: Path, progress: Progress | None, step: str) -> str:
-    digest = hashlib.sha256()
-    total = path.stat().st_size
-    done = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-            done += len(chunk)
-            if progress:
-                progress(step, done, total)
-    return digest.hexdigest()
+    return file_sha256(path, (lambda done, total: progress(step, done, total)) if progress else None)
 
 
 def import_flame(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -396,3 +397,16 @@ class Store:
     def _clean_trash(self) -> None:
         for path in self.root.glob(f"{_TRASH_PREFIX}*"):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def file_sha256(path: Path, on_chunk: Callable[[int, int], None] | None = None) -> str:
+    """SHA-256 of a file read in 4 MiB chunks; ``on_chunk(done, total)`` after each (for progress bars)."""
+    digest = hashlib.sha256()
+    total, done = Path(path).stat().st_size, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+            done += len(chunk)
+            if on_chunk:
+                on_chunk(done, total)
+    return digest.hexdigest()

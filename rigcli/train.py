@@ -28,7 +28,7 @@ import torch
 
 from rigcli import RigError
 from rigcli.diffusion import Diffusion, ddim_sample, ddim_timesteps
-from rigcli.store import atomic_write_bytes, atomic_write_json, now_iso
+from rigcli.store import atomic_write_bytes, atomic_write_json, file_sha256, now_iso
 from rigcli.unet import DiffusionRig, ModelConfig
 
 RENDER_VERSION = 1  # bump when the buffers a fit renders to change
@@ -642,14 +642,6 @@ def check_layout(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Ten
         raise RigError(f"{what}: " + "; ".join(parts))
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def import_diffusionrig(store, path: Path, name: str, preset_name: str = "paper", force: bool = False) -> dict:
     """Register the paper's checkpoint (a plain state dict: ``denoisingUNet.*``, ``encoder.*``) as base ``name``.
 
@@ -680,7 +672,7 @@ def import_diffusionrig(store, path: Path, name: str, preset_name: str = "paper"
     info = {
         "source": "diffusionrig",
         "source_file": path.name,
-        "source_sha256": _file_sha256(path),
+        "source_sha256": file_sha256(path),
         "source_dtypes": dtypes,
         "preset": preset_name,
         "face_model": "flame",
