@@ -1108,8 +1108,9 @@ def eval_command(
         )  # fmt: skip
     metrics_path, report_path, doc = write_outputs(evaluation, target)
     table = Table(title=f"eval {escape(name)}: {len(chosen)} photo(s), seed {seed}", title_justify="left")
-    table.add_column("model")
-    table.add_column("edit type")
+    # the row labels stay whole; the numeric columns wrap their headers when the terminal is narrow
+    table.add_column("model", min_width=max(len(m["label"]) for m in doc["models"]), no_wrap=True)
+    table.add_column("edit type", min_width=len("reconstruction"), no_wrap=True)
     table.add_column("n", justify="right")
     for _, title in METRICS:
         table.add_column(title, justify="right")
