@@ -7,10 +7,17 @@ alone, at that batch) and seconds per edit (encoder, inversion and sampling thro
 loop, divided by the batch). From them: edits per second, the speed-up over the baseline, and the
 fraction of the GPU's peak that the counted FLOPs per call imply. The model has random weights:
 speed does not depend on training. Engines that cannot run here are reported as skipped, with why.
+
+Each run also says how far its output is from fp32: the relative error of one UNet call against the
+fp32 eager module on the same inputs, and the PSNR of its whole edit (inversion, then sampling with
+mirrored buffers) against the fp32 eager edit of the same inputs and noise. So a fast setting is
+never reported without the accuracy it costs. The references are computed untimed in strict fp32
+(TF32 off on a GPU); on a CPU the torch-fp32 run's own edit is the reference.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import platform
@@ -101,6 +108,23 @@ def _versions() -> dict:
     return found
 
 
+@contextlib.contextmanager
+def strict_fp32():
+    """fp32 without TF32 while inside (cuDNN convolutions use TF32 by default on Ampere and later)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def relative_error(value: torch.Tensor, expected: torch.Tensor) -> float:
+    """||value - expected|| / ||expected||, in fp32."""
+    value, expected = value.float(), expected.float()
+    return float((value - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
 def unet_calls(steps: int, invert: bool) -> int:
     """UNet calls of one edit: ``steps`` to sample, ``steps - 1`` to invert (ddim_invert's moves)."""
     return steps + (steps - 1 if invert else 0)
@@ -109,7 +133,7 @@ def unet_calls(steps: int, invert: bool) -> int:
 def run_bench(plan: BenchPlan, on_progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Measure the baseline and every (engine, batch, steps) of ``plan``; the JSON-ready report."""
     from rigcli.diffusion import Diffusion, ddim_invert, ddim_sample, ddim_timesteps
-    from rigcli.train import model_info
+    from rigcli.train import model_info, psnr
     from rigcli.unet import DiffusionRig, preset
 
     device = plan.device
@@ -130,6 +154,20 @@ def run_bench(plan: BenchPlan, on_progress: Callable[[str, int, int], None] | No
     images = (torch.rand(largest, 3, size, size, generator=g) * 2 - 1).to(device)
     buffers = torch.rand(largest, 9, size, size, generator=g).to(device)
 
+    reference = model.denoisingUNet  # fp32 eager: what every engine's accuracy is measured against
+    fp32_eager = EngineSpec("torch", "fp32")
+    reference_eps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # batch -> (t, eps)
+    reference_edits: dict[tuple[int, int], torch.Tensor] = {}  # (batch, steps) -> output
+
+    def edit(engine, x, b, steps):
+        """One whole edit of ``x``: inversion with ``b`` (or seeded noise), sampling with ``b`` mirrored."""
+        z, ts = model.encode(x), ddim_timesteps(steps)
+        if plan.invert:
+            x_T = ddim_invert(lambda x_t, t: engine(x_t, t, b, z), x, diffusion, ts)
+        else:
+            x_T = torch.randn(x.shape, generator=torch.Generator().manual_seed(plan.seed)).to(device)
+        return ddim_sample(lambda x_t, t: engine(x_t, t, b.flip(-1), z), x_T, diffusion, ts, clip=not plan.invert)
+
     runs = [(dict(BASELINE), True)]
     runs += [
         ({"engine": e, "batch": b, "steps": s}, False) for e in plan.engines for b in plan.batches for s in plan.steps
@@ -138,6 +176,7 @@ def run_bench(plan: BenchPlan, on_progress: Callable[[str, int, int], None] | No
     rows: list[dict] = []
     engines: dict[str, tuple] = {}  # spec -> (engine, setup seconds) or (None, reason)
     call_ms: dict[tuple[str, int], float] = {}
+    call_error: dict[tuple[str, int], float] = {}
     tmp = tempfile.TemporaryDirectory(prefix="rig-bench-")
     try:
         for run, is_baseline in runs:
@@ -156,6 +195,12 @@ def run_bench(plan: BenchPlan, on_progress: Callable[[str, int, int], None] | No
                 if reason:
                     rows.append({**row, "status": "skipped", "reason": reason})
                     continue
+                x, b = images[:batch], buffers[:batch]
+                if batch not in reference_eps:  # before the memory count starts
+                    t = (torch.arange(batch, device=device) * 2 + 1) * 1000 // (2 * batch)  # spread over 0..999
+                    with torch.no_grad(), strict_fp32():
+                        reference_eps[batch] = (t, reference(x, t, b, model.encode(x)))
+                t, expected = reference_eps[batch]
                 if torch.device(device).type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(torch.device(device))
@@ -165,12 +210,12 @@ def run_bench(plan: BenchPlan, on_progress: Callable[[str, int, int], None] | No
                     engine = make_engine(spec, unet, Path(tmp.name), size, device, max_batch=largest)
                     engines[spec_text] = (engine, time.perf_counter() - started)
                 engine, setup = engines[spec_text]
-                x, b = images[:batch], buffers[:batch]
                 with torch.no_grad():
                     latent = model.encode(x)
                     if (spec_text, batch) not in call_ms:
-                        t = torch.full((batch,), 500, dtype=torch.long, device=device)
-                        engine(x, t, b, latent)  # warm-up: kernel choice, graph capture, compilation
+                        # warm-up (kernel choice, graph capture, compilation), and the one-call accuracy
+                        error = relative_error(engine(x, t, b, latent), expected)
+                        call_error[(spec_text, batch)] = error
                         _sync(device)
                         started = time.perf_counter()
                         for _ in range(plan.calls):
@@ -178,26 +223,27 @@ def run_bench(plan: BenchPlan, on_progress: Callable[[str, int, int], None] | No
                         _sync(device)
                         call_ms[(spec_text, batch)] = (time.perf_counter() - started) / plan.calls * 1000
                     best = float("inf")
-                    ts = ddim_timesteps(steps)
                     for _ in range(plan.repeats):
                         _sync(device)
                         started = time.perf_counter()
-                        z = model.encode(x)
-
-                        def eps(x_t, t, z=z, b=b, engine=engine):
-                            return engine(x_t, t, b, z)
-
-                        x_T = ddim_invert(eps, x, diffusion, ts) if plan.invert else torch.randn_like(x)
-                        ddim_sample(eps, x_T, diffusion, ts, clip=not plan.invert)
+                        output = edit(engine, x, b, steps)
                         _sync(device)
                         best = min(best, time.perf_counter() - started)
+                    memory = peak_memory_mb(device)
+                    if spec == fp32_eager and torch.device(device).type == "cpu":  # no TF32 on a CPU: exact fp32
+                        reference_edits.setdefault((batch, steps), output)
+                    if (batch, steps) not in reference_edits:  # untimed
+                        with strict_fp32():
+                            reference_edits[(batch, steps)] = edit(reference, x, b, steps)
+                    edit_psnr = psnr(output.float(), reference_edits[(batch, steps)])
                 ms = call_ms[(spec_text, batch)]
                 achieved = gflops * batch / ms  # GFLOP per ms = TFLOP/s
                 rows.append({
                     **row, "status": "ok", "setup_s": round(setup, 3), "ms_per_unet_call": ms,
                     "seconds_per_batch": best, "seconds_per_edit": best / batch, "edits_per_s": batch / best,
-                    "peak_memory_mb": peak_memory_mb(device), "achieved_tflops": achieved,
+                    "peak_memory_mb": memory, "achieved_tflops": achieved,
                     "fraction_of_peak": achieved / peak if peak else None,
+                    "call_error_vs_fp32": call_error[(spec_text, batch)], "edit_psnr_vs_fp32": edit_psnr,
                 })  # fmt: skip
             except (KeyboardInterrupt, SystemExit):
                 raise

@@ -1296,7 +1296,8 @@ def bench_command(
     ),
 ) -> None:
     """Time the paper's configuration (fp32, eager, 20 DDIM steps, batch 1, with inversion) and each
-    engine x batch x steps in one run: ms per UNet call, edits/s, speed-up, peak memory, % of GPU peak."""
+    engine x batch x steps in one run: ms per UNet call, edits/s, speed-up, peak memory, % of GPU peak,
+    and each one's accuracy against fp32 (one UNet call's relative error, the whole edit's PSNR)."""
     import torch
 
     from engines.bench import BenchPlan, run_bench
@@ -1328,9 +1329,13 @@ def bench_command(
         f"GFLOPs/call) on {escape(report['device_name'])}",
         title_justify="left",
         caption="baseline: the paper's configuration (torch fp32 eager, 20 DDIM steps, batch 1"
-        + (", with inversion)" if plan.invert else ")"),
+        + (", with inversion)" if plan.invert else ")")
+        + ". error / call: relative error of one UNet call against fp32; edit dB: PSNR of the whole edit against "
+        "the fp32 edit of the same inputs",
     )
-    for column in ("engine", "batch", "steps", "ms / UNet call", "edits/s", "speed-up", "peak MB", "% of peak"):
+    columns = ("engine", "batch", "steps", "ms / UNet call", "edits/s", "speed-up", "peak MB", "% of peak",
+               "error / call", "edit dB")  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="left" if column == "engine" else "right")
     table.add_column("note", overflow="fold")
     said = set()
@@ -1339,17 +1344,18 @@ def bench_command(
         if row["status"] == "skipped":  # one line per engine that cannot run here, whatever the batch
             if row["engine"] not in said:
                 said.add(row["engine"])
-                table.add_row(label, "all", "all", "", "", "", "", "", f"[yellow]skipped[/]: {escape(row['reason'])}")
+                table.add_row(label, "all", "all", *[""] * 7, f"[yellow]skipped[/]: {escape(row['reason'])}")
             continue
         if row["status"] != "ok":
             note = f"[red]{row['status']}[/]: {escape(row['reason'])}"
-            table.add_row(label, str(row["batch"]), str(row["steps"]), "", "", "", "", "", note)
+            table.add_row(label, str(row["batch"]), str(row["steps"]), *[""] * 7, note)
             continue
         fraction = row["fraction_of_peak"]
         table.add_row(
             label, str(row["batch"]), str(row["steps"]), f"{row['ms_per_unet_call']:.1f}",
             f"{row['edits_per_s']:.2f}", f"{row['speedup']:.2f}x" if row["speedup"] is not None else "n/a",
-            f"{row['peak_memory_mb']:.0f}", f"{100 * fraction:.0f}%" if fraction is not None else "n/a", "",
+            f"{row['peak_memory_mb']:.0f}", f"{100 * fraction:.0f}%" if fraction is not None else "n/a",
+            f"{row['call_error_vs_fp32']:.1e}", f"{row['edit_psnr_vs_fp32']:.1f}", "",
         )  # fmt: skip
     out().print(table)
     out().print(f"results: {escape(str(json_path))}")

@@ -56,17 +56,56 @@ def test_onnx_matches_torch_on_random_inputs(unet, exported):
         assert relative_error(onnx(x, t, b, z), reference(x, t, b, z)) < 1e-4
 
 
-def test_onnx_matches_torch_on_rendered_buffers(unet, exported, face_model):
+@pytest.fixture(scope="module")
+def rendered(face_model):
+    """Two buffer sets rendered from the face model (two poses, one light)."""
     fit = FaceFit(
         torch.tensor([0.3, -0.2]), torch.tensor([0.1, 0.0]), torch.tensor([0.0, 0.1]), torch.full((2,), 2.35),
         torch.tensor([[32.0, 39.5], [31.0, 40.0]]), torch.zeros(2, 53), torch.zeros(100),
         light_from_direction(torch.tensor([-0.5, 0.3, 1.0]), 0.8, 0.3)[None].expand(2, 9, 3).float(),
         torch.tensor([[0.7, 0.5, 0.4], [0.5, 0.4, 0.3]]),
     )  # fmt: skip
-    buffers = render_buffers(face_model, fit, 64)
-    assert buffers.abs().sum() > 0
+    return render_buffers(face_model, fit, 64)
+
+
+def test_onnx_matches_torch_on_rendered_buffers(unet, exported, rendered):
+    assert rendered.abs().sum() > 0
     x, t, z = torch.randn(2, 3, 64, 64), torch.tensor([0, 999]), torch.randn(2, 64)
-    assert relative_error(onnx_engine(exported)(x, t, buffers, z), torch_engine(unet)(x, t, buffers, z)) < 1e-4
+    assert relative_error(onnx_engine(exported)(x, t, rendered, z), torch_engine(unet)(x, t, rendered, z)) < 1e-4
+
+
+def half_inputs(rendered):
+    """Random and rendered inputs, at early and late timesteps."""
+    g = torch.Generator().manual_seed(5)
+    x, z = torch.randn(3, 3, 64, 64, generator=g), torch.randn(3, 64, generator=g)
+    yield x, torch.tensor([0, 500, 999]), torch.rand(3, 9, 64, 64, generator=g), z
+    yield x[:2], torch.tensor([999, 20]), rendered, z[:2]
+
+
+def test_onnx_fp16_on_the_cpu_is_within_1e_2_per_step(unet, rendered, tmp_path):
+    """ONNX Runtime's CPU provider runs the fp16 export: each call within 1e-2 of fp32, and really not fp32."""
+    engine = make_engine("onnx-fp16", copy.deepcopy(unet), tmp_path, 64, "cpu")
+    model = onnx.load(str(next(tmp_path.rglob("model.onnx"))))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    reference = torch_engine(copy.deepcopy(unet))
+    for args in half_inputs(rendered):
+        error = relative_error(engine(*args), reference(*args))
+        assert 1e-6 < error < 1e-2
+
+
+def test_torch_half_precisions_per_step_on_the_cpu(unet, rendered, tmp_path):
+    """The half-precision recipe (weights cast, GroupNorm kept in fp32) checked on the CPU's kernels,
+    with the GPU tests' bounds: fp16 within 1e-2 per call (the issue's), bf16 within 6e-2 (its 8-bit
+    mantissa rounds 8x coarser than fp16's 11 bits; measured here 4e-3 for fp16, 3.4e-2 for bf16)."""
+    reference = torch_engine(copy.deepcopy(unet))
+    fp16 = torch_engine(copy.deepcopy(unet), torch.float16)  # make_engine refuses it here: slow, not wrong
+    bf16 = make_engine("torch-bf16", copy.deepcopy(unet), tmp_path, 64, "cpu")
+    for args in half_inputs(rendered):
+        expected = reference(*args)
+        assert 1e-6 < relative_error(fp16(*args), expected) < 1e-2
+        assert 1e-6 < relative_error(bf16(*args), expected) < 6e-2
+    with pytest.raises(RigError, match="onnx-fp16 or torch-bf16"):
+        make_engine("torch-fp16", copy.deepcopy(unet), tmp_path, 64, "cpu")
 
 
 def test_artifacts_are_keyed_by_weights_and_settings(unet, exported):
@@ -300,14 +339,14 @@ def test_help(command):
 
 def test_bench_runs_on_cpu_and_its_json_is_consistent(tmp_path):
     out = tmp_path / "bench.json"
-    engines = "torch-fp32,onnx,torch-fp16,trt"
+    engines = "torch-fp32,onnx,onnx-fp16,torch-fp16,trt"
     result = rig(tmp_path, "bench", "--preset", "tiny", "--device", "cpu", "--batch", "2", "--steps", "3",
                  "--engines", engines, "--repeats", "1", "--calls", "2", "--json", str(out))  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     base, runs = report["baseline"], report["runs"]
     assert (base["engine"], base["batch"], base["steps"], base["unet_calls_per_edit"]) == ("torch-fp32", 1, 20, 39)
-    assert [(r["engine"], r["batch"]) for r in runs] == [(e, 2) for e in ("torch-fp32", "onnx", "torch-fp16", "trt")]
+    assert [(r["engine"], r["batch"]) for r in runs] == [(e, 2) for e in engines.split(",")]
     gflops = model_info(preset("tiny"))["unet_gflops_per_call"]
     assert report["unet_gflops_per_call"] == pytest.approx(gflops)
     for row in [base, *[r for r in runs if r["status"] == "ok"]]:
@@ -320,7 +359,14 @@ def test_bench_runs_on_cpu_and_its_json_is_consistent(tmp_path):
         # the edit loop and the separately timed UNet calls measure the same work
         per_call = row["seconds_per_batch"] / row["unet_calls_per_edit"] * 1000
         assert 0.3 < per_call / row["ms_per_unet_call"] < 5
-    assert {r["engine"] for r in runs if r["status"] == "ok"} == {"torch-fp32", "onnx"}
+    ok = {r["engine"]: r for r in runs if r["status"] == "ok"}
+    assert set(ok) == {"torch-fp32", "onnx", "onnx-fp16"}
+    # accuracy against fp32 eager: torch-fp32 is the reference itself, ONNX fp32 agrees to 1e-4, fp16 differs
+    for row in (base, ok["torch-fp32"]):
+        assert row["call_error_vs_fp32"] == 0.0 and row["edit_psnr_vs_fp32"] >= 100
+    assert ok["onnx"]["call_error_vs_fp32"] < 1e-4 and ok["onnx"]["edit_psnr_vs_fp32"] > 60
+    assert 1e-5 < ok["onnx-fp16"]["call_error_vs_fp32"] < 1e-2
+    assert ok["onnx-fp16"]["edit_psnr_vs_fp32"] < ok["onnx"]["edit_psnr_vs_fp32"]
     skipped = {r["engine"]: r["reason"] for r in runs if r["status"] == "skipped"}
     assert set(skipped) == {"torch-fp16", "trt"} and "CUDA GPU" in skipped["torch-fp16"]
     assert "TensorRT" in skipped["trt"] or "tensorrt" in skipped["trt"]
@@ -355,7 +401,7 @@ def test_torch_gpu_engines_per_step(unet, spec, tmp_path):
     engine = make_engine(spec, copy.deepcopy(unet), tmp_path, 64, "cuda")
     for batch in (1, 3, 3, 5):  # graphs: capture, replay, capture another shape
         args = gpu_inputs(batch, seed=batch)
-        limit = 3e-2 if "bf16" in spec else 1e-2
+        limit = 6e-2 if "bf16" in spec else 1e-2  # bf16 rounds 8x coarser than fp16
         assert relative_error(engine(*args), reference(*args)) < limit
 
 
@@ -386,22 +432,23 @@ def test_onnx_on_the_gpu_provider_matches_torch(unet, exported, tmp_path):
         assert eps.is_cuda and relative_error(eps, reference(*args)) < 1e-2  # GPU providers may use TF32
 
 
-@pytest.fixture(scope="module")
-def trained_gpu_model():
-    """A tiny model trained for a few hundred steps on smooth synthetic faces-like blobs (on the GPU)."""
+def train_on_blobs(device: str, size: int, steps: int):
+    """A tiny model trained on smooth, face-sized blobs whose buffers say where the blob is: enough
+    training that its DDIM round trip is a real image, not noise (an untrained model's edit would not
+    test the precision of anything). Returns the model, 4 images and their buffers."""
     from rigcli.diffusion import Diffusion
 
     torch.manual_seed(0)
-    model = DiffusionRig(preset("tiny")).cuda().train()
+    model = DiffusionRig(preset("tiny")).to(device).train()
     diffusion, optimizer = Diffusion(), torch.optim.Adam(model.parameters(), lr=3e-4)
-    grid = torch.linspace(-1, 1, 64, device="cuda")
+    grid = torch.linspace(-1, 1, size, device=device)
     yy, xx = torch.meshgrid(grid, grid, indexing="ij")
-    for _ in range(300):
-        centre = torch.rand(8, 2, 1, 1, device="cuda") - 0.5
-        blob = torch.exp(-((xx - centre[:, :1]) ** 2 + (yy - centre[:, 1:]) ** 2) * 4)  # (8, 1, 64, 64)
-        images = (blob * torch.rand(8, 3, 1, 1, device="cuda") * 2 - 1).clamp(-1, 1)
+    for _ in range(steps):
+        centre = torch.rand(8, 2, 1, 1, device=device) - 0.5
+        blob = torch.exp(-((xx - centre[:, :1]) ** 2 + (yy - centre[:, 1:]) ** 2) * 4)  # (8, 1, size, size)
+        images = (blob * torch.rand(8, 3, 1, 1, device=device) * 2 - 1).clamp(-1, 1)
         buffers = blob.expand(-1, 9, -1, -1)
-        t = torch.randint(0, 1000, (8,), device="cuda")
+        t = torch.randint(0, 1000, (8,), device=device)
         noise = torch.randn_like(images)
         eps = model(diffusion.q_sample(images, t, noise), t, buffers, images=images)
         loss = diffusion.loss(eps, noise, t)
@@ -411,23 +458,50 @@ def trained_gpu_model():
     return model.eval(), images[:4], buffers[:4]
 
 
-@needs_cuda
-@pytest.mark.parametrize("spec", ["torch-fp16", "trt"])
-def test_fp16_edit_stays_within_35_db_of_fp32(trained_gpu_model, spec, tmp_path):
+def edit_psnr_against_fp32(trained, engine, device: str) -> float:
+    """PSNR of a whole 20-step edit (inversion with the buffers, sampling with them mirrored) by
+    ``engine`` against the same edit by the fp32 torch UNet: same inputs, no randomness."""
     from rigcli.diffusion import Diffusion, ddim_invert, ddim_sample, ddim_timesteps
     from rigcli.train import psnr
 
-    if spec == "trt" and missing_tensorrt():
-        pytest.skip("needs a CUDA GPU / TensorRT")
-    model, images, buffers = trained_gpu_model
+    model, images, buffers = trained
 
-    def edit(engine):
+    def edit(denoise):
         with torch.no_grad():
             latent = model.encode(images)
             ts, diffusion = ddim_timesteps(20), Diffusion()
-            x_t = ddim_invert(lambda x, t: engine(x, t, buffers, latent), images, diffusion, ts)
-            return ddim_sample(lambda x, t: engine(x, t, buffers.flip(-1), latent), x_t, diffusion, ts, clip=False)
+            x_t = ddim_invert(lambda x, t: denoise(x, t, buffers, latent), images, diffusion, ts)
+            return ddim_sample(lambda x, t: denoise(x, t, buffers.flip(-1), latent), x_t, diffusion, ts, clip=False)
 
-    reference = edit(make_engine("torch", copy.deepcopy(model.denoisingUNet), tmp_path, 64, "cuda"))
-    fast = edit(make_engine(spec, copy.deepcopy(model.denoisingUNet), tmp_path, 64, "cuda"))
-    assert psnr(fast, reference) >= 35.0
+    reference = edit(torch_engine(copy.deepcopy(model.denoisingUNet).to(device)))
+    return psnr(edit(engine), reference)
+
+
+@pytest.fixture(scope="module")
+def trained_cpu_model():
+    """On the CPU at 32 px (the UNet is convolutional; torch's CPU fp16 convolution is slow)."""
+    return train_on_blobs("cpu", 32, 150)
+
+
+@pytest.mark.parametrize("spec", ["onnx-fp16", "torch-fp16"])
+def test_fp16_edit_on_the_cpu_stays_within_35_db_of_fp32(trained_cpu_model, spec, tmp_path):
+    unet = copy.deepcopy(trained_cpu_model[0].denoisingUNet)
+    if spec == "torch-fp16":
+        engine = torch_engine(unet, torch.float16)  # make_engine refuses it on a CPU: slow, not wrong
+    else:
+        engine = make_engine(spec, unet, tmp_path, 32, "cpu")
+    assert edit_psnr_against_fp32(trained_cpu_model, engine, "cpu") >= 35.0
+
+
+@pytest.fixture(scope="module")
+def trained_gpu_model():
+    return train_on_blobs("cuda", 64, 300)
+
+
+@needs_cuda
+@pytest.mark.parametrize("spec", ["torch-fp16", "trt"])
+def test_fp16_edit_stays_within_35_db_of_fp32(trained_gpu_model, spec, tmp_path):
+    if spec == "trt" and missing_tensorrt():
+        pytest.skip("needs a CUDA GPU / TensorRT")
+    engine = make_engine(spec, copy.deepcopy(trained_gpu_model[0].denoisingUNet), tmp_path, 64, "cuda")
+    assert edit_psnr_against_fp32(trained_gpu_model, engine, "cuda") >= 35.0
