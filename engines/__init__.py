@@ -180,7 +180,8 @@ def make_engine(
         from engines.onnx import artifact, onnx_engine
 
         fp16 = spec.precision == "fp16"
-        return onnx_engine(artifact(unet, root, image_size, fp16, max_batch=max_batch, source=source))
+        path = artifact(unet, root, image_size, fp16, max_batch=max_batch, source=source)
+        return onnx_engine(path, providers=[] if torch.device(device).type == "cpu" else None)  # CPU: CPU provider
     from engines.tensorrt import trt_artifact, trt_engine
 
     return trt_engine(trt_artifact(unet, root, image_size, spec.precision == "fp16", max_batch, source=source))

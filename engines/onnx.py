@@ -146,7 +146,8 @@ def artifact(unet: torch.nn.Module, root: Path, image_size: int, fp16: bool = Fa
 
 
 def onnx_engine(path: Path, providers: list[str] | None = None):
-    """An engine over an ONNX file: CUDA or TensorRT providers when installed, else the CPU one.
+    """An engine over an ONNX file: ``providers`` before the CPU one (default: the TensorRT and CUDA
+    providers that are installed; ``[]``: the CPU provider alone).
 
     On a GPU provider with CUDA tensors the inputs and output are bound by device address.
     """
@@ -154,7 +155,9 @@ def onnx_engine(path: Path, providers: list[str] | None = None):
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    wanted = providers or [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+    if providers is None:
+        providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+    wanted = [p for p in providers if p != "CPUExecutionProvider"]
     session = ort.InferenceSession(str(path), providers=[*wanted, "CPUExecutionProvider"])
     dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
 

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -968,7 +969,9 @@ def edit_command(
     missing = [str(p) for p in inputs if not p.is_file()]
     if missing:
         raise RigError(f"no such photo: {', '.join(missing)}")
-    editor = Editor(store_of(ctx), name, model_dir=model, device=device, engine=engine)
+    exported = engine.strip().lower().split("-")[0] in ("onnx", "trt")  # exported or built on first use: minutes
+    with err().status(f"preparing the {engine} engine (made once, then reused)") if exported else nullcontext():
+        editor = Editor(store_of(ctx), name, model_dir=model, device=device, engine=engine)
     controls.validate(editor.control_names)
     sweep_spec = parse_sweep(sweep, editor.control_names) if sweep else None
     with _progress() as progress:
@@ -1373,7 +1376,8 @@ def bench_command(
             label, str(row["batch"]), str(row["steps"]), f"{row['ms_per_unet_call']:.1f}",
             f"{row['edits_per_s']:.2f}", f"{row['speedup']:.2f}x" if row["speedup"] is not None else "n/a",
             f"{row['peak_memory_mb']:.0f}", f"{100 * fraction:.0f}%" if fraction is not None else "n/a",
-            f"{row['call_error_vs_fp32']:.1e}", f"{row['edit_psnr_vs_fp32']:.1f}", "",
+            f"{row['call_error_vs_fp32']:.1e}",
+            "ref" if row["edit_is_reference"] else f"{row['edit_psnr_vs_fp32']:.1f}", "",
         )  # fmt: skip
     out().print(table)
     out().print(f"results: {escape(str(json_path))}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -159,3 +161,27 @@ def test_lock_held_by_another_process_is_reported(tmp_path, album):
         holder.wait()
     assert result.returncode == 2
     assert f"pid {holder.pid}" in result.stderr and "waiting" in result.stderr
+
+
+def test_piped_tables_are_not_cut_to_80_columns(tmp_path):
+    """Redirected to a file, a wide table (rig bench's has 11 columns) keeps its headers whole."""
+
+    def render(env: dict) -> str:
+        script = (
+            "from rich.table import Table\nfrom rigcli.cli import out\n"
+            "t = Table()\n"
+            "for c in ('engine', 'batch', 'steps', 'ms / UNet call', 'edits/s', 'speed-up', 'peak MB', '% of peak',"
+            " 'error / call', 'edit dB', 'note'): t.add_column(c)\n"
+            "t.add_row('torch-fp16-cl-graphs', *['1'] * 10)\nout().print(t)\n"
+        )
+        path = tmp_path / "table.txt"
+        with path.open("w") as sink:  # a file, not a terminal
+            subprocess.run([sys.executable, "-c", script], stdout=sink, env=env, check=True)
+        return path.read_text()
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    piped = render(env)
+    assert "torch-fp16-cl-graphs" in piped and "ms / UNet call" in piped and "…" not in piped
+    assert max(len(line) for line in piped.splitlines()) <= 160
+    narrow = render({**env, "COLUMNS": "80"})  # an explicit width still wins
+    assert "…" in narrow and max(len(line) for line in narrow.splitlines()) <= 80

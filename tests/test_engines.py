@@ -48,7 +48,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_onnx_matches_torch_on_random_inputs(unet, exported):
-    reference, onnx = torch_engine(unet), onnx_engine(exported)
+    reference, onnx = torch_engine(unet), onnx_engine(exported, providers=[])  # CPU provider
     g = torch.Generator().manual_seed(1)
     for batch in (1, 3, 8):  # the batch axis is dynamic
         x, b = torch.randn(batch, 3, 64, 64, generator=g), torch.randn(batch, 9, 64, 64, generator=g)
@@ -71,7 +71,8 @@ def rendered(face_model):
 def test_onnx_matches_torch_on_rendered_buffers(unet, exported, rendered):
     assert rendered.abs().sum() > 0
     x, t, z = torch.randn(2, 3, 64, 64), torch.tensor([0, 999]), torch.randn(2, 64)
-    assert relative_error(onnx_engine(exported)(x, t, rendered, z), torch_engine(unet)(x, t, rendered, z)) < 1e-4
+    cpu = onnx_engine(exported, providers=[])  # the CPU provider (GPU ones may use TF32)
+    assert relative_error(cpu(x, t, rendered, z), torch_engine(unet)(x, t, rendered, z)) < 1e-4
 
 
 def half_inputs(rendered):
@@ -323,7 +324,8 @@ def test_a_stale_artifact_is_rebuilt_not_used(unet, tmp_path):
     rebuilt = artifact(unet, tmp_path, 64)
     assert rebuilt == path and json.loads(info_path.read_text())["onnxruntime"] == info["onnxruntime"]
     x, t, b, z = torch.randn(1, 3, 64, 64), torch.tensor([5]), torch.randn(1, 9, 64, 64), torch.randn(1, 64)
-    assert relative_error(onnx_engine(rebuilt)(x, t, b, z), torch_engine(copy.deepcopy(unet))(x, t, b, z)) < 1e-4
+    fresh = onnx_engine(rebuilt, providers=[])
+    assert relative_error(fresh(x, t, b, z), torch_engine(copy.deepcopy(unet))(x, t, b, z)) < 1e-4
 
 
 # ---------------------------------------------------------------- rig bench
@@ -339,7 +341,7 @@ def test_help(command):
 
 def test_bench_runs_on_cpu_and_its_json_is_consistent(tmp_path):
     out = tmp_path / "bench.json"
-    engines = "torch-fp32,onnx,onnx-fp16,torch-fp16,trt"
+    engines = "onnx,onnx-fp16,torch-fp32,torch-fp16,trt"  # onnx first: its reference edit is made untimed
     result = rig(tmp_path, "bench", "--preset", "tiny", "--device", "cpu", "--batch", "2", "--steps", "3",
                  "--engines", engines, "--repeats", "1", "--calls", "2", "--json", str(out))  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -361,7 +363,10 @@ def test_bench_runs_on_cpu_and_its_json_is_consistent(tmp_path):
         assert 0.3 < per_call / row["ms_per_unet_call"] < 5
     ok = {r["engine"]: r for r in runs if r["status"] == "ok"}
     assert set(ok) == {"torch-fp32", "onnx", "onnx-fp16"}
-    # accuracy against fp32 eager: torch-fp32 is the reference itself, ONNX fp32 agrees to 1e-4, fp16 differs
+    # accuracy against fp32 eager: the baseline's edit is its own reference; at batch 2 the reference edit
+    # was made apart (before torch-fp32 ran), and the torch-fp32 engine reproduces it; ONNX fp32 agrees to
+    # 1e-4; fp16 really differs
+    assert base["edit_is_reference"] and not ok["torch-fp32"]["edit_is_reference"]
     for row in (base, ok["torch-fp32"]):
         assert row["call_error_vs_fp32"] == 0.0 and row["edit_psnr_vs_fp32"] >= 100
     assert ok["onnx"]["call_error_vs_fp32"] < 1e-4 and ok["onnx"]["edit_psnr_vs_fp32"] > 60
@@ -371,6 +376,20 @@ def test_bench_runs_on_cpu_and_its_json_is_consistent(tmp_path):
     assert set(skipped) == {"torch-fp16", "trt"} and "CUDA GPU" in skipped["torch-fp16"]
     assert "TensorRT" in skipped["trt"] or "tensorrt" in skipped["trt"]
     assert "skipped" in result.stdout and "baseline torch-fp32" in result.stdout
+
+
+def test_strict_fp32_restores_the_tf32_flags():
+    from engines.bench import strict_fp32
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
+    try:
+        with pytest.raises(ValueError), strict_fp32():
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+            raise ValueError
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def test_bench_refuses_bad_lists(tmp_path):
