@@ -157,7 +157,7 @@ def run_bench(plan: BenchPlan, on_progress: Callable[[str, int, int], None] | No
 
     reference = model.denoisingUNet  # fp32 eager: what every engine's accuracy is measured against
     fp32_eager = EngineSpec("torch", "fp32")
-    reference_eps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # batch -> (t, eps)
+    reference_eps: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # batch -> (t, latent, eps)
     reference_edits: dict[tuple[int, int], torch.Tensor] = {}  # (batch, steps) -> output
 
     def edit(engine, x, b, steps):
