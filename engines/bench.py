@@ -5,8 +5,9 @@ inversion when it is on (an edit then calls the UNet 20 + 19 times). Every other
 spec at one batch size and step count. For each, two timings: milliseconds per UNet call (the engine
 alone, at that batch) and seconds per edit (encoder, inversion and sampling through the real DDIM
 loop, divided by the batch). From them: edits per second, the speed-up over the baseline, and the
-fraction of the GPU's peak that the counted FLOPs per call imply. The model has random weights:
-speed does not depend on training. Engines that cannot run here are reported as skipped, with why.
+fraction of the GPU's peak that the counted FLOPs per call imply. The model has random weights
+(speed does not depend on training) unless a saved model is named, whose weights then make the
+accuracy columns speak of that model. Engines that cannot run here are reported as skipped, with why.
 
 Each run also says how far its output is from fp32: the relative error of one UNet call against the
 fp32 eager module on the same inputs, and the PSNR of its whole edit (inversion, then sampling with
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 from engines import EngineSpec, make_engine
+from engines.onnx import weights_hash
 
 # dense (no sparsity) fp16/bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets;
 # longer names first so that "H100 PCIe" wins over "H100"
@@ -63,6 +65,7 @@ class BenchPlan:
     calls: int = 5  # timed UNet calls per engine and batch (after a warm-up call)
     peak_tflops: float | None = None
     seed: int = 0
+    model_dir: Path | None = None  # a saved model (its config and weights) instead of the preset's random weights
     extra: dict = field(default_factory=dict)
 
 
@@ -134,20 +137,24 @@ def unet_calls(steps: int, invert: bool) -> int:
 def run_bench(plan: BenchPlan, on_progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Measure the baseline and every (engine, batch, steps) of ``plan``; the JSON-ready report."""
     from rigcli.diffusion import Diffusion, ddim_invert, ddim_sample, ddim_timesteps
-    from rigcli.train import model_info, psnr
+    from rigcli.train import load_model, model_info, psnr
     from rigcli.unet import DiffusionRig, preset
 
     device = plan.device
-    cfg = preset(plan.preset)
+    torch.manual_seed(plan.seed)
+    if plan.model_dir is not None:  # trained weights: the accuracy columns then speak of a real model
+        model, _ = load_model(plan.model_dir)
+        cfg = model.cfg
+    else:
+        cfg = preset(plan.preset)
+        model = DiffusionRig(cfg).eval()
+        with torch.no_grad():  # the zero-initialised output layers would make every output 0
+            for p in model.parameters():
+                if p.abs().sum() == 0:
+                    p.normal_(std=0.02)
     info = model_info(cfg)
     gflops = info["unet_gflops_per_call"]
     peak = plan.peak_tflops or known_peak(device)
-    torch.manual_seed(plan.seed)
-    model = DiffusionRig(cfg).eval()
-    with torch.no_grad():  # the zero-initialised output layers would make every output 0
-        for p in model.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(std=0.02)
     model = model.to(device)
     size, diffusion = cfg.image_size, Diffusion()
     largest = max([*plan.batches, BASELINE["batch"]])
@@ -274,7 +281,9 @@ def run_bench(plan: BenchPlan, on_progress: Callable[[str, int, int], None] | No
         "device": device,
         "device_name": device_name(device),
         "versions": _versions(),
-        "preset": plan.preset,
+        "preset": plan.preset if plan.model_dir is None else None,
+        "model": str(plan.model_dir) if plan.model_dir is not None else None,
+        "weights": weights_hash(model.denoisingUNet) if plan.model_dir is not None else "random",
         "image_size": size,
         "unet_parameters": info["unet_parameters"],
         "unet_gflops_per_call": gflops,

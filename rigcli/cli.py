@@ -1286,6 +1286,14 @@ def bench_command(
     preset: Annotated[
         Preset, typer.Option(help="Model configuration (random weights: speed does not need training).")
     ] = (Preset.paper),
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="A saved model folder (e.g. people/NAME/model in the store) instead of --preset: its own size "
+            "and trained weights, so the accuracy columns describe that model. Inputs stay random.",
+            show_default=False,
+        ),
+    ] = None,
     batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,8,32",
     steps: Annotated[str, typer.Option(help="DDIM step counts, comma-separated.")] = "20,10",
     engines: Annotated[
@@ -1332,9 +1340,11 @@ def bench_command(
     specs = [e.strip() for e in engines.split(",") if e.strip()]
     for spec in specs:
         EngineSpec.parse(spec)  # refuse a typo before minutes of measuring
+    if model is not None and not (model / "model.json").is_file():
+        raise RigError(f"--model {model}: no model there (model.json missing)")
     plan = BenchPlan(
         preset=preset.value, batches=_int_list(batch, "--batch"), steps=_int_list(steps, "--steps"), engines=specs,
-        device=device, invert=not no_invert, repeats=repeats, calls=calls, peak_tflops=peak_tflops,
+        device=device, invert=not no_invert, repeats=repeats, calls=calls, peak_tflops=peak_tflops, model_dir=model,
     )  # fmt: skip
     with _progress() as progress:
         task = progress.add_task("benchmark", total=1)
@@ -1345,8 +1355,9 @@ def bench_command(
         report = run_bench(plan, on_progress=moved)
     atomic_write_json(json_path, report)
     base = report["baseline"]
+    what = escape(report["preset"] or report["model"])
     table = Table(
-        title=f"rig bench: {report['preset']} ({report['image_size']} px, {report['unet_gflops_per_call']:.1f} "
+        title=f"rig bench: {what} ({report['image_size']} px, {report['unet_gflops_per_call']:.1f} "
         f"GFLOPs/call) on {escape(report['device_name'])}",
         title_justify="left",
         caption="baseline: the paper's configuration (torch fp32 eager, 20 DDIM steps, batch 1"

@@ -378,6 +378,30 @@ def test_bench_runs_on_cpu_and_its_json_is_consistent(tmp_path):
     assert "skipped" in result.stdout and "baseline torch-fp32" in result.stdout
 
 
+def test_bench_measures_a_saved_model(tmp_path):
+    """--model: the saved model's own config (here 32 px, not the default preset's 256) and weights."""
+    import dataclasses
+
+    from engines.onnx import weights_hash
+
+    torch.manual_seed(3)
+    model = DiffusionRig(dataclasses.replace(preset("tiny"), image_size=32))
+    with torch.no_grad():
+        for p in model.parameters():  # weights the bench's own random ones could not be
+            p.add_(0.01)
+    save_model(tmp_path / "model", model, {})
+    out = tmp_path / "bench.json"
+    result = rig(tmp_path, "bench", "--model", str(tmp_path / "model"), "--device", "cpu", "--batch", "1",
+                 "--steps", "2", "--engines", "onnx", "--repeats", "1", "--calls", "1", "--json", str(out))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["preset"] is None and report["model"] == str(tmp_path / "model")
+    assert report["image_size"] == 32 and report["weights"] == weights_hash(model.denoisingUNet)
+    assert report["runs"][0]["status"] == "ok" and report["runs"][0]["call_error_vs_fp32"] < 1e-4
+    missing = rig(tmp_path, "bench", "--model", str(tmp_path / "nothing"), "--device", "cpu")
+    assert missing.exit_code == 2 and "no model there" in missing.stderr
+
+
 def test_strict_fp32_restores_the_tf32_flags():
     from engines.bench import strict_fp32
 
