@@ -89,13 +89,18 @@ def is_current(folder: Path, filename: str, key: dict) -> bool:
     return {k: recorded.get(k) for k in key} == key
 
 
+def trace_device(fp16: bool) -> str:
+    """Where an export traces the UNet: an fp16 one on the GPU when there is one, because torch's CPU
+    fp16 convolutions take a slow fallback (the paper's UNet took 27 minutes on a 2-core CPU)."""
+    return "cuda" if fp16 and torch.cuda.is_available() else "cpu"
+
+
 def export(unet: torch.nn.Module, folder: Path, image_size: int, fp16: bool = False, opset: int = DEFAULT_OPSET,
            max_batch: int = 32, source: str | None = None) -> Path:  # fmt: skip
     """Export the UNet step to ``folder/model.onnx`` (written atomically) and describe it in engine.json.
 
-    The export traces a copy of the UNet, so the caller's module keeps its device and dtype. An fp16
-    export traces on the GPU when there is one: torch's CPU fp16 convolutions take a slow fallback
-    (the paper's UNet took 27 minutes to export in fp16 on a 2-core CPU).
+    The export traces a copy of the UNet (on ``trace_device``), so the caller's module keeps its device
+    and dtype.
     """
     from rigcli.store import atomic_write_bytes, atomic_write_json
 
@@ -104,7 +109,7 @@ def export(unet: torch.nn.Module, folder: Path, image_size: int, fp16: bool = Fa
     dtype = torch.float16 if fp16 else torch.float32
     from engines import cast_unet
 
-    device = "cuda" if fp16 and torch.cuda.is_available() else "cpu"
+    device = trace_device(fp16)
     step = _Step(cast_unet(copy.deepcopy(unet).to(device), dtype)).eval()
     args = (
         torch.randn(2, 3, image_size, image_size, dtype=dtype, device=device),

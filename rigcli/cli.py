@@ -969,7 +969,9 @@ def edit_command(
     missing = [str(p) for p in inputs if not p.is_file()]
     if missing:
         raise RigError(f"no such photo: {', '.join(missing)}")
-    exported = engine.strip().lower().split("-")[0] in ("onnx", "trt")  # exported or built on first use: minutes
+    from engines import EngineSpec
+
+    exported = EngineSpec.parse(engine).kind in ("onnx", "trt")  # exported or built on first use: minutes
     with err().status(f"preparing the {engine} engine (made once, then reused)") if exported else nullcontext():
         editor = Editor(store_of(ctx), name, model_dir=model, device=device, engine=engine)
     controls.validate(editor.control_names)
@@ -1158,16 +1160,14 @@ def export_onnx_command(
     ] = None,
 ) -> None:
     """Export the conditioned UNet step (global latent as an input, dynamic batch) to ONNX."""
-    from engines.onnx import artifact, require_onnx
+    from engines.onnx import artifact, require_onnx, trace_device
     from rigcli.train import load_model
 
     require_onnx()
     store = store_of(ctx)
     folder = _model_folder(store, name, model)
     net, _ = load_model(folder)
-    import torch
-
-    where = "on the GPU" if fp16 and torch.cuda.is_available() else "on the CPU"
+    where = "on the GPU" if trace_device(fp16) == "cuda" else "on the CPU"
     with (
         store.locked(name, on_wait=_say_waiting),
         err().status(f"exporting to ONNX ({'fp16' if fp16 else 'fp32'}, {where})"),
