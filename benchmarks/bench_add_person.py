@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from rigcli import __version__
-from rigcli import detect as detect_module
-from rigcli.align import align_face
 from rigcli.demo import make_album
-from rigcli.detect import FaceAnalyzer, choose_face
 from rigcli.enroll import add_photos
-from rigcli.photo import read_photo
+from rigcli.image import detect as detect_module
+from rigcli.image.align import align_face
+from rigcli.image.detect import FaceAnalyzer, choose_face
+from rigcli.image.photo import read_photo
 from rigcli.store import Store
 
 

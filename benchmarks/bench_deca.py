@@ -23,8 +23,10 @@ import torch
 from bench_render_fit import timed  # the same warm-up-then-mean timer (benchmarks/ is on sys.path)
 
 from rigcli import __version__
-from rigcli.deca import DecaEncoder, FlameFaceModel
-from rigcli.fit import FaceFit, fit_landmarks, project_landmarks
+from rigcli.estimate.deca import DecaEncoder
+from rigcli.estimate.landmarks import fit_landmarks, project_landmarks
+from rigcli.face.flame import FlameFaceModel
+from rigcli.face.params import FaceFit
 
 V, F = 5023, 9976
 
@@ -69,7 +71,7 @@ def synthetic_landmarks(model, photos: int, seed: int = 1) -> torch.Tensor:
     )
     candidates = None
     if not hasattr(model, "landmark_points"):
-        from rigcli.fit import silhouette_candidates
+        from rigcli.estimate.landmarks import silhouette_candidates
 
         candidates = silhouette_candidates(model)
     with torch.no_grad():
@@ -111,7 +113,8 @@ def main() -> None:
     results["flame_fit_error_max"] = round(float(fit.landmark_error.max()), 4)
 
     if args.ict:
-        from rigcli.facemodel import import_ict, load_face_model
+        from rigcli.assets.ict import import_ict
+        from rigcli.face.registry import load_face_model
         from rigcli.store import Store
 
         with tempfile.TemporaryDirectory() as tmp:

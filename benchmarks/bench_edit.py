@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 
 from rigcli import __version__
+from rigcli.assets.ict import import_ict
 from rigcli.demo import make_album
-from rigcli.edit import Controls, Editor, edit_photos
+from rigcli.diffusion.checkpoints import save_model
+from rigcli.diffusion.unet import DiffusionRig, preset
+from rigcli.edit.controls import Controls
+from rigcli.edit.editor import Editor, edit_photos
 from rigcli.enroll import add_photos, read_fit
-from rigcli.facemodel import import_ict
 from rigcli.store import Store
-from rigcli.train import save_model
-from rigcli.unet import DiffusionRig, preset
 
 
 def main() -> None:

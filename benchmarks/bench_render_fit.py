@@ -21,12 +21,14 @@ from pathlib import Path
 import torch
 
 from rigcli import __version__
+from rigcli.assets.ict import import_ict
 from rigcli.demo import make_album
 from rigcli.enroll import add_photos
-from rigcli.facemodel import import_ict, load_face_model
-from rigcli.fit import FaceFit, render_buffers
-from rigcli.photo import read_photo
-from rigcli.render import light_from_direction, project, rasterize
+from rigcli.face.params import FaceFit
+from rigcli.face.registry import load_face_model
+from rigcli.image.photo import read_photo
+from rigcli.render.buffers import light_from_direction, render_buffers
+from rigcli.render.raster import project, rasterize
 from rigcli.store import Store
 
 

@@ -26,13 +26,15 @@ import torch
 from PIL import Image
 
 from rigcli import __version__
+from rigcli.assets.ict import import_ict
 from rigcli.demo import make_album
-from rigcli.detect import FaceAnalyzer
-from rigcli.edit import Controls, Editor, apply_controls
+from rigcli.edit.controls import Controls, apply_controls
+from rigcli.edit.editor import Editor
 from rigcli.enroll import add_photos
-from rigcli.facemodel import import_ict
+from rigcli.image.detect import FaceAnalyzer
+from rigcli.image.metrics import psnr
 from rigcli.store import Store
-from rigcli.train import finetune, psnr
+from rigcli.train.stages import finetune
 
 
 def at_crop_size(image: np.ndarray, size: int) -> np.ndarray:
@@ -88,7 +90,9 @@ def main() -> None:
             "ddim_steps": count,
             "unet_calls": 2 * count - 1,
             "seconds_for_3_edits": round(seconds[count], 2),
-            "psnr_vs_reference_db": None if count == reference else round(psnr(outputs[count], outputs[reference]), 2),
+            "psnr_vs_reference_db": None
+            if count == reference
+            else round(psnr(outputs[count], outputs[reference], value_range=(-1, 1)), 2),
             "identity_distance_to_input": round(float(np.mean(
                 [np.linalg.norm(c - i) for c, i in zip(codes, input_codes, strict=True)])), 3),
             "identity_distance_to_reference": round(float(np.mean(

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from rigcli import __version__
-from rigcli.train import TrainConfig, TrainingData, train
-from rigcli.unet import DiffusionRig, preset
+from rigcli.diffusion.unet import DiffusionRig, preset
+from rigcli.train.data import TrainingData
+from rigcli.train.loop import TrainConfig, train
 
 
 def steps_per_second(name: str, batch: int, steps: int, device: str, freeze: bool) -> float:

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.metadata as md
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -35,6 +35,11 @@ import torch
 
 from engines import EngineSpec, make_engine
 from engines.onnx import weights_hash
+from rigcli import RigError, __version__
+from rigcli.diffusion.checkpoints import load_model, model_info
+from rigcli.diffusion.schedule import Diffusion, ddim_invert, ddim_sample, ddim_timesteps
+from rigcli.diffusion.unet import DiffusionRig, preset
+from rigcli.image.metrics import psnr
 
 # dense (no sparsity) fp16/bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets;
 # longer names first so that "H100 PCIe" wins over "H100"
@@ -68,6 +73,16 @@ class BenchPlan:
     model_dir: Path | None = None  # a saved model (its config and weights) instead of the preset's random weights
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """Refuse a plan that cannot run before minutes of measuring: a typo in an engine, a CUDA
+        device torch cannot see, a model folder with no model."""
+        for spec in self.engines:
+            EngineSpec.parse(spec)
+        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
+            raise RigError("--device cuda: torch sees no CUDA GPU (install torch's CUDA build, or use --device cpu)")
+        if self.model_dir is not None and not (Path(self.model_dir) / "model.json").is_file():
+            raise RigError(f"--model {self.model_dir}: no model there (model.json missing)")
+
 
 def device_name(device: str) -> str:
     if torch.device(device).type == "cuda":
@@ -92,14 +107,13 @@ def peak_memory_mb(device: str) -> float:
     """Peak memory: torch's CUDA allocator on a GPU (since the last reset), else the process's peak RSS."""
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
+    import resource  # POSIX only: the peak RSS of this process
+
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
-
-    from rigcli import __version__
 
     found = {"rig": __version__, "torch": torch.__version__, "python": platform.python_version()}
     for package in ("onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt"):
@@ -136,9 +150,6 @@ def unet_calls(steps: int, invert: bool) -> int:
 
 def run_bench(plan: BenchPlan, on_progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Measure the baseline and every (engine, batch, steps) of ``plan``; the JSON-ready report."""
-    from rigcli.diffusion import Diffusion, ddim_invert, ddim_sample, ddim_timesteps
-    from rigcli.train import load_model, model_info, psnr
-    from rigcli.unet import DiffusionRig, preset
 
     device = plan.device
     torch.manual_seed(plan.seed)
@@ -250,7 +261,7 @@ def run_bench(plan: BenchPlan, on_progress: Callable[[str, int, int], None] | No
                     if (batch, steps) not in reference_edits:  # untimed, encoder and UNet in strict fp32
                         with strict_fp32():
                             reference_edits[(batch, steps)] = edit(reference, x, b, steps).cpu()
-                    edit_psnr = psnr(output.float().cpu(), reference_edits[(batch, steps)])
+                    edit_psnr = psnr(output.float().cpu(), reference_edits[(batch, steps)], value_range=(-1, 1))
                 ms = call_ms[(spec_text, batch)]
                 achieved = gflops * batch / ms  # GFLOP per ms = TFLOP/s
                 rows.append({

@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engines.eager import cast_unet
 from rigcli import RigError
+from rigcli.files import atomic_write_bytes, atomic_write_json
 
 INPUTS = ("x_t", "t", "buffers", "latent")
 DEFAULT_OPSET = 17
@@ -102,12 +104,10 @@ def export(unet: torch.nn.Module, folder: Path, image_size: int, fp16: bool = Fa
     The export traces a copy of the UNet (on ``trace_device``), so the caller's module keeps its device
     and dtype.
     """
-    from rigcli.store import atomic_write_bytes, atomic_write_json
 
     require_onnx()
     key = artifact_key(unet, fp16, opset)
     dtype = torch.float16 if fp16 else torch.float32
-    from engines import cast_unet
 
     device = trace_device(fp16)
     step = _Step(cast_unet(copy.deepcopy(unet).to(device), dtype)).eval()

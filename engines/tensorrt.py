@@ -20,6 +20,7 @@ import torch
 
 from engines.onnx import DEFAULT_OPSET, INPUTS, artifact, artifact_key, is_current, key_folder, require_onnx
 from rigcli import RigError
+from rigcli.files import atomic_write_bytes, atomic_write_json
 
 INSTALL_HINT = "pip install 'rig[gpu]' on a machine with an NVIDIA GPU (or NVIDIA's wheels: pip install tensorrt)"
 
@@ -124,7 +125,6 @@ def trt_artifact(
 ) -> Path:
     """The up-to-date ``model.plan`` for these weights, settings and this GPU under ``root``, built if
     missing or stale. ``on_build(message)`` is told before a (minutes-long) build starts."""
-    from rigcli.store import atomic_write_bytes, atomic_write_json
 
     require_onnx()
     trt = require_tensorrt()

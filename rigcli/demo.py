@@ -1,20 +1,43 @@
-"""A small album of one real person, made from the public-domain astronaut photo scikit-image ships.
+"""The demo: the whole pipeline on an album of one real person, offline, in a few CPU minutes.
 
-Each photo is the portrait under a known similarity transform (scale, rotation, shift, sometimes a
-mirror), with colour, gamma and compression changes, saved in several formats. The transform is
-returned with each file so tests can check geometry against it.
+The album is made from the public-domain astronaut photo scikit-image ships: each photo is the
+portrait under a known similarity transform (scale, rotation, shift, sometimes a mirror), with
+colour, gamma and compression changes, saved in several formats. The transform is returned with
+each file so tests can check geometry against it. ``run_demo`` then adds the person, fine-tunes a
+tiny model from scratch and edits the photo kept out of the album, with the embedded face model
+unless the store has an imported one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 from scipy import ndimage
+from skimage import data
 
-from rigcli.align import invert_affine
+from rigcli.assets.ict import download_ict, import_ict
+from rigcli.edit.controls import Controls
+from rigcli.edit.editor import Editor, edit_photos, sheet_row
+from rigcli.enroll import AddReport, add_photos, aligned_sheet, fit_sheet
+from rigcli.face.ict import ict_available
+from rigcli.files import atomic_write_bytes
+from rigcli.image.align import invert_affine
+from rigcli.image.grid import grid
+from rigcli.image.photo import encode_png
+from rigcli.store import Store
+from rigcli.train.stages import finetune
+
+PERSON = "astronaut"
+DEMO_EDITS = {  # output name -> controls
+    "light-left": {"light": "left"},
+    "light-right": {"light": "right"},
+    "smile": {"expression": {"smile": 0.9}},
+    "yaw": {"yaw": 15.0},
+}
 
 
 @dataclass(frozen=True)
@@ -28,8 +51,6 @@ class AlbumPhoto:
 
 def astronaut() -> np.ndarray:
     """The 512x512 RGB astronaut portrait (Eileen Collins, NASA, public domain)."""
-    from skimage import data
-
     return np.ascontiguousarray(data.astronaut())
 
 
@@ -99,3 +120,62 @@ def make_album(folder: Path, count: int = 12, seed: int = 0, max_scale: float = 
         iio.imwrite(path, pixels, extension=ext, **kwargs)
         album.append(AlbumPhoto(path, matrix, mirrored))
     return album
+
+
+@dataclass
+class DemoResult:
+    """What the demo wrote, for the summary."""
+
+    aligned: Path
+    fit: Path
+    edits: dict[str, Path] = field(default_factory=dict)
+    sheet: Path | None = None
+    steps: int = 0
+
+
+def run_demo(
+    store: Store,
+    out_dir: Path,
+    photos: int = 12,
+    steps: int = 600,
+    ict: Path | None = None,
+    device: str = "cpu",
+    add: Callable[[Store, str, list[Path]], AddReport] | None = None,
+    on_message: Callable[[str], None] | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> DemoResult:
+    """Album, add-person, fit sheets, a tiny model fine-tuned from scratch, and four edits of the
+    photo kept out of the album, all under ``out_dir``. ``add`` adds the album (default
+    ``enroll.add_photos``; the CLI passes its own, with progress and the report table)."""
+    say = on_message or (lambda text: None)
+    moved = on_progress or (lambda stage, done, total: None)
+    store.ensure_writable()
+    if ict is not None:
+        say(f"importing ICT-FaceKit from {ict}")
+        import_ict(ict, store)
+    elif not ict_available(store):
+        say("no face model in the package or the store: downloading ICT-FaceKit (MIT, about 400 MB)")
+        download_ict(store)
+    say(f"making an album of {photos} photos in {out_dir / 'album'}")
+    album = make_album(out_dir / "album", photos)
+    (add or add_photos)(store, PERSON, [a.path for a in album[1:]])  # photo 0 is kept out: it is the one edited
+    result = DemoResult(out_dir / "aligned.png", out_dir / "fit.png", steps=steps)
+    atomic_write_bytes(result.aligned, encode_png(aligned_sheet(store, PERSON)))
+    atomic_write_bytes(result.fit, encode_png(fit_sheet(store, PERSON)))
+    finetune(
+        store, PERSON, from_scratch=True, preset_name="tiny", steps=steps, batch=4, lr=3e-4, device=device,
+        checkpoint_every=max(steps // 4, 1), restart=True,
+        on_step=lambda step, loss: moved(f"fine-tuning  loss {loss:.3f}", step, steps),
+    )  # fmt: skip
+    editor = Editor(store, PERSON, device=device)
+    rows = []
+    for i, (label, fields) in enumerate(DEMO_EDITS.items()):
+        moved("editing", i, len(DEMO_EDITS))
+        (edited,) = edit_photos(editor, [album[0].path], Controls(**fields), steps=20)
+        result.edits[label] = out_dir / "edits" / f"{label}.png"
+        atomic_write_bytes(result.edits[label], encode_png(edited.output))
+        rows.extend(sheet_row(edited, editor.size))
+    moved("editing", len(DEMO_EDITS), len(DEMO_EDITS))
+    result.sheet = out_dir / "edits" / "sheet.png"
+    atomic_write_bytes(result.sheet, encode_png(grid(rows, 6)))
+    return result

@@ -16,10 +16,17 @@ from pathlib import Path
 import numpy as np
 
 from rigcli import RigError
-from rigcli.align import DEFAULT_SIZE, SIZES, Alignment, align_face, apply_affine, invert_affine
-from rigcli.detect import MIN_FACE_PX, Face, FaceAnalyzer
-from rigcli.photo import IMAGE_EXTENSIONS, Photo, PhotoError, decode_photo, encode_png
-from rigcli.store import LockHolder, Manifest, PhotoRecord, Store, atomic_write_json, check_name, now_iso
+from rigcli.estimate import check_fit_options, make_estimator, resolve_estimator
+from rigcli.estimate.landmarks import FITTER_VERSION
+from rigcli.face.params import fit_from_json, photo_fit_json
+from rigcli.face.registry import available, face_model_name, load_face_model
+from rigcli.files import atomic_write_json, now_iso
+from rigcli.image.align import DEFAULT_SIZE, SIZES, Alignment, align_face, apply_affine, invert_affine
+from rigcli.image.detect import MIN_FACE_PX, Face, FaceAnalyzer
+from rigcli.image.grid import draw_points, grid, mask_outline, unit_to_uint8
+from rigcli.image.photo import IMAGE_EXTENSIONS, Photo, PhotoError, decode_photo, encode_png, read_photo
+from rigcli.render.buffers import rasterize_fit, render_buffers
+from rigcli.store import LockHolder, Manifest, PhotoRecord, Store, check_name
 
 ADDED, DUPLICATE, NO_FACE, TOO_SMALL, UNREADABLE, OUTLIER = (
     "added",
@@ -30,14 +37,23 @@ ADDED, DUPLICATE, NO_FACE, TOO_SMALL, UNREADABLE, OUTLIER = (
     "outlier",
 )
 
+
 OUTLIER_DISTANCE = 0.5
 """A photo whose embedding is further than this from the album's median embedding is flagged.
 
 dlib's own rule is "same person below 0.6" for a pair of faces; the median of an album sits closer to
 each of its true members than they sit to each other, so its limit is tighter."""
+
+
 MIN_ALBUM_FOR_OUTLIERS = 3
+
+
 FIT_FILE = "fit.json"
+
+
 FIT_SUMMARY_KEYS = ("face_model", "model_id", "estimator", "fitter_version", "fitted", "camera", "identity")
+
+
 NO_MODEL_NOTE = (
     "no face model installed, so the photos were stored without a 3D fit: run `rig assets download-ict` "
     "(or `rig assets import-ict PATH`), then `rig refit {name}`"
@@ -288,7 +304,6 @@ def add_photos(
 def _fit_after_add(
     store: Store, name: str, manifest: Manifest, outcomes: list[Outcome], on_fit, face_model=None, estimator=None
 ) -> str:
-    from rigcli.facemodel import available, face_model_name, load_face_model
 
     current = read_fit(store, name)
     wanted = face_model or face_model_name(current)
@@ -323,44 +338,6 @@ def read_fit(store: Store, name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-ESTIMATORS = ("landmarks", "deca")
-
-
-def deca_available(store: Store) -> bool:
-    """Whether DECA's encoder weights are imported (``rig assets import-flame --deca``)."""
-    from rigcli.flame import flame_status
-
-    return any(s.role == "deca" and s.present for s in flame_status(store))
-
-
-def resolve_estimator(store: Store, face_model: str, estimator: str | None) -> str:
-    """The estimator to use: DECA's encoder for FLAME when its weights are imported, else the landmark fitter."""
-    if estimator is not None and estimator not in ESTIMATORS:
-        raise RigError(f"unknown estimator {estimator!r}; choose one of: {', '.join(ESTIMATORS)}")
-    if estimator == "deca":
-        if face_model != "flame":
-            raise RigError("--estimator deca estimates FLAME parameters: use it with --face-model flame")
-        if not deca_available(store):
-            from rigcli.flame import load_deca_encoder
-
-            load_deca_encoder(store)  # raises the import hint
-        return "deca"
-    if estimator is None and face_model == "flame" and deca_available(store):
-        return "deca"
-    return "landmarks"
-
-
-def check_fit_options(store: Store, face_model: str, estimator: str | None) -> None:
-    """Refuse an unknown or missing face model or estimator before any work (RigError with the fix)."""
-    from rigcli.facemodel import FACE_MODELS, available, load_face_model
-
-    if face_model not in FACE_MODELS:
-        raise RigError(f"unknown face model {face_model!r}; choose one of: {', '.join(FACE_MODELS)}")
-    if not available(store, face_model):
-        load_face_model(store, face_model)  # raises the RigError that says how to import it
-    resolve_estimator(store, face_model, estimator)
-
-
 def fit_person(store: Store, name: str, manifest: Manifest, model, on_fit=None, estimator: str = "landmarks") -> dict:
     """Fit the face model to all of a person's photos and store it (the caller holds the lock).
 
@@ -369,32 +346,13 @@ def fit_person(store: Store, name: str, manifest: Manifest, model, on_fit=None, 
     ``estimator='deca'`` (FLAME), DECA's encoder regresses each photo's parameters and the person's
     shape is the mean of its shapes over the training photos, as the paper fixed it.
     """
-    import torch
-
-    from rigcli.fit import FITTER_VERSION, FaceFit, fit_landmarks, fit_light, photo_fit_json
-    from rigcli.photo import read_photo
 
     folder = store.person_dir(name)
     records = manifest.photos
-    landmarks = torch.tensor(
-        np.stack([crop_landmarks(read_face(store, name, r)) for r in records]), dtype=torch.float32
-    )
+    landmarks = np.stack([crop_landmarks(read_face(store, name, r)) for r in records])
     train = [i for i, r in enumerate(records) if r.train] or list(range(len(records)))
-    rest = [i for i in range(len(records)) if i not in train]
     crops = np.stack([read_photo(folder / r.aligned).pixels for r in records])
-    if estimator == "deca":
-        from rigcli.deca import DecaEncoder, estimate_with_deca
-        from rigcli.flame import load_deca_encoder
-
-        encoder = DecaEncoder.from_state_dict(load_deca_encoder(store)).eval()
-        fit, _ = estimate_with_deca(encoder, model, crops, landmarks.numpy(), identity_rows=train, progress=on_fit)
-    else:
-        fits = [fit_landmarks(model, landmarks[train], progress=on_fit)]
-        if rest:
-            fits.append(fit_landmarks(model, landmarks[rest], identity=fits[0].identity))
-        order = train + rest
-        fit = FaceFit.cat(fits).select([order.index(i) for i in range(len(records))])
-        fit.light, fit.albedo = fit_light(model, fit, torch.from_numpy(crops).float() / 255.0)
+    fit = make_estimator(store, estimator).fit(model, crops, landmarks, identity_rows=train, progress=on_fit)
     doc = {
         "face_model": model.name,
         "model_id": model.model_id,
@@ -418,7 +376,6 @@ def refit(
     ``face_model`` ('ict' or 'flame') None keeps the person's current model (ICT for a person never
     fitted); ``estimator`` ('landmarks' or 'deca') None uses DECA for FLAME when its weights are imported.
     """
-    from rigcli.facemodel import face_model_name, load_face_model
 
     store.require(name)
     current = read_fit(store, name)
@@ -507,3 +464,39 @@ def _model_summary(folder) -> dict | None:
     info = json.loads(path.read_text())
     keys = ("base", "from_scratch", "steps", "final_loss", "trained", "face_model_id")
     return {k: info.get(k) for k in keys} | {"preset_size": info["config"]["image_size"]}
+
+
+def aligned_sheet(store, name: str, columns: int = 6) -> np.ndarray:
+    """Every aligned crop of a person with its 68 landmarks mapped into the crop: a check by eye."""
+
+    tiles = []
+    for record in store.load(name).photos:
+        crop = read_photo(store.person_dir(name) / record.aligned).pixels
+        tiles.append(draw_points(crop, crop_landmarks(read_face(store, name, record))))
+    if not tiles:
+        raise ValueError(f"{name} has no photos")
+    return grid(tiles, columns=min(columns, len(tiles)))
+
+
+def fit_sheet(store, name: str) -> np.ndarray:
+    """Per photo a row: crop with landmarks and mesh outline | shaded | normal | albedo buffers."""
+
+    doc = read_fit(store, name)
+    if doc is None:
+        raise RigError(f"{name} has no 3D fit yet: run `rig refit {name}`")
+    model = load_face_model(store, face_model_name(doc))
+    records = [r for r in store.load(name).photos if r.id in doc["photos"]]
+    fit = fit_from_json([doc["photos"][r.id] for r in records], doc["identity"], model.expression_names)
+    size = doc["crop_size"]
+    geometry = rasterize_fit(model, fit, size)
+    buffers = render_buffers(model, fit, size, geometry).permute(0, 2, 3, 1).numpy()
+    masks = geometry.fragments.mask.numpy()
+    tiles = []
+    for i, record in enumerate(records):
+        crop = read_photo(store.person_dir(name) / record.aligned).pixels.copy()
+        crop[mask_outline(masks[i])] = (255, 64, 64)
+        crop = draw_points(crop, crop_landmarks(read_face(store, name, record)))
+        shaded, normal, albedo = buffers[i, ..., 0:3], buffers[i, ..., 3:6], buffers[i, ..., 6:9]
+        normal = np.where(masks[i][..., None], normal * 0.5 + 0.5, 0.0)  # [-1, 1] shown as [0, 1]
+        tiles += [crop, *(unit_to_uint8(image) for image in (shaded, normal, albedo))]
+    return grid(tiles, columns=4)

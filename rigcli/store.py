@@ -17,8 +17,6 @@ files, which the next command on that person removes while holding the lock.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import hashlib
 import json
 import os
 import re
@@ -33,22 +31,28 @@ from pathlib import Path
 from typing import Any
 
 from rigcli import RigError
+from rigcli.files import _TMP_PREFIX, _TRASH_PREFIX, _fsync_dir, atomic_write_bytes, atomic_write_json, now_iso
 
 SCHEMA_VERSION = 1
+
+
 MANIFEST = "person.json"
+
+
 PHOTO_DIRS = ("photos", "aligned", "faces")
 """Folders of per-photo files that the manifest owns; anything there it does not list is a leftover."""
+
+
 NAME_RULE = "letters, digits, '-' and '_', at most 64 characters"
+
+
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_TMP_PREFIX = ".tmp-"
-_TRASH_PREFIX = ".trash-"
+
+
 LOCK_TIMEOUT_ENV = "RIG_LOCK_TIMEOUT"
+
+
 DEFAULT_LOCK_TIMEOUT = 600.0
-
-
-def now_iso() -> str:
-    """Current UTC time, ISO 8601 to the second."""
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def default_home() -> Path:
@@ -72,59 +76,6 @@ def check_name(name: str) -> str:
     return name
 
 
-# ---------------------------------------------------------------- atomic files
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name == "nt":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{_TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _fault_point(path.name)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Atomically write an object as indented JSON."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def _fault_point(filename: str) -> None:
-    """Test hook: with RIG_FAULT=pause:NAME, stop between writing NAME's temp file and renaming it.
-
-    Lets the tests kill a real process in the middle of a write, deterministically.
-    """
-    fault = os.environ.get("RIG_FAULT", "")
-    if fault == f"pause:{filename}":
-        sys.stderr.write(f"RIG_FAULT: paused before renaming {filename}\n")
-        sys.stderr.flush()
-        while True:
-            time.sleep(1)
-
-
-# ---------------------------------------------------------------- locking
-
-
 @dataclass
 class LockHolder:
     """What a lock file says about the process holding it."""
@@ -140,7 +91,7 @@ class LockHolder:
 
 def _try_lock(fd: int) -> bool:
     if os.name == "nt":
-        import msvcrt
+        import msvcrt  # the platform's own locking module: each exists on one platform only
 
         try:
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
@@ -221,9 +172,6 @@ def _command_line() -> list[str]:
     return argv[:8]
 
 
-# ---------------------------------------------------------------- manifest
-
-
 @dataclass
 class PhotoRecord:
     """One stored photo of a person, as listed in the manifest."""
@@ -282,6 +230,19 @@ class Store:
 
     def person_dir(self, name: str) -> Path:
         return self.people_dir / check_name(name)
+
+    def model_dir(self, name: str) -> Path:
+        """Where a person's fine-tuned model lives (it may not exist yet)."""
+        return self.person_dir(name) / "model"
+
+    def require_model(self, name: str, model: Path | None = None) -> Path:
+        """The model folder to use for a person: ``model`` when given, else their fine-tuned one;
+        either must hold a saved model (model.json), else a RigError says how to make one."""
+        self.require(name)
+        folder = Path(model) if model is not None else self.model_dir(name)
+        if not (folder / "model.json").is_file():
+            raise RigError(f"{name} has no fine-tuned model: run `rig finetune {name}` first (or pass --model DIR)")
+        return folder
 
     def lock_path(self, name: str) -> Path:
         # one lock per case-folded name, so "Alice" and "alice" cannot be created at once
@@ -399,14 +360,17 @@ class Store:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def file_sha256(path: Path, on_chunk: Callable[[int, int], None] | None = None) -> str:
-    """SHA-256 of a file read in 4 MiB chunks; ``on_chunk(done, total)`` after each (for progress bars)."""
-    digest = hashlib.sha256()
-    total, done = Path(path).stat().st_size, 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-            done += len(chunk)
-            if on_chunk:
-                on_chunk(done, total)
-    return digest.hexdigest()
+def registry_dir(store) -> Path:
+    return store.root / "models"
+
+
+def registered_models(store) -> dict[str, dict]:
+    """Base models registered in the store, by name, with their model.json."""
+    folder = registry_dir(store)
+    if not folder.is_dir():
+        return {}
+    return {
+        p.name: json.loads((p / "model.json").read_text())
+        for p in sorted(folder.iterdir())
+        if (p / "model.json").is_file() and not p.name.startswith(".")  # not an import being built
+    }

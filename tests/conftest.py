@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rigcli.demo import make_album
-from rigcli.detect import FaceAnalyzer
+from rigcli.image.detect import FaceAnalyzer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RIG_SHARED", REPO.parent / "shared"))
@@ -55,7 +55,7 @@ ICT = SHARED / "assets" / "ict-facekit"
 @pytest.fixture(scope="session")
 def ict_store(tmp_path_factory):
     """A store with ICT FaceKit imported from ../shared (the import runs once per test session)."""
-    from rigcli.facemodel import import_ict
+    from rigcli.assets.ict import import_ict
     from rigcli.store import Store
 
     if not ICT.is_dir():
@@ -66,8 +66,17 @@ def ict_store(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def face_model(ict_store):
-    from rigcli.facemodel import load_face_model
+def face_model():
+    """The ICT FaceKit model the package ships (no import, no ../shared/assets/ict-facekit needed)."""
+    from rigcli.face.ict import load_embedded_ict
+
+    return load_embedded_ict()
+
+
+@pytest.fixture(scope="session")
+def imported_face_model(ict_store):
+    """ICT FaceKit as imported from ../shared's copy: for the importer's own tests."""
+    from rigcli.face.registry import load_face_model
 
     return load_face_model(ict_store)
 
@@ -91,10 +100,26 @@ def ict_zip(tmp_path_factory) -> Path:
     return archive
 
 
-def home_with_model(tmp_path: Path, ict_store) -> Path:
-    """A fresh store root holding a copy of the imported face model."""
+NO_FACE_DATA = Path("/nonexistent-rig-face-data")
+
+
+@pytest.fixture
+def without_embedded_face_model(monkeypatch):
+    """As if the package shipped no face model (a build that left its data out): only an imported
+    ICT FaceKit counts, so the paths for a store with no face model at all can be exercised."""
+    from rigcli.face import ict
+
+    monkeypatch.setattr(ict, "_embedded_file", lambda name: NO_FACE_DATA / name)
+
+
+def home_with_model(tmp_path: Path, ict_store=None) -> Path:
+    """A fresh store root: with the package's face model, or holding a copy of ``ict_store``'s
+    imported one when given."""
     import shutil
 
     home = tmp_path / "home"
-    shutil.copytree(ict_store.root / "assets", home / "assets")
+    if ict_store is None:
+        home.mkdir(parents=True, exist_ok=True)
+    else:
+        shutil.copytree(ict_store.root / "assets", home / "assets")
     return home

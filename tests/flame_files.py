@@ -21,7 +21,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from rigcli.flame import N_FACES, N_JOINTS, N_VERTICES, e_flame_shapes
+from rigcli.assets.flame import e_flame_shapes
+from rigcli.face.flame import N_FACES, N_JOINTS, N_VERTICES
 
 PY2_MODULES = {
     "numpy._core.multiarray": "numpy.core.multiarray",

@@ -1,6 +1,6 @@
 """A FLAME-shaped model made from ICT-FaceKit, for tests: the real FLAME files are licensed and absent.
 
-Laid out exactly as the FLAME import writes its tensors (``rigcli.deca.FLAME_TENSORS``), in metres,
+Laid out exactly as the FLAME import writes its tensors (``rigcli.face.flame.FLAME_TENSORS``), in metres,
 turned TILT_DEG about x so that nothing can rely on the two models sharing a frame:
 the template is ICT's neutral, shape directions ICT's identity basis, expression directions a
 random orthogonal mix of ICT's 50 blendshapes that do not move the jaw (as FLAME's PCA
@@ -90,6 +90,6 @@ def flame_like_tensors(ict, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def flame_like_model(ict, seed: int = 0):
     """The ``FlameFaceModel`` of ``flame_like_tensors`` (model id ``flame-test``)."""
-    from rigcli.deca import FlameFaceModel
+    from rigcli.face.flame import FlameFaceModel
 
     return FlameFaceModel.from_tensors(flame_like_tensors(ict, seed), "flame-test" + "0" * 6)

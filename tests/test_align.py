@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rigcli.align import align_face, apply_affine, compose_affine, crop_transform, invert_affine, warp
 from rigcli.demo import similarity
-from rigcli.photo import read_photo
+from rigcli.image.align import align_face, apply_affine, compose_affine, crop_transform, invert_affine, warp
+from rigcli.image.photo import read_photo
 
 N = 256
 

@@ -103,13 +103,40 @@ def test_folder_with_bad_files_skips_them(tmp_path, inputs):
         assert word in result.stdout
 
 
-def test_assets_status(tmp_path):
+def test_assets_status(tmp_path, without_embedded_face_model):
     result = rig(tmp_path, "assets", "status")
     assert result.exit_code == 0
     rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") >= 3}
     for name in ("shape_predictor_68_face_landmarks.dat", "dlib_face_recognition_resnet_model_v1.dat", "torch", "dlib"):
         assert "│ ok " in rows[name], rows
     assert "│ missing " in rows["face model (ICT FaceKit)"] and "download-ict" in rows["face model (ICT FaceKit)"]
+
+
+def test_assets_status_names_the_face_model_in_the_package(tmp_path):
+    result = rig(tmp_path, "assets", "status")
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.stdout.splitlines() if "face model (ICT FaceKit)" in line)
+    assert "│ ok " in row and "ict-embedded-" in row and "in the package" in row
+
+
+def test_device_auto_and_bad_devices():
+    import torch
+
+    from rigcli import RigError
+    from rigcli.device import resolve_device
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(None) == resolve_device("auto") and resolve_device(" CPU ") == "cpu"
+    with pytest.raises(RigError, match="write auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RigError, match="torch sees no CUDA GPU"):
+            resolve_device("cuda:0")
+
+
+@pytest.mark.parametrize("command", [["edit", "astro", "x.jpg"], ["finetune", "astro"], ["eval", "astro"]])
+def test_an_unusable_device_is_one_line(tmp_path, command):
+    assert_one_line_error(rig(tmp_path, *command, "--device", "gpu"), "--device 'gpu'")
 
 
 @pytest.mark.parametrize(
@@ -168,7 +195,7 @@ def test_piped_tables_are_not_cut_to_80_columns(tmp_path):
 
     def render(env: dict) -> str:
         script = (
-            "from rich.table import Table\nfrom rigcli.cli import out\n"
+            "from rich.table import Table\nfrom rigcli.cli.common import out\n"
             "t = Table()\n"
             "for c in ('engine', 'batch', 'steps', 'ms / UNet call', 'edits/s', 'speed-up', 'peak MB', '% of peak',"
             " 'error / call', 'edit dB', 'note'): t.add_column(c)\n"

@@ -16,27 +16,23 @@ import torch
 from scipy.linalg import expm
 
 from rigcli import RigError
-from rigcli.align import invert_affine
-from rigcli.deca import (
+from rigcli.estimate.deca import (
     DECA_SPLIT,
     DecaEncoder,
     DecaOrthoCamera,
-    Flame,
-    FlameFaceModel,
-    FlameTexture,
-    axis_angle_to_matrix,
-    contour_row,
     deca_crop,
     deca_crop_box,
     deca_crop_transform,
     deca_to_fit,
     decompose,
     estimate_with_deca,
-    render_deca_buffers,
     rotate_light_about_z,
 )
-from rigcli.fit import FaceFit, fit_landmarks, project_landmarks, rasterize_fit, render_buffers
-from rigcli.render import light_from_direction, sh_shading
+from rigcli.estimate.landmarks import fit_landmarks, project_landmarks
+from rigcli.face.flame import Flame, FlameFaceModel, FlameTexture, axis_angle_to_matrix, contour_row
+from rigcli.face.params import FaceFit
+from rigcli.image.align import invert_affine
+from rigcli.render.buffers import light_from_direction, rasterize_fit, render_buffers, sh_shading
 
 V, F, J = 60, 90, 5
 PARENTS = [-1, 0, 1, 1, 1]  # FLAME: global <- neck <- jaw, eye_left, eye_right
@@ -598,7 +594,8 @@ def test_albedo_is_looked_up_at_the_rasterized_uv(reverse):
     assert float(albedo[~frags.mask].abs().max()) == 0.0
 
     fit.light = torch.stack([light_from_direction(torch.tensor([0.2, 0.3, 1.0]), 0.8, 0.3)] * 2).float()
-    buffers = render_deca_buffers(model, fit, texture, torch.zeros(2, 1), 128)
+    model.texture, fit.texture = texture, torch.zeros(2, 1)  # the model answers for a DECA fit's albedo
+    buffers = render_buffers(model, fit, 128)
     geometry = rasterize_fit(model, fit, 128)
     flat = texture.sample(geometry.fragments, texture.maps(torch.zeros(2, 1)), model.winding_flipped)
     torch.testing.assert_close(buffers[:, 6:].permute(0, 2, 3, 1), flat)

@@ -7,8 +7,8 @@ import pytest
 
 from rigcli import RigError
 from rigcli.demo import astronaut
-from rigcli.detect import FaceAnalyzer, FaceBox, choose_face, model_path
-from rigcli.photo import read_photo
+from rigcli.image.detect import FaceAnalyzer, FaceBox, choose_face, model_path
+from rigcli.image.photo import read_photo
 
 
 def box(width: float, score: float, x: float = 0) -> FaceBox:
@@ -92,7 +92,7 @@ def test_embedding_separates_people(analyzer):
 def test_unknown_detector_and_missing_model(monkeypatch):
     with pytest.raises(RigError, match="unknown detector"):
         FaceAnalyzer("yolo")
-    monkeypatch.setattr("rigcli.detect.models_dir", lambda: None)
+    monkeypatch.setattr("rigcli.image.detect.models_dir", lambda: None)
     with pytest.raises(RigError, match="pip install face_recognition_models"):
         model_path("landmarks")
 

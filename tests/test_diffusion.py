@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from rigcli.diffusion import Diffusion, ddim_invert, ddim_sample, ddim_timesteps
+from rigcli.diffusion.schedule import Diffusion, ddim_invert, ddim_sample, ddim_timesteps
 
 
 def test_schedule_matches_closed_form():

@@ -13,22 +13,24 @@ from typer.testing import CliRunner
 
 from rigcli import RigError
 from rigcli.cli import app
-from rigcli.edit import LIGHT_DIRECTIONS, Controls, Editor, apply_controls, direction_from_angles, edit_photos
-from rigcli.enroll import add_photos
-from rigcli.fit import fit_landmarks, fit_light, project_landmarks, render_buffers, silhouette_candidates
-from rigcli.photo import read_photo
-from rigcli.render import dominant_direction, sh_shading
+from rigcli.edit.controls import LIGHT_DIRECTIONS, Controls, apply_controls, direction_from_angles
+from rigcli.edit.editor import Editor, edit_photos
+from rigcli.enroll import add_photos, read_fit
+from rigcli.estimate.landmarks import fit_landmarks, fit_light, project_landmarks, silhouette_candidates
+from rigcli.image.metrics import psnr
+from rigcli.image.photo import read_photo
+from rigcli.render.buffers import dominant_direction, render_buffers, sh_shading
 from rigcli.store import Store
-from rigcli.train import finetune, psnr
-from tests.conftest import home_with_model
+from rigcli.train.stages import finetune
+from tests.conftest import home_with_model, run_rig
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def trained_home(tmp_path_factory, album, ict_store):
+def trained_home(tmp_path_factory, album):
     """The astronaut album, fitted, with a tiny model fine-tuned from scratch on it."""
-    home = home_with_model(tmp_path_factory.mktemp("edit"), ict_store)
+    home = home_with_model(tmp_path_factory.mktemp("edit"))
     store = Store(home)
     add_photos(store, "astro", [p.path for p in album[:6]])
     finetune(store, "astro", from_scratch=True, preset_name="tiny", steps=200, batch=4, lr=3e-4, checkpoint_every=200)
@@ -58,10 +60,13 @@ def test_no_controls_with_inversion_reproduces_the_input(editor, album):
     (finer,) = edit_photos(editor, [album[0].path], Controls(), steps=50)
     (noise,) = edit_photos(editor, [album[0].path], Controls(), steps=20, invert=False)
     target = model_input(editor, inverted)
-    at20, at50 = psnr(as_model_range(inverted), target), psnr(as_model_range(finer), target)
+    at20, at50 = (
+        psnr(as_model_range(inverted), target, value_range=(-1, 1)),
+        psnr(as_model_range(finer), target, value_range=(-1, 1)),
+    )
     assert at20 > 20.0  # a tiny model after 200 CPU steps, the paper's 20 DDIM steps
     assert at50 > at20 + 3.0  # and the round trip tightens as steps grow
-    assert at20 > psnr(as_model_range(noise), target) + 8.0  # inversion is what keeps the photo
+    assert at20 > psnr(as_model_range(noise), target, value_range=(-1, 1)) + 8.0  # inversion is what keeps the photo
 
 
 def test_light_edit_is_in_the_edited_buffers(editor, album):
@@ -98,7 +103,7 @@ def test_expression_and_pose_edits_are_in_the_geometry(editor, album):
 def test_copy_controls_from_another_photo(editor, album):
     reference = album[3].path  # a mirrored copy: its yaw has the other sign
     result = edit_photos(editor, [album[0].path], Controls(pose_from=reference, light_from=reference), steps=2)[0]
-    from rigcli.edit import fit_reference
+    from rigcli.edit.editor import fit_reference
 
     ref = fit_reference(editor, reference)
     assert torch.allclose(result.edited_fit.yaw, ref.yaw) and torch.allclose(result.edited_fit.light, ref.light)
@@ -167,16 +172,21 @@ def test_person_without_a_model_and_other_errors(trained_home, album, tmp_path):
         Editor(Store(trained_home), "nobody")
 
 
-def test_demo_quick_runs_end_to_end(tmp_path):
-    from tests.conftest import ICT
-
+def test_demo_quick_runs_end_to_end_offline_with_the_embedded_face_model(tmp_path):
+    """`rig demo --quick` on a fresh store with no face model imported and no network: every proxy
+    points at a closed local port, so a download attempt would fail the run."""
     out = tmp_path / "demo"
-    result = runner.invoke(app, ["demo", "--quick", "--ict", str(ICT), "--out", str(out)], env={"COLUMNS": "200"})
-    assert result.exit_code == 0, result.output
+    closed = "http://127.0.0.1:9"
+    offline = {"http_proxy": closed, "https_proxy": closed, "HTTP_PROXY": closed, "HTTPS_PROXY": closed}
+    result = run_rig("demo", "--quick", "--out", str(out), home=out / "home", env=offline, timeout=900)
+    assert result.returncode == 0, result.stderr
     for name in ("aligned.png", "fit.png", "edits/light-left.png", "edits/light-right.png", "edits/smile.png",
                  "edits/yaw.png", "edits/sheet.png"):  # fmt: skip
         assert read_photo(out / name).pixels.size > 0, name
     assert "not the paper's quality" in result.stdout
+    assert "device: cpu" in result.stderr
+    assert not (out / "home" / "assets" / "ict").exists()  # nothing was imported or downloaded
+    assert read_fit(Store(out / "home"), "astronaut")["model_id"].startswith("ict-embedded-")
     assert read_photo(out / "edits" / "sheet.png").pixels.shape == (4 * 68 + 4, 6 * 68 + 4, 3)
 
 
@@ -191,6 +201,6 @@ def test_export_onnx_and_edit_with_the_onnx_engine(trained_home, album, tmp_path
                      "--engine", engine, "-o", str(target))  # fmt: skip
         assert result.exit_code == 0, result.output
         outputs[engine] = torch.from_numpy(read_photo(target).pixels).float() / 127.5 - 1
-    assert psnr(outputs["onnx"], outputs["torch"]) > 35.0
+    assert psnr(outputs["onnx"], outputs["torch"], value_range=(-1, 1)) > 35.0
     bad = rig(trained_home, "edit", "astro", str(album[0].path), "--engine", "tpu", "-o", str(tmp_path / "x.png"))
     assert bad.exit_code == 2 and "unknown engine 'tpu'" in bad.stderr

@@ -19,11 +19,12 @@ from engines.onnx import artifact, onnx_engine
 from engines.tensorrt import missing_tensorrt
 from rigcli import RigError
 from rigcli.cli import app
-from rigcli.fit import FaceFit, render_buffers
-from rigcli.render import light_from_direction
-from rigcli.store import Manifest, Store, now_iso
-from rigcli.train import load_model, model_info, save_model
-from rigcli.unet import DiffusionRig, preset
+from rigcli.diffusion.checkpoints import load_model, model_info, save_model
+from rigcli.diffusion.unet import DiffusionRig, preset
+from rigcli.face.params import FaceFit
+from rigcli.files import now_iso
+from rigcli.render.buffers import light_from_direction, render_buffers
+from rigcli.store import Manifest, Store
 
 runner = CliRunner()
 
@@ -479,7 +480,7 @@ def train_on_blobs(device: str, size: int, steps: int):
     """A tiny model trained on smooth, face-sized blobs whose buffers say where the blob is: enough
     training that its DDIM round trip is a real image, not noise (an untrained model's edit would not
     test the precision of anything). Returns the model, 4 images and their buffers."""
-    from rigcli.diffusion import Diffusion
+    from rigcli.diffusion.schedule import Diffusion
 
     torch.manual_seed(0)
     model = DiffusionRig(preset("tiny")).to(device).train()
@@ -504,8 +505,8 @@ def train_on_blobs(device: str, size: int, steps: int):
 def edit_psnr_against_fp32(trained, engine, device: str) -> float:
     """PSNR of a whole 20-step edit (inversion with the buffers, sampling with them mirrored) by
     ``engine`` against the same edit by the fp32 torch UNet: same inputs, no randomness."""
-    from rigcli.diffusion import Diffusion, ddim_invert, ddim_sample, ddim_timesteps
-    from rigcli.train import psnr
+    from rigcli.diffusion.schedule import Diffusion, ddim_invert, ddim_sample, ddim_timesteps
+    from rigcli.image.metrics import psnr
 
     model, images, buffers = trained
 
@@ -517,7 +518,7 @@ def edit_psnr_against_fp32(trained, engine, device: str) -> float:
             return ddim_sample(lambda x, t: denoise(x, t, buffers.flip(-1), latent), x_t, diffusion, ts, clip=False)
 
     reference = edit(torch_engine(copy.deepcopy(model.denoisingUNet).to(device)))
-    return psnr(edit(engine), reference)
+    return psnr(edit(engine).float().cpu(), reference.float().cpu(), value_range=(-1, 1))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 
 from rigcli import RigError
 from rigcli.enroll import ADDED, DUPLICATE, OUTLIER, add_photos, describe, photo_id, remove_photo
-from rigcli.photo import read_photo
+from rigcli.image.photo import read_photo
 from rigcli.store import Store
 
 

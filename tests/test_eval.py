@@ -17,29 +17,25 @@ from typer.testing import CliRunner
 
 from rigcli import RigError
 from rigcli.cli import app
-from rigcli.edit import LIGHT_DIRECTIONS, light_for
+from rigcli.edit.controls import LIGHT_DIRECTIONS, light_for
 from rigcli.enroll import add_photos
-from rigcli.evaluate import (
+from rigcli.estimate.landmarks import fit_light
+from rigcli.evaluate.metrics import (
     DECIMALS,
-    METRICS,
-    PSNR_CAP,
     SAME_PERSON,
-    ModelSpec,
     blendshape_error,
-    edit_count,
-    eval_photos,
     identity_distances,
     light_error_deg,
-    parse_spec,
-    psnr,
-    ssim,
-    ssim_map,
     yaw_error_deg,
 )
-from rigcli.fit import FaceFit, fit_light, render_buffers
-from rigcli.photo import read_photo
+from rigcli.evaluate.suite import METRICS, ModelSpec, edit_count, eval_photos, parse_spec
+from rigcli.face.params import FaceFit
+from rigcli.image.metrics import PSNR_CAP, psnr, ssim, ssim_map
+from rigcli.image.photo import read_photo
+from rigcli.render.buffers import render_buffers
 from rigcli.store import Store
-from rigcli.train import holdout_photos, person_data
+from rigcli.train.data import person_data
+from rigcli.train.stages import holdout_photos
 from tests.conftest import home_with_model
 
 runner = CliRunner()
@@ -118,7 +114,7 @@ CAMERAMAN_FACE = (189.0, 117.0, 258.0, 186.0)  # where dlib's CNN detector finds
 def test_identity_distance_same_and_other_person(analyzer, album):
     from skimage import data
 
-    from rigcli.detect import FaceBox
+    from rigcli.image.detect import FaceBox
 
     def descriptor(rgb, box=None):
         points = analyzer.landmarks(rgb, box or analyzer.find_face(rgb).box)
@@ -155,9 +151,9 @@ def test_model_specs():
 
 
 @pytest.fixture(scope="module")
-def held_out_home(tmp_path_factory, album, ict_store):
+def held_out_home(tmp_path_factory, album):
     """Six album photos; a tiny model fine-tuned (briefly) with two of them held out, through the CLI."""
-    home = home_with_model(tmp_path_factory.mktemp("eval"), ict_store)
+    home = home_with_model(tmp_path_factory.mktemp("eval"))
     add_photos(Store(home), "astro", [p.path for p in album[:6]])
     result = rig(home, "finetune", "astro", "--from-scratch", "--preset", "tiny", "--steps", "20", "--lr", "3e-4",
                  "--holdout", "2", "--seed", "3")  # fmt: skip

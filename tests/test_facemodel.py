@@ -10,21 +10,15 @@ import pytest
 import torch
 
 from rigcli import RigError
-from rigcli.facemodel import (
-    ICT_NAME,
-    download_ict,
-    import_ict,
-    installed,
-    load_face_model,
-    model_folder,
-    parse_obj_vertices,
-)
+from rigcli.assets.ict import download_ict, import_ict, parse_obj_vertices
+from rigcli.face.ict import ICT_NAME, installed, model_folder
+from rigcli.face.registry import load_face_model
 from rigcli.store import Store
 from tests.conftest import ICT
 
 
-def test_cached_model_shapes_and_regions(face_model, ict_store):
-    m = face_model
+def test_cached_model_shapes_and_regions(imported_face_model, ict_store):
+    m = imported_face_model
     assert m.neutral.shape == (14388, 3) and m.identity_basis.shape == (100, 14388, 3)
     assert m.expression_basis.shape == (53, 14388, 3) and len(m.expression_names) == 53
     assert {"jawOpen", "mouthSmile_L", "eyeBlink_R"} <= set(m.expression_names)
@@ -36,33 +30,35 @@ def test_cached_model_shapes_and_regions(face_model, ict_store):
     assert (model_folder(ict_store) / "LICENSE").read_text().startswith("MIT License")
 
 
-def test_basis_reproduces_the_source_meshes(face_model):
+def test_basis_reproduces_the_source_meshes(imported_face_model):
     # vertices(identity = e_7) must equal identity007.obj, restricted to the kept vertices
     raw = parse_obj_vertices(gzip.decompress((ICT / "FaceXModel" / "identity007.obj.gz").read_bytes()))
     neutral = parse_obj_vertices(gzip.decompress((ICT / "FaceXModel" / "generic_neutral_mesh.obj.gz").read_bytes()))
     keep = np.r_[0:11248, 21451:24591]
     ident = torch.zeros(1, 100)
     ident[0, 7] = 1.0
-    got = face_model.vertices(ident, torch.zeros(1, 53))[0].numpy()
+    got = imported_face_model.vertices(ident, torch.zeros(1, 53))[0].numpy()
     np.testing.assert_allclose(got, raw[keep], atol=1e-4)
     smile = parse_obj_vertices(gzip.decompress((ICT / "FaceXModel" / "mouthSmile_L.obj.gz").read_bytes()))
     expr = torch.zeros(1, 53)
-    expr[0, face_model.expression_names.index("mouthSmile_L")] = 0.5
-    got = face_model.vertices(torch.zeros(1, 100), expr)[0].numpy()
+    expr[0, imported_face_model.expression_names.index("mouthSmile_L")] = 0.5
+    got = imported_face_model.vertices(torch.zeros(1, 100), expr)[0].numpy()
     np.testing.assert_allclose(got, (neutral + 0.5 * (smile - neutral))[keep], atol=1e-4)
-    index = face_model.landmark_vertices
-    assert torch.allclose(face_model.vertices(ident, expr, index), face_model.vertices(ident, expr)[:, index])
+    index = imported_face_model.landmark_vertices
+    assert torch.allclose(
+        imported_face_model.vertices(ident, expr, index), imported_face_model.vertices(ident, expr)[:, index]
+    )
 
 
-def test_zip_of_the_repository_gives_the_same_model(tmp_path, face_model, ict_zip):
+def test_zip_of_the_repository_gives_the_same_model(tmp_path, imported_face_model, ict_zip):
     store = Store(tmp_path / "home")
     import_ict(ict_zip, store)
     model = load_face_model(store)
-    assert model.model_id == face_model.model_id
+    assert model.model_id == imported_face_model.model_id
     assert (model_folder(store) / "LICENSE").is_file()
 
 
-def test_download_from_a_local_server(tmp_path, face_model, ict_zip):
+def test_download_from_a_local_server(tmp_path, imported_face_model, ict_zip):
     import functools
     import http.server
     import threading
@@ -77,7 +73,7 @@ def test_download_from_a_local_server(tmp_path, face_model, ict_zip):
         seen = []
         url = f"http://127.0.0.1:{server.server_port}/{ict_zip.name}"
         download_ict(store, url, progress=lambda done, total: seen.append((done, total)))
-        assert load_face_model(store).model_id == face_model.model_id
+        assert load_face_model(store).model_id == imported_face_model.model_id
         assert seen[-1] == (ict_zip.stat().st_size, ict_zip.stat().st_size)
         assert not list(store.root.glob(".tmp-*"))  # the zip is not kept
         with pytest.raises(RigError, match="could not download"):
@@ -110,7 +106,7 @@ def test_import_errors_are_clear(tmp_path):
     assert not installed(store, ICT_NAME)  # a failed import leaves no model behind
 
 
-def test_missing_or_damaged_model_says_how_to_get_one(tmp_path, ict_store):
+def test_missing_or_damaged_model_says_how_to_get_one(tmp_path, ict_store, without_embedded_face_model):
     with pytest.raises(RigError, match="rig assets download-ict"):
         load_face_model(Store(tmp_path))
     damaged = Store(tmp_path / "copy")

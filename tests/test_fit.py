@@ -8,19 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from rigcli.align import align_face, apply_affine, invert_affine
 from rigcli.demo import astronaut, similarity, transform_image
-from rigcli.fit import (
-    FaceFit,
-    fit_landmarks,
-    fit_light,
-    interocular,
-    project_landmarks,
-    rasterize_fit,
-    render_buffers,
-    silhouette_candidates,
-)
-from rigcli.render import dominant_direction, light_from_direction
+from rigcli.estimate.landmarks import fit_landmarks, fit_light, interocular, project_landmarks, silhouette_candidates
+from rigcli.face.params import FaceFit
+from rigcli.image.align import align_face, apply_affine, invert_affine
+from rigcli.render.buffers import dominant_direction, light_from_direction, rasterize_fit, render_buffers
 
 DEG = math.pi / 180
 STRONG = [["jawOpen"], ["mouthSmile_L", "mouthSmile_R"], ["eyeBlink_L", "eyeBlink_R"]]

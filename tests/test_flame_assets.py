@@ -15,19 +15,15 @@ import pytest
 import torch
 
 from rigcli import RigError
-from rigcli.flame import (
-    flame_folder,
-    flame_model_id,
-    flame_status,
+from rigcli.assets.flame import (
     import_flame,
-    load_deca_encoder,
-    load_flame_assets,
     read_deca,
     read_flame_model,
     read_landmarks,
     read_texture,
-    restricted_loads,
 )
+from rigcli.assets.unpickle import restricted_loads
+from rigcli.face.flame import flame_folder, flame_model_id, flame_status, load_deca_encoder, load_flame_assets
 from rigcli.store import Store
 from tests.conftest import run_rig
 from tests.flame_files import (

@@ -2,7 +2,7 @@
 
 The real FLAME files are licensed and absent here, and the import checks FLAME 2020's sizes, so the
 in-process tests put a FLAME-shaped model built from ICT-FaceKit (``tests.flame_like``) behind
-``rigcli.facemodel.load_flame_face_model``; the subprocess tests see the real resolver, with no
+``rigcli.face.registry.load_flame_face_model``; the subprocess tests see the real resolver, with no
 FLAME imported, and check its errors.
 """
 
@@ -16,15 +16,27 @@ import numpy as np
 import pytest
 import torch
 
-from rigcli import RigError, facemodel
-from rigcli.deca import flame_control_directions, load_control_directions
-from rigcli.edit import EXPRESSION_CONTROLS, Controls, Editor, apply_controls, edit_photos
+from rigcli import RigError, enroll, estimate
+from rigcli.diffusion.checkpoints import save_model
+from rigcli.diffusion.unet import DiffusionRig, preset
+from rigcli.edit.controls import (
+    EXPRESSION_CONTROLS,
+    Controls,
+    apply_controls,
+    flame_control_directions,
+    load_control_directions,
+)
+from rigcli.edit.editor import Editor, edit_photos
 from rigcli.enroll import add_photos, describe, read_fit, refit
-from rigcli.fit import FaceFit, fit_landmarks, project_landmarks
+from rigcli.estimate.landmarks import fit_landmarks, project_landmarks
+from rigcli.face import ict, registry
+from rigcli.face.ict import load_ict
+from rigcli.face.params import FaceFit
 from rigcli.store import Store
-from rigcli.train import finetune, person_data, register_model, save_model
-from rigcli.unet import DiffusionRig, preset
-from tests.conftest import home_with_model, run_rig
+from rigcli.train import data as train_data
+from rigcli.train.data import person_data
+from rigcli.train.stages import finetune, register_model
+from tests.conftest import NO_FACE_DATA, home_with_model, run_rig
 from tests.flame_like import flame_like_model, tilt
 
 
@@ -36,17 +48,18 @@ def flame(face_model):
 @pytest.fixture(scope="module")
 def with_flame(flame):
     """The FLAME-shaped model stands in for an imported FLAME while the module's tests run."""
-    real = facemodel.available
+    real = registry.available
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(facemodel, "load_flame_face_model", lambda store: flame)
-        mp.setattr(facemodel, "available", lambda store, name="ict": name == "flame" or real(store, name))
+        mp.setattr(registry, "load_flame_face_model", lambda store: flame)
+        for module in (registry, enroll, estimate):  # each looks the name up in its own namespace
+            mp.setattr(module, "available", lambda store, name="ict": name == "flame" or real(store, name))
         yield flame
 
 
 @pytest.fixture(scope="module")
-def flame_home(tmp_path_factory, album, ict_store, with_flame):
+def flame_home(tmp_path_factory, album, with_flame):
     """The astronaut (3 photos) added with --face-model flame, and a tiny model fine-tuned on that fit."""
-    home = home_with_model(tmp_path_factory.mktemp("flame"), ict_store)
+    home = home_with_model(tmp_path_factory.mktemp("flame"))
     store = Store(home)
     add_photos(store, "astro", [p.path for p in album[:3]], face_model="flame")
     finetune(store, "astro", from_scratch=True, preset_name="tiny", steps=2, batch=2, checkpoint_every=2)
@@ -125,16 +138,18 @@ def test_controls_set_the_amount_along_their_direction(flame):
                            * directions["jawOpen"])[:, torch.arange(53) != 3], atol=1e-5)  # fmt: skip
 
 
-def test_mapping_is_cached_per_model_pair_and_needs_ict(tmp_path, flame_home, flame):
+def test_mapping_is_cached_per_model_pair_and_needs_ict(tmp_path, flame_home, flame, monkeypatch):
+    monkeypatch.setattr(ict, "_embedded_file", lambda name: NO_FACE_DATA / name)  # as if rig shipped no ICT
     with pytest.raises(RigError, match=r"ICT-FaceKit.*download-ict"):
         load_control_directions(Store(tmp_path / "empty"), flame)
+    monkeypatch.undo()  # the package's ICT FaceKit is back
     store = Store(flame_home)  # the edit below finds the directions cached
     first = load_control_directions(store, flame)
     files = sorted(p.name for p in (store.root / "assets" / "controls").iterdir())
     assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".safetensors")
     meta = json.loads((store.root / "assets" / "controls" / files[0]).read_text())
     assert meta["flame_model_id"] == flame.model_id and meta["ict_model_id"].startswith("ict-")
-    assert meta["names"] == facemodel.load_ict(store).expression_names
+    assert meta["names"] == load_ict(store).expression_names
     second = load_control_directions(store, flame)
     assert second.keys() == first.keys() and all(torch.equal(first[k], second[k]) for k in first)
     # a damaged cache is recomputed, not trusted
@@ -175,17 +190,16 @@ def test_add_person_and_refit_record_the_face_model(flame_home, flame, face_mode
     assert "jawPitch" in json.dumps(photo)
     assert describe(store, "astro")["face_fit"]["face_model"] == "flame"
     # the fit sheet renders the FLAME fit: 3 rows of crop | shaded | normal | albedo, mesh outline drawn
-    from rigcli.sheet import fit_sheet
+    from rigcli.enroll import fit_sheet
 
     sheet = fit_sheet(store, "astro")
     assert sheet.shape[0] >= 3 * 256 and sheet.shape[1] >= 4 * 256
     assert (sheet == np.array([255, 64, 64], dtype=np.uint8)).all(-1).sum() > 100
 
 
-def test_refit_switches_models_and_keeps_the_choice(tmp_path, album, ict_store, with_flame):
-    import shutil
-
-    store = Store(tmp_path / "home")  # no ICT yet: the photos are stored unfitted
+def test_refit_switches_models_and_keeps_the_choice(tmp_path, album, with_flame, monkeypatch):
+    monkeypatch.setattr(ict, "_embedded_file", lambda name: NO_FACE_DATA / name)  # as if rig shipped no ICT
+    store = Store(tmp_path / "home")  # no ICT: the photos are stored unfitted
     add_photos(store, "bea", [album[4].path])
     assert read_fit(store, "bea") is None
     assert refit(store, "bea", face_model="flame")["face_model"] == "flame"
@@ -194,8 +208,8 @@ def test_refit_switches_models_and_keeps_the_choice(tmp_path, album, ict_store, 
     assert doc["face_model"] == "flame" and doc["model_id"] == with_flame.model_id and len(doc["photos"]) == 2
     with pytest.raises(RigError, match="download-ict"):
         refit(store, "bea", face_model="ict")
-    shutil.copytree(ict_store.root / "assets" / "ict", store.root / "assets" / "ict")
-    assert refit(store, "bea", face_model="ict")["model_id"] == facemodel.load_ict(store).model_id
+    monkeypatch.undo()  # the package's ICT FaceKit is back
+    assert refit(store, "bea", face_model="ict")["model_id"] == load_ict(store).model_id
     with pytest.raises(RigError, match="--face-model flame"):
         refit(store, "bea", estimator="deca")
     with pytest.raises(RigError, match="choose one of: ict, flame"):
@@ -217,12 +231,10 @@ class FakeEncoder(torch.nn.Module):
         return self.codes[start : start + len(images)]
 
 
-def test_deca_estimator_is_the_default_when_its_weights_are_imported(
-    tmp_path, album, ict_store, with_flame, monkeypatch
-):
-    from rigcli import deca, enroll, flame
+def test_deca_estimator_is_the_default_when_its_weights_are_imported(tmp_path, album, with_flame, monkeypatch):
+    from rigcli.estimate import deca
 
-    store = Store(home_with_model(tmp_path, ict_store))
+    store = Store(home_with_model(tmp_path))
     g = torch.Generator().manual_seed(9)
     codes = torch.zeros(2, deca.DECA_CODE_SIZE)
     codes[:, :100] = torch.randn(2, 100, generator=g) * 0.5  # shape
@@ -231,8 +243,8 @@ def test_deca_estimator_is_the_default_when_its_weights_are_imported(
     codes[:, 156 + 9] = 1.5  # ambient light
     codes[:, 100:150] = torch.randn(2, 50, generator=g)  # texture
     encoder = FakeEncoder(codes)
-    monkeypatch.setattr(enroll, "deca_available", lambda store: True)
-    monkeypatch.setattr(flame, "load_deca_encoder", lambda store: {})
+    monkeypatch.setattr(estimate, "deca_available", lambda store: True)
+    monkeypatch.setattr(estimate, "load_deca_encoder", lambda store: {})
     monkeypatch.setattr(deca.DecaEncoder, "from_state_dict", staticmethod(lambda state: encoder))
     add_photos(store, "cy", [p.path for p in album[:2]], face_model="flame")
     doc = read_fit(store, "cy")
@@ -245,7 +257,7 @@ def test_deca_estimator_is_the_default_when_its_weights_are_imported(
     np.testing.assert_allclose(texture, codes[:, 100:150].numpy(), atol=1e-5)
     plain = person_data(store, "cy", 32)
     assert person_data(store, "cy", 32).data_hash == plain.data_hash
-    monkeypatch.setattr(flame, "flame_texture_id", lambda store: "texture-imported")
+    monkeypatch.setattr(train_data, "flame_texture_id", lambda store: "texture-imported")
     assert person_data(store, "cy", 32).data_hash != plain.data_hash
     # at edit time a known person's shape is held instead
     held = torch.linspace(-1, 1, 100)
@@ -254,13 +266,13 @@ def test_deca_estimator_is_the_default_when_its_weights_are_imported(
     fit, _ = deca.estimate_with_deca(FakeEncoder(codes), with_flame, crops, points, identity=held)
     torch.testing.assert_close(fit.identity, held)
     # rig eval re-fits outputs by the estimator the inputs were fitted with (here DECA's encoder)
-    from rigcli.detect import FaceBox
-    from rigcli.evaluate import refit_images
-    from rigcli.train import PAPER_FACE_MODEL_ID
+    from rigcli.diffusion.checkpoints import PAPER_FACE_MODEL_ID
+    from rigcli.evaluate.suite import refit_images
+    from rigcli.image.detect import FaceBox
 
     save_model(tmp_path / "m", DiffusionRig(preset("tiny")), {"face_model_id": PAPER_FACE_MODEL_ID})
     editor = Editor(store, "cy", tmp_path / "m")
-    editor._encoder = again_encoder = FakeEncoder(codes)
+    editor.estimator._encoder = again_encoder = FakeEncoder(codes)
     again = refit_images(editor, list(crops), [FaceBox((60.0, 60.0, 200.0, 200.0), 0.0)] * 2)
     assert sum(len(s) for s in again_encoder.seen) == 2
     torch.testing.assert_close(again.fit.identity, torch.tensor(doc["identity"], dtype=torch.float32))
@@ -290,7 +302,7 @@ def test_finetune_refuses_a_base_of_the_other_face_model(flame_home, tmp_path, f
 
 def test_editor_takes_the_papers_flame_model_and_refuses_an_ict_one(flame_home, tmp_path, face_model):
     """The paper's imported model saw FLAME buffers from DECA: any FLAME fit may use it, an ICT one not."""
-    from rigcli.train import PAPER_FACE_MODEL_ID
+    from rigcli.diffusion.checkpoints import PAPER_FACE_MODEL_ID
 
     store = Store(flame_home)
     save_model(tmp_path / "paper", DiffusionRig(preset("tiny")), {"face_model_id": PAPER_FACE_MODEL_ID})
@@ -325,7 +337,7 @@ def test_smile_on_a_flame_person_changes_the_mouth(flame_home, album):
 
 def test_eval_suite_runs_on_a_flame_person(flame_home, album):
     """The suite's expression edits go through the ICT-to-FLAME control mapping, not ICT's names."""
-    from rigcli.evaluate import ModelSpec, eval_photos, evaluate
+    from rigcli.evaluate.suite import ModelSpec, eval_photos, evaluate
 
     store = Store(flame_home)
     photos = eval_photos(store, "astro", photos=[album[5].path])
@@ -339,7 +351,7 @@ def test_eval_suite_runs_on_a_flame_person(flame_home, album):
 # ---------------------------------------------------------------- the CLI, with no FLAME imported
 
 
-def test_cli_without_flame_says_how_to_import_it(tmp_path, album):
+def test_cli_without_flame_says_how_to_import_it(tmp_path, album, without_embedded_face_model):
     from typer.testing import CliRunner
 
     from rigcli.cli import app
@@ -375,9 +387,9 @@ def test_a_deca_fit_renders_texture_space_albedo_through_its_uvs(flame):
     lies on the UV map. The UVs are made so that each vertex's UV is where the fit projects it (u = x /
     size, v = 1 - y / size), so a covered pixel (i, j) must read the maps at u = j / size, v = 1 - i / size,
     and maps linear in u and v give the albedo there by hand."""
-    from rigcli.deca import FlameTexture
-    from rigcli.fit import rasterize_fit, render_buffers
-    from rigcli.render import project, sh_shading
+    from rigcli.face.flame import FlameTexture
+    from rigcli.render.buffers import rasterize_fit, render_buffers, sh_shading
+    from rigcli.render.raster import project
 
     size, k = 64, 3
     fit = FaceFit(
@@ -429,7 +441,7 @@ def test_a_deca_fit_renders_texture_space_albedo_through_its_uvs(flame):
 
 
 def test_texture_code_round_trips_through_fit_json(flame):
-    from rigcli.fit import fit_from_json, photo_fit_json
+    from rigcli.face.params import fit_from_json, photo_fit_json
 
     g = torch.Generator().manual_seed(6)
     fit = FaceFit(

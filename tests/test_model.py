@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from rigcli import RigError
-from rigcli.unet import PRESETS, DiffusionRig, ResBlock, count_parameters, preset
+from rigcli.diffusion.unet import PRESETS, DiffusionRig, ResBlock, count_parameters, preset
 
 
 def test_paper_preset_has_the_papers_size():

@@ -8,8 +8,8 @@ import numpy as np
 from typer.testing import CliRunner
 
 from rigcli.cli import app
-from rigcli.enroll import add_photos, describe, read_fit, remove_photo
-from rigcli.photo import read_photo
+from rigcli.enroll import FIT_FILE, add_photos, describe, read_fit, remove_photo
+from rigcli.image.photo import read_photo
 from rigcli.store import Store
 from tests.conftest import ICT, home_with_model
 
@@ -20,8 +20,8 @@ def rig(home, *args):
     return runner.invoke(app, ["--home", str(home), *args], env={"COLUMNS": "200"})
 
 
-def test_add_person_fits_and_show_reports_it(tmp_path, album, ict_store, face_model):
-    store = Store(home_with_model(tmp_path, ict_store))
+def test_add_person_fits_and_show_reports_it(tmp_path, album, face_model):
+    store = Store(home_with_model(tmp_path))
     report = add_photos(store, "astro", [p.path for p in album[:4]])
     assert report.fit_note.startswith("fitted ict to 4 photos")
     info = describe(store, "astro")
@@ -44,7 +44,7 @@ def test_add_person_fits_and_show_reports_it(tmp_path, album, ict_store, face_mo
     assert again.fit_note == "3D fit unchanged"
 
 
-def test_without_a_face_model_photos_are_stored_and_the_note_says_how(tmp_path, album):
+def test_without_a_face_model_photos_are_stored_and_the_note_says_how(tmp_path, album, without_embedded_face_model):
     store = Store(tmp_path / "home")
     report = add_photos(store, "astro", [album[0].path])
     assert "rig assets download-ict" in report.fit_note and "rig refit astro" in report.fit_note
@@ -53,14 +53,17 @@ def test_without_a_face_model_photos_are_stored_and_the_note_says_how(tmp_path, 
     assert result.exit_code == 2 and "rig assets download-ict" in result.stderr
 
 
-def test_cli_refit_sheet_and_remove(tmp_path, album, ict_store):
-    home = home_with_model(tmp_path, ict_store)
+def test_cli_refit_sheet_and_remove(tmp_path, album):
+    home = home_with_model(tmp_path)
     assert rig(home, "add-person", "astro", str(album[1].path), str(album[2].path)).exit_code == 0
     store = Store(home)
+    fit_file = store.person_dir("astro") / FIT_FILE
+    stale = {**read_fit(store, "astro"), "fitted": "2000-01-01T00:00:00Z"}  # so a refit that wrote nothing fails
+    fit_file.write_text(json.dumps(stale))
     before = read_fit(store, "astro")["fitted"]
     result = rig(home, "refit", "astro")
     assert result.exit_code == 0 and "fitted ict to 2 photos" in result.stdout
-    assert read_fit(store, "astro")["fitted"] >= before
+    assert read_fit(store, "astro")["fitted"] > before
     sheet = tmp_path / "sheet.png"
     shown = rig(home, "people", "show", "astro", "--sheet", str(sheet))
     assert shown.exit_code == 0 and "yaw/pitch/roll" in shown.stdout
@@ -73,7 +76,7 @@ def test_cli_refit_sheet_and_remove(tmp_path, album, ict_store):
     assert pid not in read_fit(store, "astro")["photos"]
 
 
-def test_cli_assets(tmp_path, ict_store):
+def test_cli_assets(tmp_path, ict_store, without_embedded_face_model):
     home = tmp_path / "home"
     missing = rig(home, "assets", "status")
     assert "face model (ICT FaceKit)" in missing.stdout and "download-ict" in missing.stdout

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rigcli import photo as photo_module
 from rigcli.demo import astronaut
-from rigcli.photo import MAX_PIXELS, PhotoError, decode_photo, read_photo, to_rgb8
+from rigcli.image import photo as photo_module
+from rigcli.image.photo import MAX_PIXELS, PhotoError, decode_photo, read_photo, to_rgb8
 
 
 def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:

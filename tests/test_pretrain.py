@@ -13,12 +13,12 @@ from typer.testing import CliRunner
 from rigcli.cli import app
 from rigcli.enroll import add_photos
 from rigcli.store import Store
-from rigcli.train import prepare_folder
+from rigcli.train.data import prepare_folder
 from tests.conftest import home_with_model
 
 
-def test_two_process_pretrain_then_finetune_from_it(tmp_path, album, ict_store, inputs):
-    home = home_with_model(tmp_path, ict_store)
+def test_two_process_pretrain_then_finetune_from_it(tmp_path, album, inputs):
+    home = home_with_model(tmp_path)
     faces = tmp_path / "faces"
     (faces / "nested").mkdir(parents=True)
     for item in album[:4]:

@@ -7,18 +7,10 @@ import math
 import numpy as np
 import torch
 
-from rigcli.render import (
-    SH_CONSTANTS,
-    coverage,
-    dominant_direction,
-    euler_to_matrix,
-    light_from_direction,
-    matrix_to_euler,
-    rasterize,
-    sh_basis,
-    sh_shading,
-    vertex_normals,
-)
+from rigcli.face.model import vertex_normals
+from rigcli.face.params import euler_to_matrix, matrix_to_euler
+from rigcli.render.buffers import SH_CONSTANTS, dominant_direction, light_from_direction, sh_basis, sh_shading
+from rigcli.render.raster import coverage, rasterize
 
 
 def brute_force(screen: np.ndarray, triangles: np.ndarray, height: int, width: int):

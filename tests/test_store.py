@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from rigcli import RigError
-from rigcli.store import Manifest, Store, atomic_write_bytes, check_name, hold_lock, now_iso, resolve_home
+from rigcli.files import atomic_write_bytes, now_iso
+from rigcli.store import Manifest, Store, check_name, hold_lock, resolve_home
 
 
 @pytest.mark.parametrize("name", ["alice", "Bob_2", "a-b", "x" * 64, "0"])

@@ -15,27 +15,22 @@ from typer.testing import CliRunner
 
 from rigcli import RigError
 from rigcli.cli import app
-from rigcli.diffusion import Diffusion
+from rigcli.diffusion.checkpoints import load_model, save_model
+from rigcli.diffusion.schedule import Diffusion
+from rigcli.diffusion.unet import DiffusionRig, preset
 from rigcli.enroll import add_photos, refit
+from rigcli.image.metrics import psnr
 from rigcli.store import Store
-from rigcli.train import (
-    TrainConfig,
-    finetune,
-    load_model,
-    person_data,
-    psnr,
-    register_model,
-    save_model,
-    train,
-)
-from rigcli.unet import DiffusionRig, preset
+from rigcli.train.data import person_data
+from rigcli.train.loop import TrainConfig, train
+from rigcli.train.stages import finetune, register_model
 from tests.conftest import home_with_model
 
 
 @pytest.fixture(scope="module")
-def fitted_home(tmp_path_factory, album, ict_store):
+def fitted_home(tmp_path_factory, album):
     """A store holding the astronaut album, added and fitted."""
-    home = home_with_model(tmp_path_factory.mktemp("train"), ict_store)
+    home = home_with_model(tmp_path_factory.mktemp("train"))
     add_photos(Store(home), "astro", [p.path for p in album])
     return home
 
@@ -50,7 +45,7 @@ def x0_psnr(model: DiffusionRig, data, t: int = 500) -> float:
         model.eval()
         x_t = d.q_sample(x0, steps, noise)
         eps = model(x_t, steps, data.buffers, model.encode(x0))
-    return psnr(d.predict_x0(x_t, steps, eps), x0)
+    return psnr(d.predict_x0(x_t, steps, eps), x0, value_range=(-1, 1))
 
 
 def losses(run_dir) -> list[float]:

@@ -1,0 +1,309 @@
+"""Commands that edit photos: edit, eval, demo."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from rigcli import RigError
+from rigcli.cli.common import DEVICE_HELP, app, handles_errors, out, progress_bar, store_of, use_device
+from rigcli.cli.people import add_with_progress
+from rigcli.demo import DEMO_EDITS, run_demo
+from rigcli.edit.controls import Controls
+from rigcli.edit.editor import edit_to_files
+from rigcli.evaluate.report import format_value, run_eval
+from rigcli.evaluate.suite import METRICS
+from rigcli.store import Store
+
+
+class LightSide(str, Enum):
+    left = "left"
+    right = "right"
+    top = "top"
+    bottom = "bottom"
+    front = "front"
+    back = "back"
+
+
+def _parse_blend(items: list[str]) -> dict[str, float]:
+    blend = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            blend[name] = float(value)
+        except ValueError:
+            raise RigError(f"--blend {item!r}: write NAME=WEIGHT, e.g. --blend jawOpen=0.5") from None
+        if not sep:
+            raise RigError(f"--blend {item!r}: write NAME=WEIGHT, e.g. --blend jawOpen=0.5")
+    return blend
+
+
+def _parse_pair(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        yaw, pitch = (float(v) for v in text.split(","))
+    except ValueError:
+        raise RigError(f"--light-dir {text!r}: write YAW,PITCH in degrees, e.g. --light-dir -45,20") from None
+    return yaw, pitch
+
+
+@app.command("edit")
+@handles_errors
+def edit_command(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The person in the photos (with a fine-tuned model).")],
+    inputs: Annotated[list[Path], typer.Argument(help="Photos of that person to edit.")],
+    light: Annotated[LightSide | None, typer.Option(help="Light from this side.", show_default=False)] = None,
+    light_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Light direction YAW,PITCH in degrees (yaw > 0: from the image's right).", show_default=False
+        ),
+    ] = None,
+    light_intensity: Annotated[
+        float | None,
+        typer.Option(
+            help="Directional light strength (default 0.8; given, the brightness is not kept).", show_default=False
+        ),
+    ] = None,
+    ambient: Annotated[float | None, typer.Option(help="Ambient light (default 0.35).", show_default=False)] = None,
+    light_from: Annotated[
+        Path | None, typer.Option(help="Copy the lighting of another photo.", show_default=False)
+    ] = None,
+    smile: Annotated[float | None, typer.Option(help="Smile weight, 0 to 1.", show_default=False)] = None,
+    jaw_open: Annotated[float | None, typer.Option(help="Open the jaw, 0 to 1.", show_default=False)] = None,
+    blink: Annotated[float | None, typer.Option(help="Close the eyes, 0 to 1.", show_default=False)] = None,
+    brow_raise: Annotated[float | None, typer.Option(help="Raise the brows, 0 to 1.", show_default=False)] = None,
+    frown: Annotated[float | None, typer.Option(help="Frown, 0 to 1.", show_default=False)] = None,
+    pucker: Annotated[float | None, typer.Option(help="Pucker the lips, 0 to 1.", show_default=False)] = None,
+    blend: Annotated[
+        list[str] | None,
+        typer.Option(help="Set any of the 53 ARKit blendshapes: NAME=WEIGHT (repeatable).", show_default=False),
+    ] = None,
+    expression_from: Annotated[
+        Path | None, typer.Option(help="Copy the expression of another photo.", show_default=False)
+    ] = None,
+    yaw: Annotated[float, typer.Option(help="Turn the head, degrees (> 0: nose to the image's right).")] = 0.0,
+    pitch: Annotated[float, typer.Option(help="Tilt the head, degrees (> 0: face up).")] = 0.0,
+    roll: Annotated[float, typer.Option(help="Roll the head, degrees (> 0: counter-clockwise).")] = 0.0,
+    pose_from: Annotated[
+        Path | None, typer.Option(help="Copy the head pose of another photo.", show_default=False)
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, max=1000, help="DDIM steps (the paper: 20).")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed for --no-invert noise.")] = 0,
+    batch: Annotated[int, typer.Option(min=1, help="Photos per model batch.")] = 8,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    model: Annotated[
+        Path | None, typer.Option(help="A model folder instead of the person's fine-tuned one.", show_default=False)
+    ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="Runtime for the UNet: torch, onnx (ONNX Runtime) or trt (TensorRT, fp16), exported once and kept; "
+            "options after dashes, e.g. torch-fp16-cl-graphs, onnx-fp16, trt-fp32 (see README, Engines)."
+        ),
+    ] = "torch",
+    no_invert: Annotated[
+        bool, typer.Option("--no-invert", help="Start from seeded noise instead of inverting the photo.")
+    ] = False,
+    paste_back: Annotated[
+        bool, typer.Option("--paste-back", help="Compose the edit back into the full photo.")
+    ] = False,
+    sheet: Annotated[
+        bool, typer.Option("--sheet", help="Also write input | original buffers | edited buffers | output.")
+    ] = False,
+    sweep: Annotated[
+        str | None,
+        typer.Option(help="Animate one control, e.g. smile=0:1:8 (GIF, one frame per value).", show_default=False),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Output file (one input only).", show_default=False)
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder for the outputs of several inputs.")] = Path(
+        "edits"
+    ),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")] = False,
+) -> None:
+    """Edit photos of a person: lighting, expression and head pose, keeping who they are."""
+
+    expression = {
+        k: v
+        for k, v in dict(
+            smile=smile, jaw_open=jaw_open, blink=blink, brow_raise=brow_raise, frown=frown, pucker=pucker
+        ).items()
+        if v is not None
+    }
+    controls = Controls(
+        light=light.value if light else None, light_dir=_parse_pair(light_dir), light_intensity=light_intensity,
+        ambient=ambient, light_from=light_from, expression=expression, blend=_parse_blend(blend or []),
+        expression_from=expression_from, yaw=yaw, pitch=pitch, roll=roll, pose_from=pose_from,
+    )  # fmt: skip
+    with progress_bar() as progress:
+        task = progress.add_task("reading", total=len(inputs))
+
+        def moved(stage: str, done: int, total: int) -> None:
+            progress.update(task, description=stage, completed=done, total=total)
+
+        written = edit_to_files(
+            store_of(ctx), name, inputs, controls, output=output, out_dir=out_dir, paste_back=paste_back,
+            sheet=sheet, sweep=sweep, force=force, steps=steps, invert=not no_invert, seed=seed, batch=batch,
+            device=use_device(device), model=model, engine=engine, on_progress=moved,
+        )  # fmt: skip
+    table = Table(title=f"edit {escape(name)}", title_justify="left")
+    for column in ("photo", "status", "output / reason"):
+        table.add_column(column, overflow="fold")
+    for item in written:
+        ok = item.target is not None
+        detail = str(item.target) if ok else item.result.error
+        table.add_row(escape(item.result.source.name), "[green]edited[/]" if ok else "[red]failed[/]", escape(detail))
+    out().print(table)
+    if not any(item.target is not None for item in written):
+        raise RigError("no photo could be edited")
+
+
+@app.command("eval")
+@handles_errors
+def eval_command(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The person to evaluate a model of.")],
+    holdout: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Evaluate on K of the photos `rig finetune --holdout` set aside (default: all it recorded).",
+            show_default=False,
+        ),
+    ] = None,
+    photos: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--photos",
+            help="New photos of the person instead: files or folders (repeat the option).",
+            show_default=False,
+        ),
+    ] = None,
+    model: Annotated[
+        str,
+        typer.Option(
+            help="The model: `person` (the person's fine-tuned model), a registered base model, or a model folder."
+        ),
+    ] = "person",
+    compare: Annotated[
+        str | None,
+        typer.Option(
+            help="A second model on the same photos and seed, side by side, written MODEL:STEPS@ENGINE where any "
+            "part left out is the first's: `generic` (a base model), `:10` (10 DDIM steps), `@onnx`, `person:10@onnx`.",
+            show_default=False,
+        ),
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, max=1000, help="DDIM steps (the paper: 20).")] = 20,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="Runtime for the UNet, as for `rig edit`: torch, onnx or trt, with options after dashes, e.g. "
+            "torch-fp16, onnx-fp16, trt-fp32 (see README, Engines)."
+        ),
+    ] = "torch",
+    seed: Annotated[
+        int, typer.Option(help="Seed, recorded in metrics.json (inversion and sampling are deterministic).")
+    ] = 0,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Folder for metrics.json and report.html (default: eval-NAME).", show_default=False),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an earlier metrics.json and report.html.")] = False,
+) -> None:
+    """Measure identity, fidelity and edit accuracy on photos the model did not train on.
+
+    Per photo a fixed suite: reconstruction (no edit), light from left, right, top and bottom, smile
+    0.8, jaw open 0.6, blink 1.0, yaw +15 and -15 degrees, and a transfer of light, expression and pose
+    from each other photo. Writes metrics.json (every edit, and means per edit type, rounded to 4
+    decimals) and report.html (self-contained: the same summary and one image grid per edit type).
+    """
+
+    device = use_device(device)
+    with progress_bar() as progress:
+        task = progress.add_task("reading", total=None)
+        run = run_eval(
+            store_of(ctx), name, out_dir, holdout=holdout, photos=photos, model=model, steps=steps, engine=engine,
+            compare=compare, seed=seed, device=device, force=force,
+            on_progress=lambda label, done, total: progress.update(
+                task, description=escape(label)[:48], completed=done, total=total
+            ),
+        )  # fmt: skip
+    doc = run.doc
+    table = Table(title=f"eval {escape(name)}: {run.photos} photo(s), seed {seed}", title_justify="left")
+    # the row labels stay whole; the numeric columns wrap their headers when the terminal is narrow
+    table.add_column("model", min_width=max(len(m["label"]) for m in doc["models"]), no_wrap=True)
+    table.add_column("edit type", min_width=len("reconstruction"), no_wrap=True)
+    table.add_column("n", justify="right")
+    for _, title in METRICS:
+        table.add_column(title, justify="right")
+    for entry in doc["models"]:
+        for kind, row in entry["summary"].items():
+            table.add_row(escape(entry["label"]), kind, str(row["count"]), *(format_value(row[k]) for k, _ in METRICS))
+    out().print(table)
+    out().print(f"metrics: {escape(str(run.metrics_path))}\nreport:  {escape(str(run.report_path))}")
+
+
+@app.command("demo")
+@handles_errors
+def demo(
+    ctx: typer.Context,
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Folder for the demo's album, store, sheets and edits.")
+    ] = Path("rig-demo"),
+    photos: Annotated[int, typer.Option(min=3, max=40, help="How many album photos to generate.")] = 12,
+    steps: Annotated[
+        int, typer.Option(min=1, help="Fine-tuning steps of the tiny model (about 4 minutes on 2 cores).")
+    ] = 600,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A short run (6 photos, 40 steps) that only shows the pipeline works.")
+    ] = False,
+    ict: Annotated[
+        Path | None,
+        typer.Option(help="Import the ICT-FaceKit face model from this folder or zip first.", show_default=False),
+    ] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+) -> None:
+    """The whole pipeline on the public-domain astronaut photo: album, 3D fit, a tiny model, edits.
+
+    Writes to OUT: album/, home/ (the store, unless --home is given), aligned.png, fit.png,
+    edits/*.png and edits/sheet.png. Runs offline: the face model is the compact ICT FaceKit in the
+    package, unless the store holds an imported one (or --ict gives a copy to import).
+    """
+
+    explicit_home = ctx.find_root().params.get("home") is not None
+    store = store_of(ctx) if explicit_home else Store(out_dir / "home")
+    if quick:
+        photos, steps = min(photos, 6), min(steps, 40)
+    device = use_device(device)
+    with progress_bar() as progress:
+        task = progress.add_task("preparing", total=None, visible=False)
+
+        def moved(stage: str, done: int, total: int) -> None:
+            progress.update(task, description=stage, completed=done, total=total, visible=True)
+
+        result = run_demo(
+            store, out_dir, photos, steps, ict, device=device,
+            add=lambda *args: add_with_progress(*args, progress=progress),
+            on_message=lambda text: progress.console.print(escape(text)), on_progress=moved,
+        )  # fmt: skip
+    console = out()
+    console.print(f"aligned crops: {escape(str(result.aligned))}; 3D fit: {escape(str(result.fit))}")
+    console.print(
+        f"edits ({', '.join(DEMO_EDITS)}) and a sheet (input | buffers before | after | output): "
+        f"{escape(str(out_dir / 'edits'))}"
+    )
+    console.print(
+        "This shows the pipeline, not the paper's quality: a 64-pixel model trained from scratch for "
+        f"{result.steps} steps on one album. For that quality use a GPU, the paper preset and a stage-1 "
+        "base model: rig pretrain ... then rig finetune NAME --base MODEL (see the README)."
+    )

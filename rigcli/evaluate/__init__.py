@@ -1,0 +1,1 @@
+"""rig eval: held-out photos, a fixed suite of edits, metrics and the report."""

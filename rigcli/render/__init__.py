@@ -1,0 +1,1 @@
+"""From fitted parameters to pixels: the rasterizer and DiffusionRig's physical buffers."""

@@ -1,0 +1,142 @@
+"""DiffusionRig's physical buffers from a fit: SH shading (DECA's constants), normals, albedo.
+
+- Lighting: second-order spherical harmonics, 9 coefficients per colour, with DECA's constants
+  (it leaves the factor pi off the constant term): ``shading(n) = sum_k L[k] c[k] Y[k](n)``.
+- Buffers, channel order: shaded = albedo x shading (3), unit normals in camera space (x right,
+  y up, z toward the viewer, in [-1, 1]) (3), albedo (3); zero where there is no face.
+
+Every caller (training data, edits, sheets, the light fit) rasterizes and shades through here, so
+they all see the same pixels; the face model answers for its own albedo.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from rigcli.face.model import FaceModel, vertex_normals
+from rigcli.face.params import FaceFit
+from rigcli.render.raster import project, rasterize
+
+# DECA's SH constants for Y = [1, x, y, z, xy, xz, yz, x^2 - y^2, 3z^2 - 1]
+SH_CONSTANTS = torch.tensor(
+    [
+        1 / math.sqrt(4 * math.pi),
+        *[(2 * math.pi / 3) * math.sqrt(3 / (4 * math.pi))] * 3,
+        *[(math.pi / 4) * 3 * math.sqrt(5 / (12 * math.pi))] * 3,
+        (math.pi / 4) * (3 / 2) * math.sqrt(5 / (12 * math.pi)),
+        (math.pi / 4) * (1 / 2) * math.sqrt(5 / (4 * math.pi)),
+    ],
+    dtype=torch.float64,
+)
+
+
+# Orthonormal real-SH normalisations for the same polynomials (c[k] = A_l * these, with DECA's A_0 = 1).
+_SH_NORMS = torch.tensor(
+    [
+        1 / math.sqrt(4 * math.pi),
+        *[math.sqrt(3 / (4 * math.pi))] * 3,
+        *[3 * math.sqrt(5 / (12 * math.pi))] * 3,
+        (3 / 2) * math.sqrt(5 / (12 * math.pi)),
+        (1 / 2) * math.sqrt(5 / (4 * math.pi)),
+    ],
+    dtype=torch.float64,
+)
+
+
+BUFFER_CHANNELS = ("shaded", "normal", "albedo")
+
+
+def sh_basis(normals: torch.Tensor) -> torch.Tensor:
+    """The 9 polynomials Y(n) = [1, x, y, z, xy, xz, yz, x^2 - y^2, 3z^2 - 1], shape (..., 9)."""
+    x, y, z = normals.unbind(-1)
+    one = torch.ones_like(x)
+    return torch.stack([one, x, y, z, x * y, x * z, y * z, x * x - y * y, 3 * z * z - 1], dim=-1)
+
+
+def sh_shading(normals: torch.Tensor, light: torch.Tensor) -> torch.Tensor:
+    """Lambertian SH shading per colour: normals (B, ..., 3), light (B, 9, 3) -> (B, ..., 3)."""
+    basis = sh_basis(normals) * SH_CONSTANTS.to(normals)
+    flat = basis.reshape(basis.shape[0], -1, 9)
+    return torch.bmm(flat, light.to(normals)).reshape(*normals.shape[:-1], 3)
+
+
+def light_from_direction(
+    direction: torch.Tensor, intensity: float | torch.Tensor = 1.0, ambient: float | torch.Tensor = 0.0
+) -> torch.Tensor:
+    """SH coefficients (9, 3) whose shading is ambient + intensity * max(0, n . d), to second order.
+
+    Closed form: the clamped cosine's SH coefficients are A_l * Y_lm(d) (A = pi, 2pi/3, pi/4); DECA's
+    constants already hold A_l for l >= 1 and omit A_0 = pi, so L_0 = sqrt(4 pi) (ambient + intensity/4)
+    and L_k = intensity * Y_k(d) for k >= 1 (orthonormal Y). ``intensity`` and ``ambient`` may be
+    per-colour tensors of shape (3,).
+    """
+    d = torch.as_tensor(direction, dtype=torch.float64)
+    d = d / d.norm()
+    intensity = torch.as_tensor(intensity, dtype=torch.float64).expand(3)
+    ambient = torch.as_tensor(ambient, dtype=torch.float64).expand(3)
+    lobe = sh_basis(d) * _SH_NORMS  # orthonormal Y_k(d)
+    light = lobe[:, None] * intensity[None, :]
+    light[0] = math.sqrt(4 * math.pi) * (ambient + intensity / 4)
+    return light
+
+
+def dominant_direction(light: torch.Tensor) -> torch.Tensor:
+    """Unit direction of the light's first-order (linear) part, averaged over colours: (..., 9, 3) -> (..., 3)."""
+    linear = light[..., 1:4, :].mean(-1)
+    return linear / linear.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def skin_vertices(model: FaceModel, radius: float = 1.0) -> torch.Tensor:
+    """(V,) bool: the narrow face area minus the eyes, brows and lips (near their landmark vertices)."""
+    neutral = model.neutral
+    skin = model.regions["narrow_face"].clone()
+    features = model.landmark_vertices[17:27].tolist() + model.landmark_vertices[36:68].tolist()
+    centres = neutral[features]
+    dist = torch.cdist(neutral, centres).min(1).values
+    return skin & (dist > radius)
+
+
+@dataclass
+class Geometry:
+    """A fit rasterized at crop resolution: fragments, per-pixel unit normals, per-vertex data."""
+
+    fragments: object
+    normals: torch.Tensor  # (B, H, W, 3) unit camera-space normals, zero off the mesh
+    vertices_cam: torch.Tensor  # (B, V, 3)
+    screen: torch.Tensor  # (B, V, 3)
+
+
+def rasterize_fit(model: FaceModel, fit: FaceFit, size: int) -> Geometry:
+    """Rasterize the fitted meshes into size x size crops (the fit's own frame)."""
+    batch = len(fit)
+    verts = model.vertices(fit.identity.expand(batch, -1), fit.expression)
+    screen, cam = project(verts, fit.rotation, fit.scale, fit.translation)
+    frags = rasterize(screen, model.triangles, size, size)
+    normals = frags.interpolate(vertex_normals(cam, model.triangles), model.triangles)
+    normals = normals / normals.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    return Geometry(frags, normals * frags.mask[..., None], cam, screen)
+
+
+def skin_mask(model: FaceModel, geometry: Geometry) -> torch.Tensor:
+    """(B, H, W) bool: the pixels wholly inside the visible skin (``skin_vertices``) of a rasterized
+    fit: where the light is fitted and judged (the eyes, brows and lips left out)."""
+    batch = geometry.normals.shape[0]
+    skin = skin_vertices(model).to(torch.float32)[None, :, None].expand(batch, -1, 1)
+    return geometry.fragments.interpolate(skin, model.triangles)[..., 0] > 0.999
+
+
+def render_buffers(model: FaceModel, fit: FaceFit, size: int, geometry: Geometry | None = None) -> torch.Tensor:
+    """DiffusionRig's buffers (B, 9, size, size): shaded, normal, albedo; zero off the face.
+
+    The face model answers for the albedo (``FaceModel.albedo``): the fit's skin colour, or for a
+    DECA fit of FLAME with an imported texture space, DECA's texture-space albedo, as the paper's
+    data step rendered it. Every caller renders through here, so training data, edits and sheets
+    agree."""
+    geometry = geometry or rasterize_fit(model, fit, size)
+    albedo = model.albedo(fit, geometry.fragments)
+    shaded = albedo * sh_shading(geometry.normals, fit.light) * geometry.fragments.mask[..., None]
+    buffers = torch.cat([shaded, geometry.normals, albedo], -1)
+    return buffers.permute(0, 3, 1, 2).contiguous()

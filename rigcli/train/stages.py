@@ -1,0 +1,318 @@
+"""The paper's two stages as commands: pretrain (many people), finetune (one); base models in the store."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from rigcli import RigError
+from rigcli.diffusion.checkpoints import (
+    PAPER_FACE_MODEL_ID,
+    check_layout,
+    load_model,
+    read_torch_state_dict,
+    save_model,
+)
+from rigcli.diffusion.unet import DiffusionRig, paper_arguments, preset
+from rigcli.enroll import read_fit
+from rigcli.files import atomic_write_bytes, atomic_write_json, file_sha256, now_iso
+from rigcli.store import check_name, registered_models, registry_dir
+from rigcli.train.data import person_data, prepare_folder
+from rigcli.train.loop import TrainConfig, train
+
+
+def register_model(store, name: str, source: Path) -> dict:
+    """Copy a saved model (a folder with model.safetensors + model.json) into the registry as ``name``."""
+
+    check_name(name)
+    source = Path(source)
+    model, info = load_model(source)  # validates the files before anything is copied
+    del model
+    target = registry_dir(store) / name
+    if target.exists():
+        raise RigError(f"a model named {name!r} is already registered; remove it or pick another name")
+    store.ensure_writable()
+    atomic_write_bytes(target / "model.safetensors", (source / "model.safetensors").read_bytes())
+    atomic_write_json(target / "model.json", info)
+    return info
+
+
+def holdout_photos(store, name: str, count: int, seed: int = 0) -> list[str]:
+    """``count`` of a person's trainable, fitted photos set aside for ``rig eval``, drawn with ``seed``
+    (the same album and seed give the same photos)."""
+
+    if count <= 0:
+        return []
+    fit_doc = read_fit(store, name)
+    fitted = fit_doc["photos"] if fit_doc else {}
+    usable = sorted(r.id for r in store.load(name).photos if r.train and r.id in fitted)
+    if count >= len(usable):
+        raise RigError(
+            f"--holdout {count} would leave no photo of {name} to train on ({len(usable)} usable): hold out fewer"
+        )
+    return sorted(random.Random(seed).sample(usable, count))
+
+
+def finetune(
+    store,
+    name: str,
+    *,
+    base: str | None = None,
+    from_scratch: bool = False,
+    preset_name: str | None = None,
+    steps: int | None = None,
+    batch: int | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    restart: bool = False,
+    checkpoint_every: int = 250,
+    holdout: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict:
+    """Stage 2: personalize a base model on ``name``'s photos (or train from scratch); returns model.json.
+
+    ``holdout`` photos are drawn with ``seed``, kept out of training and listed in model.json
+    (``holdout``) for ``rig eval``. Resumes an interrupted run with the same settings; ``restart``
+    discards it.
+    """
+
+    store.require(name)
+    torch.manual_seed(seed)  # the fresh model's initial weights are part of the run
+    if base is None and not from_scratch:
+        available = ", ".join(registered_models(store)) or "none registered"
+        raise RigError(
+            f"no base model given (registered: {available}): add one with `rig models add NAME PATH` and pass "
+            "--base NAME, or pass --from-scratch to train on the album alone (lower quality)"
+        )
+    if base is not None:
+        models = registered_models(store)
+        if base not in models:
+            raise RigError(f"no base model named {base!r} (registered: {', '.join(models) or 'none'})")
+        model, base_info = load_model(registry_dir(store) / base)
+        if preset_name is not None and preset(preset_name).to_json() != model.cfg.to_json():
+            raise RigError(f"--preset {preset_name} does not match base model {base!r}'s configuration")
+        cfg = TrainConfig(steps=steps or 5000, batch=batch or 4, lr=lr or 1e-5, seed=seed, freeze_encoder=True)
+    else:
+        model, base_info = DiffusionRig(preset(preset_name or "tiny")), {}
+        # from scratch there is no prior to preserve: stage 1's learning rate, encoder trained too
+        cfg = TrainConfig(steps=steps or 5000, batch=batch or 4, lr=lr or 1e-4, seed=seed, freeze_encoder=False)
+    cfg.checkpoint_every = checkpoint_every
+    cfg.preview_every = max(checkpoint_every, cfg.steps // 10)
+    with store.locked(name):  # held for the whole run: one training per person at a time
+        held_out = holdout_photos(store, name, holdout, seed)
+        data = person_data(store, name, model.cfg.image_size, exclude=held_out)
+        if base_info:
+            check_base_buffers(base, base_info, name, data.face_model_id)
+        run_dir = store.person_dir(name) / "training"
+        if restart and run_dir.exists():
+            shutil.rmtree(run_dir)
+        meta = {"person": name, "base": base, "from_scratch": from_scratch, "config": model.cfg.to_json()}
+        ema = train(model, data, cfg, run_dir, meta, device=device, on_step=on_step)
+        log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+        info = {
+            "person": name,
+            "base": base,
+            "from_scratch": from_scratch,
+            "steps": cfg.steps,
+            "final_loss": log[-1]["loss"] if log else None,
+            "face_model_id": data.face_model_id,
+            "data_hash": data.data_hash,
+            "holdout": held_out,
+            "train": asdict(cfg),
+            "trained": now_iso(),
+        }
+        save_model(store.model_dir(name), ema, info)
+    return info
+
+
+def check_base_buffers(base: str, base_info: dict, person: str, face_model_id: str) -> None:
+    """Refuse a base model trained on buffers of another face model than the person's fit.
+
+    The paper's released models (registered by ``import_diffusionrig``) saw FLAME 2020 buffers
+    rendered by DECA; any FLAME fit here renders those buffers, whatever its files' hash.
+    """
+    base_id = base_info.get("face_model_id")
+    if base_id == face_model_id:
+        return
+    if base_id == PAPER_FACE_MODEL_ID:
+        if face_model_id.startswith("flame"):
+            return
+        raise RigError(
+            f"base model {base!r} is the paper's, trained on FLAME buffers (rendered by DECA), but {person} is "
+            f"fitted with {face_model_id}: fit {person} with FLAME first (`rig refit {person} --face-model flame`, "
+            "see 'Using FLAME' in the README)"
+        )
+    raise RigError(
+        f"base model {base!r} was trained on buffers of face model {base_id}, but "
+        f"{person} is fitted with {face_model_id}: the buffers would not match"
+    )
+
+
+def import_diffusionrig(store, path: Path, name: str, preset_name: str = "paper", force: bool = False) -> dict:
+    """Register the paper's checkpoint (a plain state dict: ``denoisingUNet.*``, ``encoder.*``) as base ``name``.
+
+    Read with ``weights_only``; strict: every tensor of the preset's network must be there with its
+    shape, and nothing else. Floating tensors are stored as float32. Returns the model.json written.
+    """
+
+    check_name(name)
+    cfg = preset(preset_name)
+    target = registry_dir(store) / name
+    if target.exists() and not force:
+        raise RigError(f"a model named {name!r} is already registered; pass --force to replace it")
+    path = Path(path)
+    tensors = read_torch_state_dict(path)
+    with torch.device("meta"):
+        model = DiffusionRig(cfg)
+    expected = model.state_dict()
+    check_layout(tensors, expected, f"{path} does not match the paper's layout for preset {preset_name}")
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in tensors.values()})
+    model.load_state_dict(
+        {k: tensors[k].to(want.dtype).contiguous() for k, want in expected.items()}, strict=True, assign=True
+    )
+    info = {
+        "source": "diffusionrig",
+        "source_file": path.name,
+        "source_sha256": file_sha256(path),
+        "source_dtypes": dtypes,
+        "preset": preset_name,
+        "face_model": "flame",
+        "face_model_id": PAPER_FACE_MODEL_ID,
+        "imported": now_iso(),
+    }
+    store.ensure_writable()
+    # build the entry beside the registry and swap it in, so a failure leaves the old entry whole
+    staging = registry_dir(store) / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    try:
+        save_model(staging, model, info)
+        if target.exists():
+            trash = registry_dir(store) / f".trash-{name}-{uuid.uuid4().hex[:8]}"
+            target.rename(trash)
+            staging.rename(target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return json.loads((target / "model.json").read_text())
+
+
+def export_diffusionrig(
+    store, out_path: Path, *, model_name: str | None = None, person: str | None = None, force: bool = False
+) -> dict:
+    """Write a registered base model or a person's fine-tuned model as the paper's plain state dict.
+
+    The file loads in the paper's code with ``model.load_state_dict(th.load(path))`` once its network
+    is built with the flags returned under ``arguments`` (none beyond the defaults for ``paper``).
+    """
+
+    if (model_name is None) == (person is None):
+        raise RigError("give exactly one of --model NAME (a registered base model) or --person NAME")
+    if model_name is not None:
+        check_name(model_name)
+        folder = registry_dir(store) / model_name
+        if not (folder / "model.json").is_file():
+            models = ", ".join(registered_models(store)) or "none"
+            raise RigError(f"no base model named {model_name!r} (registered: {models})")
+    else:
+        folder = store.require_model(person)
+    out_path = Path(out_path)
+    if out_path.exists() and not force:
+        raise RigError(f"{out_path} exists; pass --force to overwrite it")
+    model, info = load_model(folder)
+    arguments = paper_arguments(model.cfg)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)  # what the paper's trainer saves: the model's state_dict()
+    atomic_write_bytes(out_path, buffer.getvalue())
+    return {
+        "path": str(out_path),
+        "tensors": len(model.state_dict()),
+        "arguments": arguments,
+        "face_model_id": info.get("face_model_id"),
+        "flame_buffers": str(info.get("face_model_id", "")).startswith("flame"),
+    }
+
+
+def pretrain(
+    store,
+    data_dir: Path,
+    out_dir: Path,
+    *,
+    preset_name: str = "tiny",
+    steps: int = 50_000,
+    batch: int = 32,
+    lr: float = 1e-4,
+    seed: int = 0,
+    device: str = "cpu",
+    detector: str = "hog",
+    checkpoint_every: int = 1000,
+    on_prepare=None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict:
+    """Stage 1: a generic prior on a folder of face photos. Under ``torchrun`` it trains with DDP
+    (NCCL on GPUs, gloo on CPUs); process 0 prepares the data while the others wait."""
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.startswith("cuda"):
+            device = f"cuda:{local}"
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    cfg = preset(preset_name)
+    out_dir = Path(out_dir)
+    try:
+        if rank == 0:
+            prepare_folder(store, data_dir, out_dir / "data", cfg.image_size, detector, progress=on_prepare)
+        if dist.is_initialized():
+            dist.barrier()
+        data, counts = prepare_folder(store, data_dir, out_dir / "data", cfg.image_size, detector)
+        torch.manual_seed(seed)
+        model = DiffusionRig(cfg)
+        train_cfg = TrainConfig(
+            steps=steps, batch=batch, lr=lr, seed=seed, freeze_encoder=False, checkpoint_every=checkpoint_every,
+            preview_every=max(checkpoint_every, steps // 10),
+        )  # fmt: skip
+        meta = {"stage": 1, "data": str(data_dir), "config": cfg.to_json()}
+        ema = train(model, data, train_cfg, out_dir / "training", meta, device=device, on_step=on_step)
+        digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+        digests = [digest]
+        if dist.is_initialized():
+            digests = [None] * dist.get_world_size()
+            dist.all_gather_object(digests, digest)
+        log = (
+            [json.loads(x) for x in (out_dir / "training" / "log.jsonl").read_text().splitlines()] if rank == 0 else []
+        )
+        info = {
+            "stage": 1,
+            "steps": steps,
+            "final_loss": log[-1]["loss"] if log else None,
+            "face_model_id": data.face_model_id,
+            "data_hash": data.data_hash,
+            "photos": counts,
+            "processes": len(digests),
+            "replica_digests": digests,  # identical when the processes stayed in sync
+            "train": asdict(train_cfg),
+            "trained": now_iso(),
+        }
+        if rank == 0:
+            save_model(out_dir / "model", ema, info)
+        return info
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
