@@ -17,7 +17,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from rigcli.edit.compose import linear_to_srgb, physical_edit, resize_affine
+from rigcli.edit.compose import correspondence, linear_to_srgb, physical_edit, resize_affine, working_size
 from rigcli.edit.editor import paste_back_crop
 from rigcli.face.params import FaceFit
 from rigcli.image.align import compose_affine, warp
@@ -146,3 +146,41 @@ def test_physical_edit_matches_the_oracle(name, face_model, base_fit, background
     Image.fromarray(np.concatenate([image0, result.image, truth, plain], 1)).save(out)
     print("sheet:", out)
     assert ours >= 28 and ours >= theirs + 8
+
+
+def test_an_edit_that_changes_nothing_returns_the_photo(face_model, base_fit, photo):
+    """θ1 = θ0 with a light edit to the photo's own fitted light, through the whole method."""
+    image0, _ = photo
+    same = edited(base_fit, face_model, light=[0.3, 0.2, 1.0])
+    assert torch.equal(same.light, base_fit.light)
+    result = physical_edit(image0, CROP_TO_PHOTO, CROP, face_model, base_fit, same)
+    corr = correspondence(face_model, base_fit, same, CROP, working_size(CROP_TO_PHOTO, CROP))
+    assert corr.seen.sum() > 0.9 * corr.covered.sum() and not corr.unseen.any()
+    assert np.abs(corr.flow).max() < 0.01 and np.abs(corr.log_ratio).max() < 1e-4
+    diff = np.abs(result.image.astype(int) - image0)
+    print(f"identity edit: max difference {diff.max()} levels, mask over {int((result.mask > 0).sum())} px")
+    assert diff.max() <= 1
+
+
+@pytest.mark.parametrize("name", ["yaw", "relight"])
+def test_outside_the_mask_bit_for_bit_and_no_seam_at_the_crop_edge(name, face_model, base_fit, photo):
+    """The neck crosses the crop square's bottom edge inside the photo; nothing may step there."""
+    image0, _ = photo
+    fit1 = edited(base_fit, face_model, **EDITS[name])
+    result = physical_edit(image0, CROP_TO_PHOTO, CROP, face_model, base_fit, fit1)  # fill from the render
+    outside = result.mask == 0
+    assert outside.any() and (result.mask > 0).any()
+    assert np.array_equal(result.image[outside], image0[outside])
+    assert np.all(result.flow[outside] == 0) and np.all(result.ratio[outside] == 1)
+    x0, y0 = int(OFFSET[0]), int(OFFSET[1])
+    x1, y1 = int(OFFSET[0] + K * CROP) - 1, int(OFFSET[1] + K * CROP) - 1
+    assert y1 < PHOTO - 1  # the square's bottom edge lies inside the photo, across the neck
+    ring = np.zeros(image0.shape[:2], bool)
+    for offset in range(3):  # the square's edge, a few pixels thick, inside the photo
+        ring[y0 + offset, x0 : x1 + 1] = ring[y1 - offset, x0 : x1 + 1] = True
+        ring[y0 : y1 + 1, x0 + offset] = ring[y0 : y1 + 1, x1 - offset] = True
+    step = np.abs(result.image.astype(int) - image0)[ring].max()
+    print(f"{name}: largest change on the crop square's edge {step} levels; mask max there {result.mask[ring].max()}")
+    assert step <= 1
+    # and the edit did change the face
+    assert np.abs(result.image.astype(int) - image0).max() > 20

@@ -42,6 +42,7 @@ RATIO_BAND = 0.03  # of the crop: the shading ratio falls to 1 this far outside 
 OPEN_EDGE_BAND = 0.07  # of the crop: the ratio fades to 1 over this band inside the mesh's open edge
 EDGE_MARGIN, EDGE_RAMP = 0.02, 0.06  # of the crop: nothing changes within MARGIN of its edge, fully from +RAMP
 RATIO_SIGMA = 0.75  # working pixels: smoothing of the log ratio
+SLIVER = 0.002  # of the crop: unseen surface thinner than about twice this is warped, not filled
 
 
 @dataclass
@@ -125,15 +126,16 @@ def _relax(x: np.ndarray, values: np.ndarray, known: np.ndarray, iterations: int
     return x
 
 
-def open_edge_vertices(model: FaceModel) -> np.ndarray:
-    """The mesh's boundary edges (used by one triangle) off the face region: where the mesh stops
-    on skin that goes on in the photo (the neck's cut), not the eyes' and mouth's openings."""
+def mesh_boundaries(model: FaceModel) -> tuple[np.ndarray, np.ndarray]:
+    """The mesh's boundary edges (used by one triangle), (N, 2) vertex ids, in two kinds: off the face
+    region, where the mesh stops on skin that goes on in the photo (the neck's cut); and in it, the
+    face's openings (eyes, mouth)."""
     tri = model.triangles.cpu().numpy()
     edges = np.sort(np.concatenate([tri[:, [0, 1]], tri[:, [1, 2]], tri[:, [2, 0]]]), 1)
     unique, counts = np.unique(edges, axis=0, return_counts=True)
     boundary = unique[counts == 1]
-    face = model.regions["face"].cpu().numpy()
-    return boundary[~face[boundary].all(1)]
+    in_face = model.regions["face"].cpu().numpy()[boundary].all(1)
+    return boundary[~in_face], boundary[in_face]
 
 
 def _edge_weight(size: int) -> np.ndarray:
@@ -180,19 +182,21 @@ def correspondence(model: FaceModel, fit0: FaceFit, fit1: FaceFit, crop_size: in
         shade0 = sh_shading(n0, fit0.light)[0].numpy()
     v, u = np.mgrid[0:size, 0:size].astype(np.float64)
     edge = _edge_weight(size)
-    silhouette = ndimage.binary_fill_holes(covered)
-    outside = ndimage.distance_transform_edt(~silhouette)
+    outside = ndimage.distance_transform_edt(~ndimage.binary_fill_holes(covered))
 
     # 1. the flow: the face's as boundary condition, zero beyond a band and at the crop's edge
     flow_face = np.stack([point[..., 0] - u, point[..., 1] - v], -1).astype(np.float32) * edge[..., None]
     zero = (outside > FLOW_BAND * size) | (edge == 0)
     flow = harmonic_fill(np.where(seen[..., None], flow_face, 0), seen | zero)
     flow[zero & ~seen] = 0
-    # the mouth's opening (a hole in θ1's mesh) was surface in θ0 where its source lands on the mesh
-    hole = silhouette & ~covered
+    # the mouth's opening (inside the mesh's own openings, uncovered) is new wherever it moved or its
+    # source lands on θ0's mesh; slivers of unseen surface (a pixel or two wide) are left to the warp
+    hole = _openings(model, g1.screen[0, :, :2].numpy(), size) & ~covered
     src_col = np.clip(np.round(u + flow[..., 0]), 0, size - 1).astype(int)
     src_row = np.clip(np.round(v + flow[..., 1]), 0, size - 1).astype(int)
-    unseen = (covered & ~seen) | (hole & covered0.numpy()[src_row, src_col])
+    moved = np.abs(flow).max(-1) > 0.5
+    unseen = (covered & ~seen) | (hole & (covered0.numpy()[src_row, src_col] | moved))
+    unseen = ndimage.binary_opening(unseen, iterations=max(1, round(SLIVER * size)))
 
     # 2. the shading ratio, faded where the mesh ends on skin and at the crop's edge
     ratio = np.where(seen[..., None], shade1 / np.maximum(shade0, 1e-4), 1.0)
@@ -207,20 +211,30 @@ def correspondence(model: FaceModel, fit0: FaceFit, fit1: FaceFit, crop_size: in
     return Correspondence(size, flow.astype(np.float32), covered, seen, unseen, log_ratio.astype(np.float32), edge)
 
 
+def _draw_edges(screen: np.ndarray, edges: np.ndarray, size: int) -> np.ndarray:
+    """(S, S) bool: the pixels the projected mesh edges pass through."""
+    canvas = np.zeros((size, size), bool)
+    if not len(edges):
+        return canvas
+    length = np.linalg.norm(screen[edges[:, 0]] - screen[edges[:, 1]], axis=1).max()
+    t = np.linspace(0, 1, int(np.ceil(length)) * 2 + 2)[:, None, None]
+    pts = np.round(screen[edges[:, 0]] * (1 - t) + screen[edges[:, 1]] * t).reshape(-1, 2).astype(int)
+    pts = pts[(pts >= 0).all(1) & (pts < size).all(1)]
+    canvas[pts[:, 1], pts[:, 0]] = True
+    return canvas
+
+
+def _openings(model: FaceModel, screen: np.ndarray, size: int) -> np.ndarray:
+    """(S, S) bool: inside the face's openings (the boundary loops in the face region: eyes, mouth)."""
+    return ndimage.binary_fill_holes(_draw_edges(screen, mesh_boundaries(model)[1], size))
+
+
 def _open_edge_weight(model: FaceModel, screen: np.ndarray, size: int) -> np.ndarray:
     """(S, S): 0 on the mesh's open edge (as θ1 projects it), rising to 1 over OPEN_EDGE_BAND."""
-    edges = open_edge_vertices(model)
-    if not len(edges):
+    on_edge = _draw_edges(screen, mesh_boundaries(model)[0], size)
+    if not on_edge.any():
         return np.ones((size, size), np.float32)
-    t = np.linspace(0, 1, 9)[:, None, None]
-    pts = (screen[edges[:, 0]] * (1 - t) + screen[edges[:, 1]] * t).reshape(-1, 2)
-    pts = np.round(pts).astype(int)
-    pts = pts[(pts >= 0).all(1) & (pts < size).all(1)]
-    if not len(pts):
-        return np.ones((size, size), np.float32)
-    on_edge = np.ones((size, size), bool)
-    on_edge[pts[:, 1], pts[:, 0]] = False
-    return smoothstep(ndimage.distance_transform_edt(on_edge) / (OPEN_EDGE_BAND * size))
+    return smoothstep(ndimage.distance_transform_edt(~on_edge) / (OPEN_EDGE_BAND * size))
 
 
 def render_fill(model: FaceModel, fit1: FaceFit, crop_size: int, size: int) -> np.ndarray:
@@ -260,10 +274,10 @@ def physical_edit(
     work_to_photo = compose_affine(np.asarray(crop_to_photo, np.float64), resize_affine(crop_size, size))
     photo_to_work = invert_affine(work_to_photo)
     if fill is None:
-        fill_img, fill_to_work = render_fill(model, fit1, crop_size, size), np.eye(2, 3)
+        fill_img, work_to_fill = render_fill(model, fit1, crop_size, size), np.eye(2, 3)
     else:
         fill_img = np.asarray(fill, np.float32) / (255.0 if np.asarray(fill).dtype == np.uint8 else 1.0)
-        fill_to_work = invert_affine(resize_affine(fill_img.shape[0], size))  # work pixel -> fill pixel
+        work_to_fill = resize_affine(fill_img.shape[0], size)
 
     # where anything changes (flow, ratio, fill), grown and feathered, kept off the crop's edge
     changed = (np.abs(corr.flow).max(-1) > 1e-3) | (np.abs(corr.log_ratio).max(-1) > 1e-4) | corr.unseen
@@ -302,8 +316,8 @@ def physical_edit(
     edited[relight] = linear_to_srgb(srgb_to_linear(edited[relight]) * ratio[relight])
     f_alpha = _sample(fill_w, pv, pu)
     if (f_alpha > 0).any():
-        fu = fill_to_work[0, 0] * pu + fill_to_work[0, 2]
-        fv = fill_to_work[1, 1] * pv + fill_to_work[1, 2]
+        fu = work_to_fill[0, 0] * pu + work_to_fill[0, 2]
+        fv = work_to_fill[1, 1] * pv + work_to_fill[1, 2]
         sampled = np.stack(
             [ndimage.map_coordinates(fill_img[..., c], [fv, fu], order=1, mode="nearest") for c in range(3)], -1
         )
