@@ -131,6 +131,41 @@ def analyze_face(photo: Photo, analyzer: FaceAnalyzer, min_face: float = MIN_FAC
     return face
 
 
+PERSON_DISTANCE = 0.6  # dlib's "same person" limit: a face further than this from the album is someone else
+NOT_PERSON = "not the person"
+
+
+def person_face(
+    photo: Photo,
+    analyzer: FaceAnalyzer,
+    album: np.ndarray,
+    name: str,
+    face: int | None = None,
+    min_face: float = MIN_FACE_PX,
+) -> Face:
+    """The face of person ``name`` in a photo: of several, the one closest (dlib distance to the
+    median of ``album``, their (N, 128) embeddings) to the album, not the largest; PhotoError
+    ``not NAME`` when none is within PERSON_DISTANCE. ``face`` (1-based, left to right) picks one
+    instead, unchecked."""
+    faces = analyzer.find_faces(photo.pixels)
+    if not faces:
+        return analyze_face(photo, analyzer, min_face)  # the usual "no face" error
+    if face is not None:
+        if not 1 <= face <= len(faces):
+            raise PhotoError(f"--face {face}: the photo has {len(faces)} face(s)", NO_FACE)
+        chosen = faces[face - 1]
+    else:
+        centre = np.median(np.asarray(album, np.float64), axis=0)
+        dist = [float(np.linalg.norm(analyzer.embed(photo.pixels, f.landmarks) - centre)) for f in faces]
+        best = int(np.argmin(dist))
+        if dist[best] > PERSON_DISTANCE:
+            raise PhotoError(f"not {name}: the nearest face is {dist[best]:.2f} from {name}'s album", NOT_PERSON)
+        chosen = faces[best]
+    if chosen.box.width < min_face:
+        raise PhotoError(f"face is {chosen.box.width:.0f} px wide; at least {min_face:.0f} px is needed", TOO_SMALL)
+    return chosen
+
+
 def analyze(photo: Photo, analyzer: FaceAnalyzer, size: int = DEFAULT_SIZE, min_face: float = MIN_FACE_PX) -> Analysis:
     """Detect, landmark, align and embed one decoded photo; PhotoError(no face / too small) otherwise."""
     face = analyze_face(photo, analyzer, min_face)

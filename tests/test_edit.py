@@ -204,3 +204,65 @@ def test_export_onnx_and_edit_with_the_onnx_engine(trained_home, album, tmp_path
     assert psnr(outputs["onnx"], outputs["torch"], value_range=(-1, 1)) > 35.0
     bad = rig(trained_home, "edit", "astro", str(album[0].path), "--engine", "tpu", "-o", str(tmp_path / "x.png"))
     assert bad.exit_code == 2 and "unknown engine 'tpu'" in bad.stderr
+
+
+def test_strength_zero_is_the_physical_edit_and_one_is_the_paper_edit(editor, trained_home, album, tmp_path):
+    from rigcli.edit.compose import physical_edit
+    from rigcli.edit.editor import edit_to_files
+
+    target = tmp_path / "s0.png"
+    (item,) = edit_to_files(Store(trained_home), "astro", [album[1].path], Controls(light="left"), output=target,
+                            strength=0.0, steps=3)  # fmt: skip
+    result, prepared = item.result, item.result.prepared
+    physical = physical_edit(prepared.pixels, prepared.crop_to_photo, editor.crop_size, editor.face_model,
+                             result.fit, result.edited_fit)  # fmt: skip
+    written = read_photo(target).pixels
+    assert written.shape == prepared.pixels.shape
+    assert np.array_equal(written, physical.image) and (written != prepared.pixels).any()
+    assert result.reconstruction_psnr is None  # no model call at strength 0
+    # strength 1: the model's edited branch is today's paper edit (the same steps; batched with the
+    # reconstruction branch, so float sums may differ in the last bits)
+    (paper,) = edit_photos(editor, [album[1].path], Controls(light="left"), steps=3)
+    (one,) = edit_photos(editor, [album[1].path], Controls(light="left"), steps=3, strength=1.0)
+    gap = np.abs(one.output.astype(int) - paper.output).max()
+    print(f"strength 1 against the paper's edit: max {gap} levels")
+    assert gap <= 2
+    assert one.photo_output.shape == prepared.pixels.shape and one.reconstruction_psnr is not None
+
+
+def test_refined_edit_keeps_the_photo_outside_its_mask_and_a_no_op_returns_the_photo(editor, album):
+    (relit,) = edit_photos(editor, [album[0].path], Controls(light="right"), steps=4, strength=0.5)
+    photo = relit.prepared.pixels
+    outside = relit.photo_mask == 0
+    assert outside.any() and (relit.photo_mask > 0).any()
+    assert np.array_equal(relit.photo_output[outside], photo[outside])
+    assert np.abs(relit.photo_output.astype(int) - photo).max() > 10
+    print(f"reconstruction at the model's size: {relit.reconstruction_psnr:.1f} dB")
+    (same,) = edit_photos(editor, [album[0].path], Controls(), steps=4, strength=0.5)
+    diff = np.abs(same.photo_output.astype(int) - photo)
+    print(f"no-op edit: max difference {diff.max()} levels over {int((same.photo_mask > 0).sum())} px of mask")
+    assert diff.max() <= 1
+
+
+def test_default_output_is_the_whole_photo_and_crop_the_aligned_crop(trained_home, album, tmp_path):
+    whole, crop = tmp_path / "whole.png", tmp_path / "crop.png"
+    result = rig(trained_home, "edit", "astro", str(album[2].path), "--smile", "0.5", "--steps", "2", "-o", str(whole))
+    assert result.exit_code == 0, result.output
+    assert read_photo(whole).pixels.shape == read_photo(album[2].path).pixels.shape
+    assert "identity" in result.stdout
+    cropped = rig(trained_home, "edit", "astro", str(album[2].path), "--smile", "0.5", "--steps", "2", "--crop",
+                  "--crop-size", "96", "-o", str(crop))  # fmt: skip
+    assert cropped.exit_code == 0, cropped.output
+    assert read_photo(crop).pixels.shape == (96, 96, 3)
+
+
+def test_inputs_with_one_name_in_two_folders_get_distinct_outputs(tmp_path):
+    from rigcli.edit.editor import plan_outputs
+
+    a, b = tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.png"
+    for p in (a, b, tmp_path / "x-2.jpg"):
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"")
+    targets = plan_outputs([a, b, tmp_path / "x-2.jpg"], None, tmp_path / "out", False, False, False)
+    assert [t.name for t in targets.values()] == ["x-edited.png", "x-2-edited.png", "x-2-2-edited.png"]
+    assert len(set(targets.values())) == 3

@@ -15,10 +15,16 @@ from rigcli.cli.common import DEVICE_HELP, app, handles_errors, out, progress_ba
 from rigcli.cli.people import add_with_progress
 from rigcli.demo import DEMO_EDITS, run_demo
 from rigcli.edit.controls import Controls
-from rigcli.edit.editor import edit_to_files
+from rigcli.edit.editor import DEFAULT_STRENGTH, edit_to_files
+from rigcli.enroll import NOT_PERSON
 from rigcli.evaluate.report import format_value, run_eval
 from rigcli.evaluate.suite import METRICS
 from rigcli.store import Store
+
+
+class ComposeMode(str, Enum):
+    refined = "refined"
+    plain = "plain"
 
 
 class LightSide(str, Enum):
@@ -51,6 +57,14 @@ def _parse_pair(text: str | None) -> tuple[float, float] | None:
     except ValueError:
         raise RigError(f"--light-dir {text!r}: write YAW,PITCH in degrees, e.g. --light-dir -45,20") from None
     return yaw, pitch
+
+
+def _failure(error: str | None, name: str) -> str:
+    return f"not {name}" if error and error.startswith(f"{NOT_PERSON}: ") else "failed"
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 @app.command("edit")
@@ -112,8 +126,33 @@ def edit_command(
     no_invert: Annotated[
         bool, typer.Option("--no-invert", help="Start from seeded noise instead of inverting the photo.")
     ] = False,
+    strength: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="How far the model refines the physical edit: 0 the physical edit alone (no model), 1 the paper's "
+            "edit (the photo inverted all the way). The default is provisional.",
+        ),
+    ] = DEFAULT_STRENGTH,
+    compose: Annotated[
+        ComposeMode,
+        typer.Option(help="refined: the strength method; plain: the model's crop upsampled and blended in."),
+    ] = ComposeMode.refined,
+    crop: Annotated[
+        bool, typer.Option("--crop", help="Write the aligned crop at --crop-size instead of the whole photo.")
+    ] = False,
+    crop_size: Annotated[int, typer.Option(min=16, max=4096, help="Size of the --crop output.")] = 512,
+    face: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Edit the N-th face from the left (default: the one nearest the person's album).",
+            show_default=False,
+        ),
+    ] = None,
     paste_back: Annotated[
-        bool, typer.Option("--paste-back", help="Compose the edit back into the full photo.")
+        bool, typer.Option("--paste-back", help="The whole photo at its size (the default; kept as an alias).")
     ] = False,
     sheet: Annotated[
         bool, typer.Option("--sheet", help="Also write input | original buffers | edited buffers | output.")
@@ -152,17 +191,26 @@ def edit_command(
 
         written = edit_to_files(
             store_of(ctx), name, inputs, controls, output=output, out_dir=out_dir, paste_back=paste_back,
-            sheet=sheet, sweep=sweep, force=force, steps=steps, invert=not no_invert, seed=seed, batch=batch,
+            compose=compose.value, strength=strength, crop=crop, crop_size=crop_size, face=face, sheet=sheet,
+            sweep=sweep, force=force, steps=steps, invert=not no_invert, seed=seed, batch=batch,
             device=use_device(device), model=model, engine=engine, on_progress=moved,
         )  # fmt: skip
     table = Table(title=f"edit {escape(name)}", title_justify="left")
-    for column in ("photo", "status", "output / reason"):
+    for column in ("photo", "status", "output / reason", "identity dist.", "recon. dB"):
         table.add_column(column, overflow="fold")
     for item in written:
-        ok = item.target is not None
-        detail = str(item.target) if ok else item.result.error
-        table.add_row(escape(item.result.source.name), "[green]edited[/]" if ok else "[red]failed[/]", escape(detail))
+        ok, result = item.target is not None, item.result
+        detail = str(item.target) if ok else result.error
+        distance = "no face" if ok and result.identity_distance is None else _number(result.identity_distance, 3)
+        status = "[green]edited[/]" if ok else f"[red]{escape(_failure(result.error, name))}[/]"
+        table.add_row(
+            escape(result.source.name), status, escape(detail),
+            distance, _number(result.reconstruction_psnr, 1),
+        )  # fmt: skip
     out().print(table)
+    for item in written:
+        if item.result.warning:
+            out().print(f"[yellow]warning[/]: {escape(item.result.source.name)}: {escape(item.result.warning)}")
     if not any(item.target is not None for item in written):
         raise RigError("no photo could be edited")
 

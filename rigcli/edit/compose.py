@@ -36,6 +36,7 @@ from rigcli.render.buffers import rasterize_fit, render_buffers, sh_shading
 
 MAX_WORK_SIZE = 1024  # working resolution cap (crop pixels) for the correspondence
 RATIO_MIN, RATIO_MAX = 0.25, 4.0
+SHADE_FLOOR = 0.05  # of the mean shading: the least shading a surface point is taken to have
 DEPTH_TOLERANCE = 0.3  # model units (cm): a θ0 z-buffer this close in front still counts as the same surface
 FLOW_BAND = 0.10  # of the crop: the flow falls to zero this far outside the face
 RATIO_BAND = 0.03  # of the crop: the shading ratio falls to 1 this far outside the silhouette
@@ -199,7 +200,10 @@ def correspondence(model: FaceModel, fit0: FaceFit, fit1: FaceFit, crop_size: in
     unseen = ndimage.binary_opening(unseen, iterations=max(1, round(SLIVER * size)))
 
     # 2. the shading ratio, faded where the mesh ends on skin and at the crop's edge
-    ratio = np.where(seen[..., None], shade1 / np.maximum(shade0, 1e-4), 1.0)
+    # second-order SH shading goes negative on the dark side: both are floored alike, so the ratio
+    # of a surface point lit the same way is exactly 1 (a no-op edit is one), never a clamp's 1/4
+    floor = SHADE_FLOOR * max(float(np.abs(shade0[seen]).mean()) if seen.any() else 1.0, 1e-6)
+    ratio = np.where(seen[..., None], np.maximum(shade1, floor) / np.maximum(shade0, floor), 1.0)
     log_ratio = np.log(np.clip(ratio, RATIO_MIN, RATIO_MAX)).astype(np.float32)
     weight = ndimage.gaussian_filter(seen.astype(np.float32), RATIO_SIGMA)
     smooth = np.stack([ndimage.gaussian_filter(log_ratio[..., c] * seen, RATIO_SIGMA) for c in range(3)], -1)
@@ -333,3 +337,72 @@ def physical_edit(
     fill_full = np.zeros((height, width), np.float32)
     flow_full[py, px], ratio_full[py, px], mask_full[py, px], fill_full[py, px] = flow_p, ratio, alpha, f_alpha
     return PhysicalEdit(image, flow_full, ratio_full, mask_full, fill_full)
+
+
+TRANSFER_FEATHER = 0.015  # of the crop: the face mask the model's correction is composed through is feathered this much
+
+
+def transfer_mask(face_mask: np.ndarray) -> np.ndarray:
+    """(S, S) float: where the model's correction is trusted, in the crop frame: the faces of θ0 and θ1
+    (``face_mask``, bool, any size), feathered, and zero before the crop square's edge."""
+    size = face_mask.shape[0]
+    soft = np.minimum(ndimage.gaussian_filter(face_mask.astype(np.float32), TRANSFER_FEATHER * size) * 2, 1)
+    edge = _edge_weight(size)
+    soft = soft * edge
+    soft[edge == 0] = 0
+    return soft.astype(np.float32)
+
+
+def transfer(
+    image: np.ndarray,
+    mask: np.ndarray,
+    correction: np.ndarray,
+    crop_to_photo: np.ndarray,
+    crop_size: int,
+    face_mask: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The model's correction carried to the photo's size: (image uint8, mask float) at the photo's size.
+
+    ``correction`` (s, s, 3), in 8-bit levels in the crop frame at the model's size s, is added (a
+    difference, not a ratio: see ``rigcli.edit.editor``) to ``image`` (the physical edit, or the
+    photo) through the crop transform (bilinear), inside ``transfer_mask(face_mask)``; the mask
+    returned is ``mask`` (the physical edit's) joined with that one. Where both are zero the pixels
+    of ``image`` are returned bit for bit.
+    """
+    image = np.array(image, copy=True)
+    height, width = image.shape[:2]
+    size = correction.shape[0]
+    soft = transfer_mask(face_mask)
+    mask_size = soft.shape[0]
+    model_to_photo = compose_affine(np.asarray(crop_to_photo, np.float64), resize_affine(crop_size, size))
+    photo_to_model = invert_affine(model_to_photo)
+    photo_to_mask = invert_affine(
+        compose_affine(np.asarray(crop_to_photo, np.float64), resize_affine(crop_size, mask_size))
+    )
+    corners = np.array([[-0.5, -0.5], [-0.5, size - 0.5], [size - 0.5, -0.5], [size - 0.5, size - 0.5]])
+    box = corners @ model_to_photo[:, :2].T + model_to_photo[:, 2]
+    x0, y0 = np.clip(np.floor(box.min(0)).astype(int), 0, [width - 1, height - 1])
+    x1, y1 = np.clip(np.ceil(box.max(0)).astype(int), 0, [width - 1, height - 1])
+    ys, xs = np.mgrid[y0 : y1 + 1, x0 : x1 + 1]
+    mu = photo_to_mask[0, 0] * xs + photo_to_mask[0, 1] * ys + photo_to_mask[0, 2]
+    mv = photo_to_mask[1, 0] * xs + photo_to_mask[1, 1] * ys + photo_to_mask[1, 2]
+    alpha_box = _sample(soft, mv.ravel(), mu.ravel()).reshape(xs.shape)
+    alpha_box[alpha_box < 1e-4] = 0
+    on = alpha_box > 0
+    mask = np.array(mask, np.float32, copy=True)
+    if not on.any():
+        return image, mask
+    px, py, alpha = xs[on], ys[on], alpha_box[on]
+    u = photo_to_model[0, 0] * px + photo_to_model[0, 1] * py + photo_to_model[0, 2]
+    v = photo_to_model[1, 0] * px + photo_to_model[1, 1] * py + photo_to_model[1, 2]
+    delta = np.stack(
+        [
+            ndimage.map_coordinates(correction[..., c].astype(np.float32), [v, u], order=1, mode="nearest")
+            for c in range(3)
+        ],
+        -1,
+    )
+    value = image[py, px].astype(np.float32) + delta * alpha[:, None]
+    image[py, px] = np.clip(np.round(value), 0, 255).astype(np.uint8)
+    mask[py, px] = np.maximum(mask[py, px], alpha)
+    return image, mask

@@ -26,16 +26,18 @@ from engines import EngineSpec, make_engine
 from rigcli import RigError
 from rigcli.diffusion.checkpoints import load_model
 from rigcli.diffusion.schedule import Diffusion, ddim_invert, ddim_sample, ddim_timesteps
+from rigcli.edit.compose import PhysicalEdit, physical_edit, resize_affine, transfer
 from rigcli.edit.controls import Controls, apply_controls, load_control_directions, parse_sweep, sweep_controls
-from rigcli.enroll import analyze_face, read_fit
+from rigcli.enroll import album_embeddings, person_face, read_fit
 from rigcli.estimate import make_estimator
 from rigcli.face.ict import ict_available, load_ict
 from rigcli.face.params import FaceFit, rescale_fit
 from rigcli.face.registry import face_model_name, load_face_model
 from rigcli.files import atomic_write_bytes
-from rigcli.image.align import align_face, apply_affine, invert_affine
+from rigcli.image.align import align_face, apply_affine, compose_affine, invert_affine, warp
 from rigcli.image.detect import FaceAnalyzer
 from rigcli.image.grid import grid, to_uint8
+from rigcli.image.metrics import psnr
 from rigcli.image.photo import PhotoError, encode_png, read_photo
 from rigcli.render.buffers import rasterize_fit, render_buffers, skin_mask
 from rigcli.train.stages import check_base_buffers
@@ -70,6 +72,12 @@ class EditResult:
     fit: FaceFit | None = None
     edited_fit: FaceFit | None = None
     error: str | None = None
+    photo_output: np.ndarray | None = None  # (H, W, 3) uint8: the photo edited at its size (with a strength)
+    photo_mask: np.ndarray | None = None  # (H, W) float: where photo_output may differ from the photo
+    physical: PhysicalEdit | None = None  # the model-free edit it started from (None at strength 1)
+    reconstruction_psnr: float | None = None  # dB at the model's size: unedited crop vs its round trip
+    warning: str | None = None
+    identity_distance: float | None = None  # dlib distance, input face to output face (edit_to_files)
 
 
 class Editor:
@@ -98,7 +106,9 @@ class Editor:
             check_base_buffers(str(folder), self.model_info, name, self.face_model.model_id)
         self.identity = torch.tensor(fit_doc["identity"], dtype=torch.float32)
         self.estimator = make_estimator(store, fit_doc.get("estimator", "landmarks"))  # as the album was fitted
-        self.crop_size = store.load(name).align_size
+        manifest = store.load(name)
+        self.crop_size = manifest.align_size
+        self.album = np.stack(list(album_embeddings(store, name, manifest).values()))  # (N, 128) dlib
         self.analyzer = FaceAnalyzer(detector)
         self.denoise = self._engine(engine, store.person_dir(name) / "engines", folder)
 
@@ -134,11 +144,12 @@ class Editor:
             self._directions = load_control_directions(self.store, self.face_model)
         return self._directions
 
-    def prepare(self, path: Path) -> PreparedPhoto:
-        """Read, detect and align one photo (PhotoError when it has no usable face)."""
+    def prepare(self, path: Path, face: int | None = None) -> PreparedPhoto:
+        """Read, detect and align one photo: of several faces the person's (``person_face``), or the
+        ``face``-th from the left; PhotoError when it has no usable face or none is the person."""
 
         photo = read_photo(path)
-        face = analyze_face(photo, self.analyzer)
+        face = person_face(photo, self.analyzer, self.album, self.name, face)
         aligned = align_face(photo.pixels, face.landmarks, self.crop_size)
         return PreparedPhoto(path, photo.pixels, aligned.crop, aligned.crop_to_photo, face.landmarks)
 
@@ -213,6 +224,59 @@ class Editor:
         )  # fmt: skip
         return out.cpu(), x_t, original.cpu(), changed.cpu()
 
+    @torch.no_grad()
+    def refine(
+        self,
+        photos: list[PreparedPhoto],
+        fit: FaceFit,
+        edited: FaceFit,
+        physical: np.ndarray,
+        strength: float,
+        steps: int = 20,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The model's part of the edit at ``strength`` in [0, 1], both branches in one batch.
+
+        ``physical`` (B, crop, crop, 3) uint8: the physical edit in the aligned crop's frame. The edited
+        branch takes it (at strength 1 the original crop, as the paper) into noise for the first
+        round(strength x steps) DDIM timesteps under the edited buffers (at 1 the original ones) and
+        samples it back under the edited buffers; the reconstruction branch does the same to the
+        unedited crop under its own buffers. Returns (edited samples, reconstructions, the edited
+        branch's input, the unedited crop), (B, 3, s, s) in [-1, 1] at the model's size s. At
+        strength 0 nothing is called: the samples are the inputs.
+        """
+
+        size, device = self.size, self.device
+
+        def at_size(crops: np.ndarray) -> torch.Tensor:
+            tensor = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float()
+            return torch.nn.functional.interpolate(tensor, size=(size, size), mode="area") / 127.5 - 1.0
+
+        unedited = at_size(np.stack([p.crop for p in photos]))
+        start = unedited if strength >= 1 else at_size(physical)
+        count = round(strength * steps)
+        if count == 0:
+            return start.clone(), unedited.clone(), start, unedited
+        batch = len(photos)
+        original, changed = self.buffers(fit).to(device), self.buffers(edited).to(device)
+        images = torch.cat([start, unedited]).to(device)
+        latent = self.model.encode(unedited.to(device))
+        latent = torch.cat([latent, latent])  # the photo's own latent in both branches
+        into = torch.cat([original if strength >= 1 else changed, original])
+        back = torch.cat([changed, original])
+        diffusion, ts = Diffusion(), ddim_timesteps(steps)[:count]
+        total = 2 * count - 1
+        x_t = ddim_invert(
+            lambda x, t: self.denoise(x, t, into, latent), images, diffusion, ts,
+            callback=(lambda i, n: callback(i, total)) if callback else None,
+        )  # fmt: skip
+        out = ddim_sample(
+            lambda x, t: self.denoise(x, t, back, latent), x_t, diffusion, ts, clip=False,
+            callback=(lambda i, n: callback(count - 1 + i, total)) if callback else None,
+        )  # fmt: skip
+        out = out.cpu()
+        return out[:batch], out[batch:], start, unedited
+
 
 def paste_back_crop(
     photo: np.ndarray, crop: np.ndarray, crop_to_photo: np.ndarray, face_mask: np.ndarray, feather: float = 0.04
@@ -270,9 +334,16 @@ def edit_photos(
     seed: int = 0,
     batch: int = 8,
     on_progress: Callable[[str, int, int], None] | None = None,
+    strength: float | None = None,
+    face: int | None = None,
 ) -> list[EditResult]:
     """Edit many photos: every input gets a result; one that fails (no face, unreadable) says why
-    and the rest go on. Usable photos go through the model in batches of ``batch``."""
+    and the rest go on. Usable photos go through the model in batches of ``batch``.
+
+    ``strength`` None: the paper's edit at the model's size (``output``). A strength S in [0, 1]:
+    also the photo edited at its own size (``photo_output``), by ``refine_photos``."""
+    if strength is not None and not 0 <= strength <= 1:
+        raise RigError(f"--strength {strength}: give a value between 0 and 1")
 
     controls.validate(editor.control_names)
     reference = {path: fit_reference(editor, path) for path in controls.needs_reference_fits}
@@ -280,7 +351,7 @@ def edit_photos(
     ready = []
     for i, result in enumerate(results):
         try:
-            result.prepared = editor.prepare(result.source)
+            result.prepared = editor.prepare(result.source, face)
             ready.append(i)
         except PhotoError as exc:
             result.error = f"{exc.reason}: {exc}"
@@ -301,15 +372,76 @@ def edit_photos(
             if on_progress:
                 on_progress("editing", start + round(i / n * size), len(ready))
 
-        out, _, original, changed = editor.run(
-            photos, fit, edited, steps=steps, invert=invert, seed=seed, callback=report
-        )
+        if strength is None:
+            out, _, original, changed = editor.run(
+                photos, fit, edited, steps=steps, invert=invert, seed=seed, callback=report
+            )
+        else:
+            out = refine_photos(editor, [results[i] for i in chunk], photos, fit, edited, strength, steps, report)
+            original, changed = editor.buffers(fit), editor.buffers(edited)
         outputs = to_uint8(out)
         for k, i in enumerate(chunk):
             results[i].output = outputs[k]
             results[i].original_buffers, results[i].edited_buffers = original[k], changed[k]
             results[i].fit, results[i].edited_fit = fit.select([k]), edited.select([k])
     return results
+
+
+POOR_RECONSTRUCTION_DB = 20.0
+
+
+def refine_photos(
+    editor: Editor,
+    results: list[EditResult],
+    photos: list[PreparedPhoto],
+    fit: FaceFit,
+    edited: FaceFit,
+    strength: float,
+    steps: int,
+    callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """The edit at the photos' own size: the physical edit, refined by the model as far as ``strength``.
+
+    Per photo: the physical edit (``compose.physical_edit``; skipped at strength 1, where the model
+    starts from the photo itself); the model's two branches (``Editor.refine``); and the correction
+    (edited sample - its input) - (reconstruction - unedited crop), in levels at the model's size,
+    added to the physical edit (at strength 1: to the photo) inside the feathered faces of θ0 and θ1.
+    What the model does to an unedited photo (its reconstruction error) cancels, and so does the
+    physical edit it was given: only what the model adds to it is carried over. A difference, not a
+    ratio (which would cancel a gain error rather than an offset; to be settled by measurement on
+    held-out photos, issue 14). Sets each result's ``photo_output``, ``physical`` and
+    ``reconstruction_psnr`` (+ a ``warning`` below POOR_RECONSTRUCTION_DB); returns the edited
+    samples (B, 3, s, s) in [-1, 1].
+    """
+    size = editor.crop_size
+    physical = [None] * len(photos)
+    if strength < 1:
+        physical = [
+            physical_edit(p.pixels, p.crop_to_photo, size, editor.face_model, fit.select([k]), edited.select([k]))
+            for k, p in enumerate(photos)
+        ]
+        crops = np.stack([warp(e.image, p.crop_to_photo, size) for e, p in zip(physical, photos, strict=True)])
+    else:
+        crops = np.stack([p.crop for p in photos])
+    samples, recon, start, unedited = editor.refine(photos, fit, edited, crops, strength, steps, callback)
+    correction = ((samples - start) - (recon - unedited)) * 127.5
+    faces = editor.face_masks(fit) | editor.face_masks(edited)
+    for k, (result, photo) in enumerate(zip(results, photos, strict=True)):
+        edit = physical[k]
+        base = photo.pixels if edit is None else edit.image
+        base_mask = np.zeros(base.shape[:2], np.float32) if edit is None else edit.mask
+        delta = correction[k].permute(1, 2, 0).numpy()
+        result.photo_output, result.photo_mask = transfer(base, base_mask, delta, photo.crop_to_photo, size, faces[k])
+        result.physical = edit
+        if strength > 0:
+            db = psnr(recon[k], unedited[k], value_range=(-1, 1))
+            result.reconstruction_psnr = db
+            if db < POOR_RECONSTRUCTION_DB:
+                result.warning = (
+                    f"the model reconstructs this photo at only {db:.1f} dB (under {POOR_RECONSTRUCTION_DB:.0f}):"
+                    " its part of the edit is unreliable; a lower --strength trusts it less"
+                )
+    return samples
 
 
 def sweep_frames(
@@ -355,12 +487,22 @@ class EditedFile:
 def plan_outputs(
     inputs: Sequence[Path], output: Path | None, out_dir: Path, sheet: bool, sweep: bool, force: bool
 ) -> dict[Path, Path]:
-    """Each input's output file (``-o`` for one input, else ``out_dir/STEM-edited.png``), after
+    """Each input's output file (``-o`` for one input, else ``out_dir/STEM-edited.png``; inputs that
+    share a stem, a/x.jpg and b/x.png, get STEM-2-edited.png, STEM-3-... in the order given), after
     checking that nothing would be overwritten without ``force`` (sheets and GIFs included) and that
     every input exists: before any model is loaded."""
     if output is not None and len(inputs) != 1:
         raise RigError("-o names one output file: with several inputs use --out-dir")
-    targets = {p: output or out_dir / f"{p.stem}-edited.png" for p in inputs}
+    targets: dict[Path, Path] = {}
+    taken: set[str] = set()
+    for p in inputs:
+        if p in targets:
+            continue
+        stem, n = p.stem, 2
+        while stem.lower() in taken:
+            stem, n = f"{p.stem}-{n}", n + 1
+        taken.add(stem.lower())
+        targets[p] = output or out_dir / f"{stem}-edited.png"
     extra = [sheet_path(t) for t in targets.values()] if sheet else []
     extra += [t.with_suffix(".gif") for t in targets.values()] if sweep else []
     existing = [str(t) for t in [*targets.values(), *extra] if t.exists()]
@@ -376,6 +518,35 @@ def sheet_path(target: Path) -> Path:
     return target.with_name(target.stem + "-sheet.png")
 
 
+DEFAULT_STRENGTH = 0.5  # provisional: to be chosen by measurement on held-out photos (issue 14)
+COMPOSE_MODES = ("refined", "plain")
+
+
+def output_picture(editor: Editor, result: EditResult, compose: str, crop: bool, crop_size: int) -> np.ndarray:
+    """What ``rig edit`` writes for one edited photo: the whole photo at its size, or (``crop``) the
+    aligned crop at ``crop_size``; ``compose`` "refined" (the strength method) or "plain" (the
+    model's crop upsampled and blended in through a feathered face mask)."""
+    prepared = result.prepared
+    if compose == "plain":
+        if crop:
+            return np.asarray(Image.fromarray(result.output).resize((crop_size,) * 2, Image.Resampling.BICUBIC))
+        mask = editor.face_masks(result.fit)[0]
+        return paste_back_crop(prepared.pixels, result.output, prepared.crop_to_photo, mask)
+    if crop:
+        crop_to_photo = compose_affine(prepared.crop_to_photo, resize_affine(editor.crop_size, crop_size))
+        return warp(result.photo_output, crop_to_photo, crop_size)
+    return result.photo_output
+
+
+def identity_distance(analyzer: FaceAnalyzer, prepared: PreparedPhoto, picture: np.ndarray) -> float | None:
+    """dlib's descriptor distance from the input's face to the face found in ``picture`` (None: none found)."""
+    face = analyzer.find_face(picture)
+    if face is None:
+        return None
+    before = analyzer.embed(prepared.pixels, prepared.landmarks)
+    return float(np.linalg.norm(before - analyzer.embed(picture, face.landmarks)))
+
+
 def edit_to_files(
     store,
     name: str,
@@ -385,6 +556,11 @@ def edit_to_files(
     output: Path | None = None,
     out_dir: Path = Path("edits"),
     paste_back: bool = False,
+    compose: str = "refined",
+    strength: float = DEFAULT_STRENGTH,
+    crop: bool = False,
+    crop_size: int = 512,
+    face: int | None = None,
     sheet: bool = False,
     sweep: str | None = None,
     force: bool = False,
@@ -397,10 +573,22 @@ def edit_to_files(
     engine: str = "torch",
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> list[EditedFile]:
-    """``rig edit``: edit photos of a person and write each result (the crop, or with ``paste_back``
-    the whole photo), with a contact sheet (``sheet``) and a GIF of one control (``sweep``, e.g.
+    """``rig edit``: edit photos of a person and write each result: the whole photo at its size (the
+    default; ``paste_back``, its old name, asks for it explicitly), or with ``crop`` the aligned crop
+    at ``crop_size``, by ``compose`` "refined" (the physical edit refined by the model as far as
+    ``strength``, see ``refine_photos``) or "plain" (the paper's edit at the model's size, upsampled
+    and blended in); with a contact sheet (``sheet``) and a GIF of one control (``sweep``, e.g.
     ``smile=0:1:8``) beside it. Outputs are planned and checked before the model loads; each file
-    is written whole or not at all."""
+    is written whole or not at all. Each result carries the identity distance from input to output.
+    In a photo with several faces the person's is edited (``person_face``), or the ``face``-th."""
+    if crop and paste_back:
+        raise RigError("--crop writes the aligned crop, --paste-back the whole photo: choose one")
+    if compose not in COMPOSE_MODES:
+        raise RigError(f"--compose {compose!r}: choose one of {', '.join(COMPOSE_MODES)}")
+    if not 0 <= strength <= 1:
+        raise RigError(f"--strength {strength}: give a value between 0 and 1")
+    if compose == "refined" and not invert:
+        raise RigError("--no-invert starts the paper's edit from noise: use it with --compose plain")
     targets = plan_outputs(inputs, output, out_dir, sheet, sweep is not None, force)
     moved = on_progress or (lambda stage, done, total: None)
     if EngineSpec.parse(engine).kind in ("onnx", "trt"):  # exported or built on first use: minutes
@@ -409,18 +597,17 @@ def edit_to_files(
     controls.validate(editor.control_names)
     sweep_spec = parse_sweep(sweep, editor.control_names) if sweep else None
     results = edit_photos(
-        editor, inputs, controls, steps=steps, invert=invert, seed=seed, batch=batch, on_progress=on_progress
-    )
+        editor, inputs, controls, steps=steps, invert=invert, seed=seed, batch=batch, on_progress=on_progress,
+        strength=strength if compose == "refined" else None, face=face,
+    )  # fmt: skip
     written = []
     for result in results:
         if result.output is None:
             written.append(EditedFile(result, None))
             continue
         target = targets[result.source]
-        picture = result.output
-        if paste_back:
-            mask = editor.face_masks(result.fit)[0]
-            picture = paste_back_crop(result.prepared.pixels, result.output, result.prepared.crop_to_photo, mask)
+        picture = output_picture(editor, result, compose, crop, crop_size)
+        result.identity_distance = identity_distance(editor.analyzer, result.prepared, picture)
         atomic_write_bytes(target, encode_png(picture))
         if sheet:
             atomic_write_bytes(sheet_path(target), encode_png(grid(sheet_row(result, editor.size), 6)))

@@ -97,11 +97,16 @@ def choose_face(hits: list[FaceBox]) -> tuple[FaceBox, list[FaceBox]]:
     """
     if not hits:
         raise ValueError("no hits to choose from")
-    pool = [h for h in hits if h.verified] or [h for h in hits if h.score >= WEAK_SCORE] or list(hits)
+    pool = candidate_hits(hits)
     widest = max(h.width for h in pool)
     tied = [h for h in pool if h.width >= widest * (1.0 - SIZE_TIE)]
     best = max(tied, key=lambda h: (h.score, h.width))
     return best, [h for h in pool if h is not best]
+
+
+def candidate_hits(hits: list[FaceBox]) -> list[FaceBox]:
+    """The hits worth considering: those the CNN confirmed when any were, else the strong ones."""
+    return [h for h in hits if h.verified] or [h for h in hits if h.score >= WEAK_SCORE] or list(hits)
 
 
 class FaceAnalyzer:
@@ -198,6 +203,14 @@ class FaceAnalyzer:
         x1, y1 = np.ceil(landmarks.max(axis=0)).astype(int)
         shape = dlib.full_object_detection(dlib.rectangle(int(x0), int(y0), int(x1), int(y1)), points)
         return np.array(self._recognizer.compute_face_descriptor(rgb, shape), dtype=np.float64)
+
+    def find_faces(self, rgb: np.ndarray) -> list[Face]:
+        """Every face worth considering (``candidate_hits``) with its landmarks, left to right."""
+        hits = self.detect(rgb)
+        if len(hits) > 1 and self.detector_name == "hog":
+            hits = [self.verify(rgb, h) for h in hits]
+        pool = sorted(candidate_hits(hits), key=lambda h: h.box[0] + h.box[2]) if hits else []
+        return [Face(h, self.landmarks(rgb, h), [o for o in pool if o is not h]) for h in pool]
 
     def find_face(self, rgb: np.ndarray) -> Face | None:
         """The face to use in a photo (see choose_face), with its landmarks; None if there is none."""
