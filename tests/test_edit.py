@@ -117,7 +117,8 @@ def test_batch_with_bad_inputs_paste_back_and_sweep(trained_home, album, inputs,
     out_dir = tmp_path / "out"
     bad = [inputs / "bad_no_face.jpg", inputs / "bad_truncated.jpg"]
     result = rig(trained_home, "edit", "astro", str(album[0].path), *map(str, bad), str(album[4].path),
-                 "--smile", "0.3", "--steps", "4", "--out-dir", str(out_dir), "--paste-back", "--sheet")  # fmt: skip
+                 "--smile", "0.3", "--steps", "4", "--out-dir", str(out_dir), "--paste-back", "--sheet",
+                 "--compose", "plain")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert result.stdout.count("edited") >= 2 and result.stdout.count("failed") == 2
     assert "no face" in result.stdout and "truncated" in result.stdout
@@ -251,9 +252,17 @@ def test_default_output_is_the_whole_photo_and_crop_the_aligned_crop(trained_hom
     assert read_photo(whole).pixels.shape == read_photo(album[2].path).pixels.shape
     assert "identity" in result.stdout
     cropped = rig(trained_home, "edit", "astro", str(album[2].path), "--smile", "0.5", "--steps", "2", "--crop",
-                  "--crop-size", "96", "-o", str(crop))  # fmt: skip
+                  "--crop-size", "96", "-o", str(crop), "--sheet", "--sweep", "smile=0:1:3")  # fmt: skip
     assert cropped.exit_code == 0, cropped.output
     assert read_photo(crop).pixels.shape == (96, 96, 3)
+    sheet = read_photo(tmp_path / "crop-sheet.png").pixels  # five 256 px tiles, 4 px apart
+    assert sheet.shape == (256 + 8, 5 * 256 + 6 * 4, 3)
+    tiles = [sheet[4:260, 4 + k * 260 : 260 + k * 260].astype(int) for k in range(5)]
+    assert np.abs(tiles[2] - tiles[0]).max() > 10  # the output is edited
+    assert tiles[3].max() > 0  # a smile moves the mouth: the displacement tile is not all black
+    frames = iio.imread(tmp_path / "crop.gif", index=None)
+    assert frames.shape[:3] == (3, 96, 96)  # the --crop picture, one frame per value
+    assert np.abs(frames[2].astype(int) - frames[0]).max() > 10
 
 
 def test_inputs_with_one_name_in_two_folders_get_distinct_outputs(tmp_path):

@@ -259,6 +259,31 @@ def test_eval_command_report_and_compare(held_out_home, tmp_path):
     assert again.exit_code == 2 and "--force" in again.stderr
 
 
+def test_eval_at_strengths_measures_rig_edits_method_at_the_photos_size(held_out_home, tmp_path):
+    out = tmp_path / "strengths"
+    args = ["--holdout", "1", "--steps", "2", "--strength", "0,1", "--out", str(out)]
+    result = rig(held_out_home, "eval", "astro", *args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "metrics.json").read_text())
+    zero, one = doc["models"]
+    assert (zero["strength"], one["strength"]) == (0.0, 1.0) and zero["label"].endswith("s=0")
+    assert zero["image_size"] == 256  # measured on the aligned crop of the photo-size output, not at 64 px
+    assert [e["label"] for e in zero["edits"]] == [e["label"] for e in one["edits"]]
+    by_label = {e["label"]: e for e in zero["edits"]}
+    # strength 0 is the physical edit: a no-op returns the photo exactly, detail and all
+    assert by_label["reconstruction"]["psnr_face"] == PSNR_CAP and by_label["reconstruction"]["detail_ratio"] == 1.0
+    assert by_label["light left"]["detail_ratio"] > 0.8
+    # strength 1 carries only what the edit changes in the model's output: its reconstruction error
+    # cancels, so a no-op is exact there too, while an edit is the model's, not the physical one
+    assert one["edits"][0]["label"] == "reconstruction" and one["edits"][0]["psnr_face"] == PSNR_CAP
+    one_by_label = {e["label"]: e for e in one["edits"]}
+    assert one_by_label["light left"]["detail_ratio"] != by_label["light left"]["detail_ratio"]
+    assert all(e["detail_ratio"] is not None for e in one["edits"])
+    print(json.dumps(zero["summary"]), json.dumps(one["summary"]))
+    bad = rig(held_out_home, "eval", "astro", "--holdout", "1", "--strength", "0,2", "--out", str(tmp_path / "x"))
+    assert bad.exit_code == 2 and "between 0 and 1" in bad.stderr
+
+
 def test_eval_errors(held_out_home, album, tmp_path):
     store = Store(held_out_home)
     recorded = json.loads((held_out_home / "people" / "astro" / "model" / "model.json").read_text())["holdout"]

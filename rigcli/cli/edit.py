@@ -59,6 +59,19 @@ def _parse_pair(text: str | None) -> tuple[float, float] | None:
     return yaw, pitch
 
 
+def _parse_strengths(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    hint = f"--strength {text!r}: write numbers between 0 and 1 separated by commas, e.g. 0,0.3,0.6,1"
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise RigError(hint) from None
+    if not values or not all(0 <= v <= 1 for v in values):
+        raise RigError(hint)
+    return values
+
+
 def _failure(error: str | None, name: str) -> str:
     return f"not {name}" if error and error.startswith(f"{NOT_PERSON}: ") else "failed"
 
@@ -155,11 +168,19 @@ def edit_command(
         bool, typer.Option("--paste-back", help="The whole photo at its size (the default; kept as an alias).")
     ] = False,
     sheet: Annotated[
-        bool, typer.Option("--sheet", help="Also write input | original buffers | edited buffers | output.")
+        bool,
+        typer.Option(
+            "--sheet",
+            help="Also write a contact sheet: input | physical edit | output | displacement | shading ratio "
+            "(aligned crops; with --compose plain: input | original buffers | edited buffers | output).",
+        ),
     ] = False,
     sweep: Annotated[
         str | None,
-        typer.Option(help="Animate one control, e.g. smile=0:1:8 (GIF, one frame per value).", show_default=False),
+        typer.Option(
+            help="Animate one control, e.g. smile=0:1:8: a GIF, one frame per value, each made as the output is.",
+            show_default=False,
+        ),
     ] = None,
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Output file (one input only).", show_default=False)
@@ -258,6 +279,14 @@ def eval_command(
             "torch-fp16, onnx-fp16, trt-fp32 (see README, Engines)."
         ),
     ] = "torch",
+    strength: Annotated[
+        str | None,
+        typer.Option(
+            help="Evaluate rig edit's method at the photo's size at these strengths, e.g. 0,0.3,0.6,1 (one run "
+            "per value and model), instead of the paper's edit at the model's size.",
+            show_default=False,
+        ),
+    ] = None,
     seed: Annotated[
         int, typer.Option(help="Seed, recorded in metrics.json (inversion and sampling are deterministic).")
     ] = 0,
@@ -276,12 +305,13 @@ def eval_command(
     decimals) and report.html (self-contained: the same summary and one image grid per edit type).
     """
 
+    strengths = _parse_strengths(strength)
     device = use_device(device)
     with progress_bar() as progress:
         task = progress.add_task("reading", total=None)
         run = run_eval(
             store_of(ctx), name, out_dir, holdout=holdout, photos=photos, model=model, steps=steps, engine=engine,
-            compare=compare, seed=seed, device=device, force=force,
+            compare=compare, strengths=strengths, seed=seed, device=device, force=force,
             on_progress=lambda label, done, total: progress.update(
                 task, description=escape(label)[:48], completed=done, total=total
             ),

@@ -399,6 +399,7 @@ def refine_photos(
     strength: float,
     steps: int,
     callback: Callable[[int, int], None] | None = None,
+    carry: str = "difference",
 ) -> torch.Tensor:
     """The edit at the photos' own size: the physical edit, refined by the model as far as ``strength``.
 
@@ -444,10 +445,28 @@ def refine_photos(
     return samples
 
 
+GIF_SIDE = 768  # px: the longest side of a sweep's frames
+
+
 def sweep_frames(
-    editor: Editor, result: EditResult, base: Controls, name: str, values, steps: int, seed: int, invert: bool
-):
-    """Frames of a sweep for one edited photo: one inversion, then one sample per value from the same x_T."""
+    editor: Editor,
+    result: EditResult,
+    base: Controls,
+    name: str,
+    values,
+    steps: int,
+    seed: int,
+    invert: bool,
+    strength: float | None = None,
+    crop: bool = False,
+    crop_size: int = 512,
+) -> list[np.ndarray]:
+    """Frames of a sweep of one control over ``values`` for one edited photo.
+
+    ``strength`` None (``--compose plain``): the paper's edit at the model's size, one inversion and one
+    sample per value from the same x_T. A strength: each frame by the same method as the output
+    (``refine_photos``: its own physical edit and refinement), the picture ``rig edit`` writes
+    (whole photo or ``crop``), scaled to GIF_SIDE at most."""
     names = editor.face_model.expression_names
     photos = [result.prepared]
     fit = result.fit
@@ -457,9 +476,19 @@ def sweep_frames(
         controls = sweep_controls(base, name, value)
         controls.validate(editor.control_names)
         edited = apply_controls(fit, controls, names, editor.skin_normals(fit), None, editor.directions_for(controls))
-        out, x_t, _, _ = editor.run(photos, fit, edited, steps=steps, invert=invert, seed=seed, start=start)
-        start = x_t  # the same noise for every frame
-        frames.append(to_uint8(out)[0])
+        if strength is None:
+            out, x_t, _, _ = editor.run(photos, fit, edited, steps=steps, invert=invert, seed=seed, start=start)
+            start = x_t  # the same noise for every frame
+            frames.append(to_uint8(out)[0])
+            continue
+        frame = EditResult(result.source, prepared=result.prepared, fit=fit, edited_fit=edited)
+        refine_photos(editor, [frame], photos, fit, edited, strength, steps)
+        picture = Image.fromarray(output_picture(editor, frame, "refined", crop, crop_size))
+        if max(picture.size) > GIF_SIDE:
+            scale = GIF_SIDE / max(picture.size)
+            shape = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+            picture = picture.resize(shape, Image.Resampling.LANCZOS)
+        frames.append(np.asarray(picture))
     return frames
 
 
@@ -471,9 +500,56 @@ def buffer_tiles(buffers: torch.Tensor) -> list[np.ndarray]:
 
 
 def sheet_row(result: EditResult, size: int) -> list[np.ndarray]:
-    """input | original shaded, normal | edited shaded, normal | output."""
+    """input | original shaded, normal | edited shaded, normal | output (the paper's edit, model size)."""
     crop = np.asarray(Image.fromarray(result.prepared.crop).resize((size, size), Image.Resampling.BOX))
     return [crop, *buffer_tiles(result.original_buffers), *buffer_tiles(result.edited_buffers), result.output]
+
+
+def _crop_field(field: np.ndarray, crop_to_photo: np.ndarray, size: int) -> np.ndarray:
+    """A float (H, W, C) field of the photo sampled at the crop's pixel centres (bilinear)."""
+    v, u = np.mgrid[0:size, 0:size].astype(np.float64)
+    x = crop_to_photo[0, 0] * u + crop_to_photo[0, 1] * v + crop_to_photo[0, 2]
+    y = crop_to_photo[1, 0] * u + crop_to_photo[1, 1] * v + crop_to_photo[1, 2]
+    return np.stack(
+        [ndimage.map_coordinates(field[..., c], [y, x], order=1, mode="nearest") for c in range(field.shape[-1])], -1
+    )
+
+
+def flow_tile(flow: np.ndarray, crop_to_photo: np.ndarray, size: int) -> np.ndarray:
+    """The displacement in the crop's frame as colour: hue the direction, brightness the length (full
+    at the largest, black where nothing moves); photo pixels, scaled to the crop."""
+    field = _crop_field(flow, crop_to_photo, size) / np.sqrt(abs(np.linalg.det(crop_to_photo[:, :2])))
+    length = np.linalg.norm(field, axis=-1)
+    hue = (np.arctan2(field[..., 1], field[..., 0]) / (2 * np.pi)) % 1.0
+    value = np.clip(length / max(float(length.max()), 0.5), 0, 1)
+    hsv = np.stack([hue, np.ones_like(hue), value], -1)
+    return np.asarray(Image.fromarray((hsv * 255).round().astype(np.uint8), "HSV").convert("RGB"))
+
+
+def ratio_tile(ratio: np.ndarray, crop_to_photo: np.ndarray, size: int) -> np.ndarray:
+    """The shading ratio in the crop's frame as grey: mid-grey 1 (unchanged), white 4x, black 1/4."""
+    field = _crop_field(ratio, crop_to_photo, size)
+    return np.clip(128 + 127 * np.log2(np.maximum(field, 1e-6)) / 2, 0, 255).round().astype(np.uint8)
+
+
+def method_sheet_row(result: EditResult, size: int) -> list[np.ndarray]:
+    """input | physical edit | output | displacement | shading ratio, as aligned crops of ``size``
+    from the full-resolution pictures (the strength method's sheet). At strength 1 the physical edit
+    is not made: its tiles show the photo, no motion and a ratio of 1."""
+    prepared = result.prepared
+    crop_to_photo = compose_affine(prepared.crop_to_photo, resize_affine(prepared.crop.shape[0], size))
+    edit = result.physical
+    height, width = prepared.pixels.shape[:2]
+    physical = prepared.pixels if edit is None else edit.image
+    flow = np.zeros((height, width, 2), np.float32) if edit is None else edit.flow
+    ratio = np.ones((height, width, 3), np.float32) if edit is None else edit.ratio
+    return [
+        warp(prepared.pixels, crop_to_photo, size),
+        warp(physical, crop_to_photo, size),
+        warp(result.photo_output, crop_to_photo, size),
+        flow_tile(flow, crop_to_photo, size),
+        ratio_tile(ratio, crop_to_photo, size),
+    ]
 
 
 @dataclass
@@ -518,6 +594,7 @@ def sheet_path(target: Path) -> Path:
     return target.with_name(target.stem + "-sheet.png")
 
 
+SHEET_TILE = 256  # px: the tiles of the strength method's contact sheet
 DEFAULT_STRENGTH = 0.5  # provisional: to be chosen by measurement on held-out photos (issue 14)
 COMPOSE_MODES = ("refined", "plain")
 
@@ -610,10 +687,14 @@ def edit_to_files(
         result.identity_distance = identity_distance(editor.analyzer, result.prepared, picture)
         atomic_write_bytes(target, encode_png(picture))
         if sheet:
-            atomic_write_bytes(sheet_path(target), encode_png(grid(sheet_row(result, editor.size), 6)))
+            row = sheet_row(result, editor.size) if compose == "plain" else method_sheet_row(result, SHEET_TILE)
+            atomic_write_bytes(sheet_path(target), encode_png(grid(row, len(row))))
         if sweep_spec:
             moved(f"sweep {sweep_spec[0]}", len(written), len(results))
-            frames = sweep_frames(editor, result, controls, *sweep_spec, steps=steps, seed=seed, invert=invert)
+            frames = sweep_frames(
+                editor, result, controls, *sweep_spec, steps=steps, seed=seed, invert=invert,
+                strength=strength if compose == "refined" else None, crop=crop, crop_size=crop_size,
+            )  # fmt: skip
             gif = iio.imwrite("<bytes>", np.stack(frames), extension=".gif", duration=150, loop=0)
             atomic_write_bytes(target.with_suffix(".gif"), gif)
         written.append(EditedFile(result, target))

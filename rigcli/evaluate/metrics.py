@@ -1,4 +1,4 @@
-"""What an edit is judged by: identity distance, light, blendshape and yaw errors."""
+"""What an edit is judged by: identity distance, light, blendshape and yaw errors, detail kept."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from rigcli.render.buffers import dominant_direction
 
@@ -41,3 +42,28 @@ def blendshape_error(got: torch.Tensor, asked: torch.Tensor, before: torch.Tenso
 
 def yaw_error_deg(got: torch.Tensor, asked: torch.Tensor) -> float:
     return abs(math.degrees(float(got - asked)))
+
+
+def photo_mask(face_mask: np.ndarray, crop_to_photo: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool: a crop-frame face mask (C, C) carried onto the photo (nearest crop pixel)."""
+    size = face_mask.shape[0]
+    inv = np.linalg.inv(np.vstack([np.asarray(crop_to_photo, np.float64), [0, 0, 1]]))[:2]
+    ys, xs = np.mgrid[0 : shape[0], 0 : shape[1]]
+    u = np.round(inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]).astype(int)
+    v = np.round(inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]).astype(int)
+    inside = (u >= 0) & (u < size) & (v >= 0) & (v < size)
+    out = np.zeros(shape, bool)
+    out[inside] = face_mask[v[inside], u[inside]]
+    return out
+
+
+def detail_ratio(before: np.ndarray, after: np.ndarray, mask: np.ndarray) -> float:
+    """High-frequency energy kept: the variance of the Laplacian of ``after``'s luminance over that of
+    ``before``'s, inside ``mask`` (both (H, W, 3) uint8 at full resolution; 1 keeps all detail, a
+    blurred face falls well below)."""
+
+    def energy(image: np.ndarray) -> float:
+        luma = np.asarray(image, np.float64) @ np.array([0.299, 0.587, 0.114])
+        return float(ndimage.laplace(luma)[mask].var())
+
+    return energy(after) / max(energy(before), 1e-12)

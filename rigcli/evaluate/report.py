@@ -6,7 +6,7 @@ import base64
 import hashlib
 import html
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ def metrics_json(evaluation: Evaluation) -> dict:
                 "folder": str(run.folder),
                 "steps": run.spec.steps,
                 "engine": run.spec.engine,
+                "strength": run.spec.strength,
                 "image_size": run.size,
                 "summary": run.summary(),
                 "measurement_floor": run.floor,
@@ -92,8 +93,11 @@ def report_html(evaluation: Evaluation, doc: dict) -> str:
         f"seed {evaluation.seed}; models: {esc(', '.join(r.spec.label for r in evaluation.runs))}. "
         f"id dist: euclidean distance of dlib's face descriptors of input and output (same person below "
         f"{SAME_PERSON}); same person: the share within it. PSNR and SSIM against the input at the model's "
-        "size, inside the face (reconstruction) and outside it (background). Edit errors: the output fitted "
-        f"again, against what was asked. Numbers are rounded to {DECIMALS} decimals, as in metrics.json.</p>",
+        "size (for a model run at a strength s=S, rig edit's method: at the crop size, on the aligned crop of the "
+        "photo-size output), inside the face (reconstruction) and outside it (background). Edit errors: the "
+        "output fitted again, against what was asked. Detail kept: the variance of the Laplacian of the "
+        "face at the photo's size, output over input (the paper's edit composed in by the plain blend). "
+        f"Numbers are rounded to {DECIMALS} decimals, as in metrics.json.</p>",
         "<h2>Summary</h2><table id='summary'><thead><tr><th>model</th><th>edit type</th><th data-key='count'>n</th>",
     ]
     parts += [f"<th data-key='{key}'>{esc(title)}</th>" for key, title in METRICS]
@@ -179,6 +183,7 @@ def run_eval(
     steps: int = 20,
     engine: str = "torch",
     compare: str | None = None,
+    strengths: Sequence[float] | None = None,
     seed: int = 0,
     device: str = "cpu",
     force: bool = False,
@@ -186,7 +191,12 @@ def run_eval(
 ) -> EvalRun:
     """``rig eval``: choose the photos, run the suite on the model (and ``compare``'s, a
     ``MODEL[:STEPS][@ENGINE]`` spec), write metrics.json and report.html into ``out_dir``
-    (default ``eval-NAME``); the outputs are checked before any work."""
+    (default ``eval-NAME``); the outputs are checked before any work. ``strengths``: each model is
+    run by ``rig edit``'s method at the photo's size once per strength, instead of by the paper's
+    edit at the model's size."""
+    for value in strengths or ():
+        if not 0 <= value <= 1:
+            raise RigError(f"--strength {value:g}: give values between 0 and 1")
     target = Path(out_dir or f"eval-{name}")
     existing = [str(p) for p in output_paths(target) if p.exists()]
     if existing and not force:
@@ -194,6 +204,8 @@ def run_eval(
     chosen = eval_photos(store, name, holdout, photos)
     first = ModelSpec(model, steps, engine)
     specs = [first] if compare is None else [first, parse_spec(compare, first)]
+    if strengths:
+        specs = [replace(spec, strength=float(value)) for spec in specs for value in strengths]
     evaluation = evaluate(store, name, chosen, specs, seed=seed, device=device, on_progress=on_progress)
     metrics_path, report_path, doc = write_outputs(evaluation, target)
     return EvalRun(len(chosen), metrics_path, report_path, doc)

@@ -34,17 +34,20 @@ from PIL import Image
 
 from rigcli import RigError
 from rigcli.edit.controls import Controls, apply_controls
-from rigcli.edit.editor import Editor, PreparedPhoto, buffer_tiles
+from rigcli.edit.editor import Editor, EditResult, PreparedPhoto, buffer_tiles, paste_back_crop, refine_photos
 from rigcli.enroll import collect_inputs
 from rigcli.evaluate.metrics import (
     DECIMALS,
     SAME_PERSON,
     blendshape_error,
+    detail_ratio,
     identity_distances,
     light_error_deg,
+    photo_mask,
     yaw_error_deg,
 )
 from rigcli.face.params import FaceFit
+from rigcli.image.align import warp
 from rigcli.image.detect import FaceBox, choose_face
 from rigcli.image.grid import to_uint8
 from rigcli.image.metrics import psnr, ssim
@@ -160,15 +163,20 @@ def refit_images(
 @dataclass(frozen=True)
 class ModelSpec:
     """What to evaluate: a model (``person``: the person's fine-tuned one; a registered base model;
-    or a model folder), DDIM steps and engine."""
+    or a model folder), DDIM steps and engine, and how the edit is made: the paper's edit at the
+    model's size, or (``strength``) ``rig edit``'s at the photo's size."""
 
     model: str = "person"
     steps: int = 20
     engine: str = "torch"
+    strength: float | None = None  # None: the paper's edit at the model's size; else rig edit's method
+    carry: str = "difference"  # how rig edit's method carries the model's change (refine_photos)
 
     @property
     def label(self) -> str:
-        return f"{self.model}:{self.steps}@{self.engine}"
+        method = "" if self.strength is None else f" s={self.strength:g}"
+        method += "" if self.carry == "difference" else f" {self.carry}"
+        return f"{self.model}:{self.steps}@{self.engine}{method}"
 
 
 def parse_spec(text: str, default: ModelSpec) -> ModelSpec:
@@ -278,6 +286,7 @@ METRICS = (  # key, column title in the tables
     ("light_error_deg", "light err deg"),
     ("blendshape_error", "blend err"),
     ("yaw_error_deg", "yaw err deg"),
+    ("detail_ratio", "detail kept"),
     ("seconds", "s/edit"),
 )
 
@@ -322,6 +331,7 @@ class Sampled:
     target: np.ndarray  # (S, S, 3) the input at the model's size, 8-bit range float
     face_out: np.ndarray  # (N, S, S) the edited faces' masks
     seconds: float  # per edit: the photo's inversion and batched sampling over its edits
+    detail: list[float] = field(default_factory=list)  # per edit: detail_ratio at the photo's size
 
     @property
     def shown(self) -> np.ndarray:
@@ -340,22 +350,11 @@ def sample_suite(
     """Each photo inverted once under its own buffers, then every edit of the suite sampled from
     that x_T as one batch (the reconstruction first, which also yields x_T)."""
 
-    names = editor.face_model.expression_names
     size = editor.size
-    normals = editor.skin_normals(fit)
-    labels = [p.label for p in photos]
-    sources = [p.source for p in prepared]
     results = []
     for i, photo in enumerate(prepared):
-        edits = suite(sources, i, labels)
+        edits, asked = suite_edits(editor, photos, prepared, fit, i)
         one = fit.select([i])
-        reference = {sources[j]: fit.select([j]) for j in range(len(prepared)) if j != i}
-        asked = FaceFit.cat(
-            [
-                apply_controls(one, e.controls, names, [normals[i]], reference, editor.directions_for(e.controls))
-                for e in edits
-            ]
-        )
         rest = len(edits) - 1
         torch.manual_seed(seed)
         started = time.perf_counter()
@@ -374,9 +373,70 @@ def sample_suite(
         for edit in edits[1:]:
             if on_edit:
                 on_edit(edit.label)
+        outputs = to_uint8(torch.cat(outs))
+        masks = editor.face_masks(asked)
+        face = photo_mask(editor.face_masks(one)[0], photo.crop_to_photo, photo.pixels.shape[:2])
+        detail = [
+            detail_ratio(photo.pixels, paste_back_crop(photo.pixels, out, photo.crop_to_photo, m), face)
+            for out, m in zip(outputs, masks, strict=True)
+        ]
         results.append(
-            Sampled(i, edits, asked, to_uint8(torch.cat(outs)), torch.cat(buffers), _to_model_input(photo.crop, size),
-                    _masks_at(editor.face_masks(asked), size), seconds)
+            Sampled(i, edits, asked, outputs, torch.cat(buffers), _to_model_input(photo.crop, size),
+                    _masks_at(masks, size), seconds, detail)
+        )  # fmt: skip
+    return results
+
+
+def suite_edits(editor: Editor, photos: Sequence[EvalPhoto], prepared: Sequence[PreparedPhoto], fit: FaceFit, i: int):
+    """Photo ``i``'s suite and the edited parameters it asks for, one per edit."""
+    names = editor.face_model.expression_names
+    sources = [p.source for p in prepared]
+    edits = suite(sources, i, [p.label for p in photos])
+    one = fit.select([i])
+    reference = {sources[j]: fit.select([j]) for j in range(len(prepared)) if j != i}
+    normals = editor.skin_normals(one)
+    asked = FaceFit.cat(
+        [apply_controls(one, e.controls, names, normals, reference, editor.directions_for(e.controls)) for e in edits]
+    )
+    return edits, asked
+
+
+def sample_suite_method(
+    editor: Editor,
+    spec: ModelSpec,
+    photos: Sequence[EvalPhoto],
+    prepared: Sequence[PreparedPhoto],
+    fit: FaceFit,
+    batch: int = 8,
+    on_edit: Callable[[str], None] | None = None,
+) -> list[Sampled]:
+    """Each photo's suite made as ``rig edit`` makes it (``refine_photos`` at ``spec.strength``, at the
+    photo's size), ``batch`` edits at a time; measured on the aligned crops of the full-size outputs
+    at the crop size (the photo's own pixels, not the model's size), and for detail at full size."""
+    size = editor.crop_size
+    results = []
+    for i, photo in enumerate(prepared):
+        edits, asked = suite_edits(editor, photos, prepared, fit, i)
+        one = fit.select([i])
+        face = photo_mask(editor.face_masks(one)[0], photo.crop_to_photo, photo.pixels.shape[:2])
+        outputs, buffers, detail = [], [], []
+        started = time.perf_counter()
+        for lo in range(0, len(edits), batch):
+            chunk = list(range(lo, min(lo + batch, len(edits))))
+            done = [EditResult(photo.source, prepared=photo) for _ in chunk]
+            refine_photos(editor, done, [photo] * len(chunk), FaceFit.cat([one] * len(chunk)), asked.select(chunk),
+                          spec.strength, spec.steps, carry=spec.carry)  # fmt: skip
+            for k, result in zip(chunk, done, strict=True):
+                outputs.append(warp(result.photo_output, photo.crop_to_photo, size))
+                detail.append(detail_ratio(photo.pixels, result.photo_output, face))
+                if on_edit:
+                    on_edit(edits[k].label)
+        seconds = (time.perf_counter() - started) / len(edits)
+        for k in range(len(edits)):
+            buffers.append(torch.nn.functional.interpolate(editor.buffers(asked.select([k])), size=(size, size)))
+        results.append(
+            Sampled(i, edits, asked, np.stack(outputs), torch.cat(buffers), photo.crop.astype(np.float32),
+                    editor.face_masks(asked), seconds, detail)
         )  # fmt: skip
     return results
 
@@ -406,6 +466,7 @@ def measure(
             "light_error_deg": light_error_deg(got.light[0], sampled.asked.light[k]),
             "blendshape_error": blendshape_error(got.expression[0], sampled.asked.expression[k], one.expression[0]),
             "yaw_error_deg": yaw_error_deg(got.yaw[0], sampled.asked.yaw[k]),
+            "detail_ratio": sampled.detail[k] if sampled.detail else None,
             "seconds": sampled.seconds,
             "face_detected": refit.detected[offset + 1 + k],
         }
@@ -476,9 +537,11 @@ def evaluate(
     fit = editors[0].fit(prepared)
     sampled = []
     for spec, editor in zip(specs, editors, strict=True):
-        sampled.append(
-            sample_suite(editor, spec, photos, prepared, fit, seed, on_edit=lambda e, s=spec: step(f"{s.label} {e}"))
-        )
+        on_edit = lambda e, s=spec: step(f"{s.label} {e}")  # noqa: E731
+        if spec.strength is None:
+            sampled.append(sample_suite(editor, spec, photos, prepared, fit, seed, on_edit=on_edit))
+        else:
+            sampled.append(sample_suite_method(editor, spec, photos, prepared, fit, on_edit=on_edit))
     boxes = [expected_box(editors[0], photo) for photo in prepared]
     images, image_boxes = [], []
     for per_model in sampled:
@@ -488,7 +551,8 @@ def evaluate(
     refit = refit_images(editors[0], images, image_boxes, on_image=lambda: step("re-fitting the outputs"))
     runs, offset = [], 0
     for spec, editor, per_model in zip(specs, editors, sampled, strict=True):
-        face_in = _masks_at(editor.face_masks(fit), editor.size)
+        measured_at = editor.size if spec.strength is None else editor.crop_size
+        face_in = _masks_at(editor.face_masks(fit), measured_at)
         records, floors = [], []
         for s in per_model:
             got, floor = measure(s, refit, offset, fit, face_in[s.photo], photos[s.photo].label)
@@ -496,5 +560,5 @@ def evaluate(
             floors.append(floor)
             offset += 1 + len(s.outputs)
         floor = {k: round(float(np.mean([f[k] for f in floors])), DECIMALS) for k in floors[0]}
-        runs.append(ModelRun(spec, model_folder(store, name, spec.model), editor.size, records, floor))
+        runs.append(ModelRun(spec, model_folder(store, name, spec.model), measured_at, records, floor))
     return Evaluation(name, list(photos), seed, runs)
