@@ -1,8 +1,9 @@
 """The physical edit at the photo's own resolution: no model, only the fit before (θ0) and after (θ1).
 
 1. Geometry: θ0 and θ1 are the same mesh, so they give a dense correspondence. θ1 is rasterized at
-   a working resolution (the crop at about the photo's scale, capped); the barycentric point of each
-   covered pixel is projected under θ0, and kept where θ0 sees it (a front face, and θ0's z-buffer
+   a working resolution (the crop at about the photo's scale, capped at MAX_WORK_SIZE: the fields
+   made there are smooth, and are sampled bilinearly at the photo's pixels); the barycentric point of
+   each covered pixel is projected under θ0, and kept where θ0 sees it (a front face, and θ0's z-buffer
    there holds that triangle or one at the same depth). That backward flow is extended outside the
    face by a harmonic fill (cascadic multigrid) with the face's flow as its boundary condition, zero
    beyond a band around the face and near the crop square's edge; the full-resolution photo is
@@ -16,6 +17,8 @@
    render of θ1 (its shaded buffer, taken as linear light).
 3. Composition: a feathered mask over everything that changed; it fades to zero before the crop
    square's edge (where the crop reflects the photo), and outside it the photo is returned bit for bit.
+   The per-photo-pixel work (sampling the fields, the warp, the relight, the fill, the blend) runs in
+   torch in bands of rows over the mask's reach only, so that a 12 MP photo takes well under a second.
 
 Conventions: ``crop_to_photo`` (2x3) maps pixel centres of the crop of ``crop_size`` pixels (the fits'
 frame) to photo pixels (x = column, y = row); flows are backward: output pixel p shows input p + flow.
@@ -23,18 +26,20 @@ frame) to photo pixels (x = column, y = row); flows are backward: output pixel p
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from rigcli.face.model import FaceModel, vertex_normals
 from rigcli.face.params import FaceFit, rescale_fit
 from rigcli.image.align import compose_affine, invert_affine
-from rigcli.render.buffers import rasterize_fit, render_buffers, sh_shading
+from rigcli.render.buffers import Geometry, rasterize_fit, render_buffers, sh_shading
 
-MAX_WORK_SIZE = 1024  # working resolution cap (crop pixels) for the correspondence
+MAX_WORK_SIZE = 512  # working resolution cap (crop pixels) for the correspondence
 RATIO_MIN, RATIO_MAX = 0.25, 4.0
 SHADE_FLOOR = 0.05  # of the mean shading: the least shading a surface point is taken to have
 DEPTH_TOLERANCE = 0.3  # model units (cm): a θ0 z-buffer this close in front still counts as the same surface
@@ -42,7 +47,8 @@ FLOW_BAND = 0.10  # of the crop: the flow falls to zero this far outside the fac
 RATIO_BAND = 0.03  # of the crop: the shading ratio falls to 1 this far outside the silhouette
 OPEN_EDGE_BAND = 0.07  # of the crop: the ratio fades to 1 over this band inside the mesh's open edge
 EDGE_MARGIN, EDGE_RAMP = 0.02, 0.06  # of the crop: nothing changes within MARGIN of its edge, fully from +RAMP
-RATIO_SIGMA = 0.75  # working pixels: smoothing of the log ratio
+RATIO_SIGMA = 0.75 / 1024  # of the crop: smoothing of the log ratio (0.75 px of a 1024 px crop)
+BAND_PIXELS = 1 << 20  # photo pixels composed at a time (whole rows): small intermediates, few torch calls
 SLIVER = 0.002  # of the crop: unseen surface thinner than about twice this is warped, not filled
 
 
@@ -71,13 +77,26 @@ class PhysicalEdit:
 
 
 def srgb_to_linear(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4).astype(np.float32)
+    """sRGB in [0, 1] -> linear light (float32)."""
+    return _to_linear(torch.from_numpy(np.asarray(x, np.float32))).numpy()
 
 
 def linear_to_srgb(x: np.ndarray) -> np.ndarray:
-    x = np.clip(np.asarray(x, np.float32), 0, 1)
-    return np.where(x <= 0.0031308, x * 12.92, 1.055 * np.power(x, 1 / 2.4) - 0.055).astype(np.float32)
+    """Linear light -> sRGB in [0, 1] (float32), clipped to [0, 1] first."""
+    return _to_srgb(torch.from_numpy(np.asarray(x, np.float32))).numpy()
+
+
+def _to_linear(x: torch.Tensor) -> torch.Tensor:
+    """sRGB -> linear light (a new tensor)."""
+    high = (x + 0.055).mul_(1 / 1.055).pow_(2.4)
+    return torch.where(x <= 0.04045, x * (1 / 12.92), high)
+
+
+def _to_srgb(x: torch.Tensor) -> torch.Tensor:
+    """Linear light -> sRGB, clamped to [0, 1] first (a new tensor)."""
+    x = x.clamp(0, 1)
+    high = x.pow(1 / 2.4).mul_(1.055).sub_(0.055)
+    return torch.where(x <= 0.0031308, x * 12.92, high)
 
 
 def working_size(crop_to_photo: np.ndarray, crop_size: int, cap: int = MAX_WORK_SIZE) -> int:
@@ -97,44 +116,60 @@ def smoothstep(x: np.ndarray) -> np.ndarray:
     return (x * x * (3 - 2 * x)).astype(np.float32)
 
 
-def harmonic_fill(values: np.ndarray, known: np.ndarray, iterations: int = 24) -> np.ndarray:
+def harmonic_fill(values: np.ndarray, known: np.ndarray, iterations: int = 8) -> np.ndarray:
     """Values (H, W, C) kept where ``known``, elsewhere the harmonic interpolant of them (Laplace's
     equation with the known pixels as boundary condition), by cascadic multigrid: solve on a
-    half-size grid, upsample as the initial guess, relax with Jacobi steps."""
+    half-size grid, upsample as the initial guess, relax with ``iterations`` Jacobi steps, twice as
+    many on each coarser grid (they carry the smooth part of the solution, and cost a quarter) but
+    no more than the grid's side (the tiny grids' steps are Python overhead, and gain nothing)."""
     values = np.where(known[..., None], values, 0).astype(np.float32)
     height, width = known.shape
     if not known.any():
         return np.zeros_like(values)
+    steps = min(iterations, max(height, width))
     if min(height, width) <= 4:
         guess = np.broadcast_to(values[known].mean(0), values.shape).copy()
-        return _relax(np.where(known[..., None], values, guess), values, known, 4 * iterations)
+        return _relax(np.where(known[..., None], values, guess), values, known, 4 * steps)
     h2, w2 = (height + 1) // 2, (width + 1) // 2
     pad = ((0, 2 * h2 - height), (0, 2 * w2 - width))
     weight = np.pad(known.astype(np.float32), pad).reshape(h2, 2, w2, 2).sum((1, 3))
     total = np.pad(values, (*pad, (0, 0))).reshape(h2, 2, w2, 2, -1).sum((1, 3))
     coarse_known = weight > 0
-    coarse = harmonic_fill(total / np.maximum(weight, 1)[..., None], coarse_known, iterations)
+    coarse = harmonic_fill(total / np.maximum(weight, 1)[..., None], coarse_known, 2 * iterations)
     guess = np.repeat(np.repeat(coarse, 2, 0), 2, 1)[:height, :width]
-    return _relax(np.where(known[..., None], values, guess), values, known, iterations)
+    return _relax(np.where(known[..., None], values, guess), values, known, steps)
 
 
 def _relax(x: np.ndarray, values: np.ndarray, known: np.ndarray, iterations: int) -> np.ndarray:
-    """Jacobi steps of Laplace's equation on the unknown pixels (edges replicated: a natural boundary)."""
+    """Jacobi steps of Laplace's equation on the unknown pixels (edges replicated: a natural boundary),
+    between two padded buffers: each step is the neighbours' sum times 1/4 where unknown (0 where
+    known) plus the known values (0 where unknown), with no allocation."""
+    free = np.repeat(np.where(known, 0.0, 0.25).astype(np.float32)[..., None], x.shape[-1], -1)  # no broadcast
+    fixed = np.where(known[..., None], values, 0).astype(np.float32)
+    a = np.pad(np.asarray(x, np.float32), ((1, 1), (1, 1), (0, 0)), mode="edge")
+    b = a.copy()
     for _ in range(iterations):
-        p = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
-        x = 0.25 * (p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:])
-        x = np.where(known[..., None], values, x)
-    return x
+        inner = b[1:-1, 1:-1]
+        np.add(a[:-2, 1:-1], a[2:, 1:-1], out=inner)
+        inner += a[1:-1, :-2]
+        inner += a[1:-1, 2:]
+        inner *= free
+        inner += fixed
+        b[0], b[-1] = b[1], b[-2]
+        b[:, 0], b[:, -1] = b[:, 1], b[:, -2]
+        a, b = b, a
+    return a[1:-1, 1:-1].copy()
 
 
 def mesh_boundaries(model: FaceModel) -> tuple[np.ndarray, np.ndarray]:
     """The mesh's boundary edges (used by one triangle), (N, 2) vertex ids, in two kinds: off the face
     region, where the mesh stops on skin that goes on in the photo (the neck's cut); and in it, the
     face's openings (eyes, mouth)."""
-    tri = model.triangles.cpu().numpy()
+    tri = model.triangles.cpu().numpy().astype(np.int64)
     edges = np.sort(np.concatenate([tri[:, [0, 1]], tri[:, [1, 2]], tri[:, [2, 0]]]), 1)
-    unique, counts = np.unique(edges, axis=0, return_counts=True)
-    boundary = unique[counts == 1]
+    n = int(tri.max()) + 1  # an edge as one integer (a flat np.unique is far faster than axis=0)
+    unique, counts = np.unique(edges[:, 0] * n + edges[:, 1], return_counts=True)
+    boundary = np.stack(np.divmod(unique[counts == 1], n), -1)
     in_face = model.regions["face"].cpu().numpy()[boundary].all(1)
     return boundary[~in_face], boundary[in_face]
 
@@ -171,6 +206,13 @@ def _visible_points(model: FaceModel, g0, g1) -> tuple[np.ndarray, np.ndarray, t
 
 def correspondence(model: FaceModel, fit0: FaceFit, fit1: FaceFit, crop_size: int, size: int) -> Correspondence:
     """θ1 -> θ0 of one photo (batch-1 fits in the crop frame of ``crop_size``) at ``size`` working pixels."""
+    return _correspondence(model, fit0, fit1, crop_size, size)[0]
+
+
+def _correspondence(
+    model: FaceModel, fit0: FaceFit, fit1: FaceFit, crop_size: int, size: int
+) -> tuple[Correspondence, Geometry]:
+    """``correspondence`` and θ1's rasterization at the working size (for the render fill)."""
     with torch.no_grad():
         w0, w1 = rescale_fit(fit0, crop_size, size), rescale_fit(fit1, crop_size, size)
         g0, g1 = rasterize_fit(model, w0, size), rasterize_fit(model, w1, size)
@@ -190,13 +232,15 @@ def correspondence(model: FaceModel, fit0: FaceFit, fit1: FaceFit, crop_size: in
     zero = (outside > FLOW_BAND * size) | (edge == 0)
     flow = harmonic_fill(np.where(seen[..., None], flow_face, 0), seen | zero)
     flow[zero & ~seen] = 0
-    # the mouth's opening (inside the mesh's own openings, uncovered) is new wherever it moved or its
-    # source lands on θ0's mesh; slivers of unseen surface (a pixel or two wide) are left to the warp
-    hole = _openings(model, g1.screen[0, :, :2].numpy(), size) & ~covered
+    # the mouth's opening (inside the mesh's own openings, uncovered) is new where its source lands on
+    # θ0's mesh (lips parting); where it lands in θ0's opening the photo showed it (teeth of a smile)
+    # and it is warped; slivers of unseen surface (a pixel or two wide) are left to the warp
+    open_edges, openings = mesh_boundaries(model)
+    screen1 = g1.screen[0, :, :2].numpy()
+    hole = _openings(screen1, openings, size) & ~covered
     src_col = np.clip(np.round(u + flow[..., 0]), 0, size - 1).astype(int)
     src_row = np.clip(np.round(v + flow[..., 1]), 0, size - 1).astype(int)
-    moved = np.abs(flow).max(-1) > 0.5
-    unseen = (covered & ~seen) | (hole & (covered0.numpy()[src_row, src_col] | moved))
+    unseen = (covered & ~seen) | (hole & covered0.numpy()[src_row, src_col])
     unseen = ndimage.binary_opening(unseen, iterations=max(1, round(SLIVER * size)))
 
     # 2. the shading ratio, faded where the mesh ends on skin and at the crop's edge
@@ -205,14 +249,16 @@ def correspondence(model: FaceModel, fit0: FaceFit, fit1: FaceFit, crop_size: in
     floor = SHADE_FLOOR * max(float(np.abs(shade0[seen]).mean()) if seen.any() else 1.0, 1e-6)
     ratio = np.where(seen[..., None], np.maximum(shade1, floor) / np.maximum(shade0, floor), 1.0)
     log_ratio = np.log(np.clip(ratio, RATIO_MIN, RATIO_MAX)).astype(np.float32)
-    weight = ndimage.gaussian_filter(seen.astype(np.float32), RATIO_SIGMA)
-    smooth = np.stack([ndimage.gaussian_filter(log_ratio[..., c] * seen, RATIO_SIGMA) for c in range(3)], -1)
+    sigma = RATIO_SIGMA * size
+    weight = ndimage.gaussian_filter(seen.astype(np.float32), sigma)
+    smooth = np.stack([ndimage.gaussian_filter(log_ratio[..., c] * seen, sigma) for c in range(3)], -1)
     log_ratio = np.where(seen[..., None], smooth / np.maximum(weight, 1e-6)[..., None], 0)
-    log_ratio *= (edge * _open_edge_weight(model, g1.screen[0, :, :2].numpy(), size))[..., None]
+    log_ratio *= (edge * _open_edge_weight(screen1, open_edges, size))[..., None]
     zero_r = (outside > RATIO_BAND * size) | (edge == 0)
     log_ratio = harmonic_fill(log_ratio, (seen & ~zero_r) | zero_r)
     log_ratio[zero_r] = 0
-    return Correspondence(size, flow.astype(np.float32), covered, seen, unseen, log_ratio.astype(np.float32), edge)
+    corr = Correspondence(size, flow.astype(np.float32), covered, seen, unseen, log_ratio.astype(np.float32), edge)
+    return corr, g1
 
 
 def _draw_edges(screen: np.ndarray, edges: np.ndarray, size: int) -> np.ndarray:
@@ -228,31 +274,164 @@ def _draw_edges(screen: np.ndarray, edges: np.ndarray, size: int) -> np.ndarray:
     return canvas
 
 
-def _openings(model: FaceModel, screen: np.ndarray, size: int) -> np.ndarray:
-    """(S, S) bool: inside the face's openings (the boundary loops in the face region: eyes, mouth)."""
-    return ndimage.binary_fill_holes(_draw_edges(screen, mesh_boundaries(model)[1], size))
+def _openings(screen: np.ndarray, openings: np.ndarray, size: int) -> np.ndarray:
+    """(S, S) bool: inside the face's openings (``openings``: the boundary edges in the face region,
+    loops round the eyes and mouth; ``mesh_boundaries``)."""
+    return ndimage.binary_fill_holes(_draw_edges(screen, openings, size))
 
 
-def _open_edge_weight(model: FaceModel, screen: np.ndarray, size: int) -> np.ndarray:
-    """(S, S): 0 on the mesh's open edge (as θ1 projects it), rising to 1 over OPEN_EDGE_BAND."""
-    on_edge = _draw_edges(screen, mesh_boundaries(model)[0], size)
+def _open_edge_weight(screen: np.ndarray, open_edges: np.ndarray, size: int) -> np.ndarray:
+    """(S, S): 0 on the mesh's open edge (``open_edges``, as θ1 projects it), rising to 1 over OPEN_EDGE_BAND."""
+    on_edge = _draw_edges(screen, open_edges, size)
     if not on_edge.any():
         return np.ones((size, size), np.float32)
     return smoothstep(ndimage.distance_transform_edt(~on_edge) / (OPEN_EDGE_BAND * size))
 
 
-def render_fill(model: FaceModel, fit1: FaceFit, crop_size: int, size: int) -> np.ndarray:
-    """The fill where no model output is given: θ1's shaded buffer (linear light) as sRGB in [0, 1]."""
+def render_fill(
+    model: FaceModel, fit1: FaceFit, crop_size: int, size: int, geometry: Geometry | None = None
+) -> np.ndarray:
+    """The fill where no model output is given: θ1's shaded buffer (linear light) as sRGB in [0, 1];
+    ``geometry``: θ1 already rasterized at ``size`` (saves rasterizing it again)."""
     with torch.no_grad():
-        shaded = render_buffers(model, rescale_fit(fit1, crop_size, size), size)[0, :3]
+        shaded = render_buffers(model, rescale_fit(fit1, crop_size, size), size, geometry)[0, :3]
     return linear_to_srgb(shaded.permute(1, 2, 0).numpy())
 
 
-def _sample(field: np.ndarray, rows: np.ndarray, cols: np.ndarray, cval: float = 0.0) -> np.ndarray:
-    """Bilinear samples of an (S, S) or (S, S, C) field at fractional positions: (N,) or (N, C)."""
-    if field.ndim == 2:
-        return ndimage.map_coordinates(field, [rows, cols], order=1, mode="constant", cval=cval)
-    return np.stack([_sample(field[..., c], rows, cols, cval) for c in range(field.shape[-1])], -1)
+@dataclass
+class _Box:
+    """The photo pixels [y0, y1] x [x0, x1] (inclusive) that a crop square can touch."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.y0, self.y1 + 1)
+
+    @property
+    def cols(self) -> slice:
+        return slice(self.x0, self.x1 + 1)
+
+
+def _photo_box(to_photo: np.ndarray, x0: float, y0: float, x1: float, y1: float, height: int, width: int) -> _Box:
+    """The box of photo pixels that the pixels [x0, x1] x [y0, y1] of a grid placed in the photo by
+    ``to_photo`` (2x3) can touch, clipped to the photo."""
+    corners = np.array([[x0 - 0.5, y0 - 0.5], [x0 - 0.5, y1 + 0.5], [x1 + 0.5, y0 - 0.5], [x1 + 0.5, y1 + 0.5]])
+    box = corners @ to_photo[:, :2].T + to_photo[:, 2]
+    lo = np.clip(np.floor(box.min(0)).astype(int), 0, [width - 1, height - 1])
+    hi = np.clip(np.ceil(box.max(0)).astype(int), 0, [width - 1, height - 1])
+    return _Box(int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1]))
+
+
+def _affine_grid(photo_to_field: np.ndarray, box: _Box, field_height: int, field_width: int) -> torch.Tensor:
+    """(1, h, w, 2) ``grid_sample`` grid (align_corners) of the box's photo pixels in a field's pixels:
+    an affine map, so a row term plus a column term (each in float64, the sum in float32)."""
+    norm = np.array([[2 / max(field_width - 1, 1)], [2 / max(field_height - 1, 1)]]) * photo_to_field
+    norm[:, 2] -= 1
+    xs = np.arange(box.x0, box.x1 + 1, dtype=np.float64)
+    ys = np.arange(box.y0, box.y1 + 1, dtype=np.float64)
+    grid = torch.empty((1, len(ys), len(xs), 2))
+    for k in range(2):
+        along = torch.from_numpy(norm[k, 0] * xs).float()[None, :]
+        down = torch.from_numpy(norm[k, 1] * ys + norm[k, 2]).float()[:, None]
+        grid[0, :, :, k] = along + down
+    return grid
+
+
+def _bands(box: _Box) -> Iterator[_Box]:
+    """The box in bands of whole rows of about BAND_PIXELS pixels: each intermediate stays about 12 MB,
+    while much smaller bands would mean many more torch calls, each a wait for its threads when the
+    cores are shared."""
+    rows = max(1, BAND_PIXELS // (box.x1 - box.x0 + 1))
+    for y in range(box.y0, box.y1 + 1, rows):
+        yield _Box(box.x0, y, box.x1, min(y + rows - 1, box.y1))
+
+
+def _support_box(field: np.ndarray, to_photo: np.ndarray, height: int, width: int) -> _Box | None:
+    """The photo pixels a bilinear sample of ``field`` (S, S) can find non-zero (its support, a pixel
+    wider, placed in the photo by ``to_photo``); None where it is zero throughout."""
+    rows, cols = np.nonzero((field > 0).any(1))[0], np.nonzero((field > 0).any(0))[0]
+    if not len(rows):
+        return None
+    return _photo_box(to_photo, cols[0] - 1, rows[0] - 1, cols[-1] + 1, rows[-1] + 1, height, width)
+
+
+def _sample(field: torch.Tensor, grid: torch.Tensor, border: bool = False) -> torch.Tensor:
+    """Bilinear samples (C, h, w) of a field (C, H, W) at a grid (1, h, w, 2): zero outside it, or
+    with ``border`` its nearest edge pixel."""
+    padding = "border" if border else "zeros"
+    return F.grid_sample(field[None], grid, mode="bilinear", padding_mode=padding, align_corners=True)[0]
+
+
+def _channels(image: np.ndarray) -> torch.Tensor:
+    """(H, W, C) or (H, W) array -> (C, H, W) float32 tensor."""
+    t = torch.from_numpy(np.ascontiguousarray(image, np.float32))
+    return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def _warp_photo(photo: np.ndarray, sx: torch.Tensor, sy: torch.Tensor) -> torch.Tensor:
+    """(3, h, w) float: the photo (uint8) sampled bilinearly at photo pixels (sx, sy) (h, w), the
+    nearest edge pixel outside it; only the part of the photo the samples can reach is converted."""
+    height, width = photo.shape[:2]
+    x0 = int(np.clip(np.floor(float(sx.min())), 0, width - 1))
+    x1 = int(np.clip(np.ceil(float(sx.max())), 0, width - 1))
+    y0 = int(np.clip(np.floor(float(sy.min())), 0, height - 1))
+    y1 = int(np.clip(np.ceil(float(sy.max())), 0, height - 1))
+    source = _channels(photo[y0 : y1 + 1, x0 : x1 + 1])
+    gx = (sx - x0) * (2 / max(x1 - x0, 1)) - 1
+    gy = (sy - y0) * (2 / max(y1 - y0, 1)) - 1
+    return _sample(source, torch.stack([gx, gy], -1)[None], border=True)
+
+
+@dataclass
+class _PixelEdit:
+    """The per-photo-pixel part of the physical edit: every working-size field sampled at the photo's
+    pixels, the photo warped, relit, filled and blended, for one box of photo pixels at a time."""
+
+    photo: np.ndarray  # (H, W, 3) uint8
+    fields: torch.Tensor  # (7, S, S): mask, flow (2), log ratio (3), fill weight, in working pixels
+    photo_to_work: np.ndarray  # 2x3
+    work_to_photo: torch.Tensor  # (2, 2): working-pixel flow -> photo-pixel flow
+    fill: torch.Tensor  # (3, F, F) sRGB in [0, 1]
+    photo_to_fill: np.ndarray  # 2x3
+
+    def __call__(self, box: _Box) -> tuple[np.ndarray, ...]:
+        """(image (h, w, 3) uint8, flow (h, w, 2), ratio (h, w, 3), mask (h, w), fill (h, w)) of the box."""
+        size = self.fields.shape[-1]
+        sampled = _sample(self.fields, _affine_grid(self.photo_to_work, box, size, size))
+        alpha, flow_w, log_ratio, f_alpha = sampled[0], sampled[1:3], sampled[3:6], sampled[6]
+        alpha.masked_fill_(alpha < 1e-4, 0)
+        off = alpha == 0
+        f_alpha.masked_fill_(off, 0)
+        # the warp (flow in photo pixels); a pixel whose flow is zero is copied
+        flow_p = torch.einsum("ij,jhw->ihw", self.work_to_photo, flow_w).masked_fill_(off, 0)
+        before = _channels(self.photo[box.rows, box.cols])
+        still = (flow_w == 0).all(0) | off
+        edited = before
+        if not bool(still.all()):
+            xs = torch.arange(box.x0, box.x1 + 1, dtype=torch.float32)[None, :]
+            ys = torch.arange(box.y0, box.y1 + 1, dtype=torch.float32)[:, None]
+            edited = torch.where(still, before, _warp_photo(self.photo, xs + flow_p[0], ys + flow_p[1]))
+        edited = edited / 255.0
+        # the relight in linear light, then the fill of the unseen surface
+        ratio = log_ratio.masked_fill_(off, 0).exp_()
+        relight = (ratio - 1).abs_().amax(0) > 1e-5
+        if bool(relight.any()):
+            edited = torch.where(relight, _to_srgb(_to_linear(edited).mul_(ratio)), edited)
+        filled = (f_alpha > 0).nonzero()
+        if len(filled):
+            (r0, c0), (r1, c1) = filled.amin(0).tolist(), filled.amax(0).tolist()
+            sub = _Box(box.x0 + c0, box.y0 + r0, box.x0 + c1, box.y0 + r1)
+            fill_rgb = _sample(self.fill, _affine_grid(self.photo_to_fill, sub, *self.fill.shape[1:]), border=True)
+            part = edited[:, r0 : r1 + 1, c0 : c1 + 1]
+            part.copy_(torch.lerp(part, fill_rgb, f_alpha[r0 : r1 + 1, c0 : c1 + 1]))
+        # alpha 0 gives ``before`` exactly (lerp's start): the photo's own pixel, bit for bit
+        out = torch.lerp(before, edited.mul_(255.0), alpha).clamp_(0, 255).round_().to(torch.uint8)
+        channels_last = (t.permute(1, 2, 0).numpy() for t in (out, flow_p, ratio))
+        return (*channels_last, alpha.numpy(), f_alpha.numpy())
 
 
 def physical_edit(
@@ -271,17 +450,30 @@ def physical_edit(
     places in the photo; ``fill``: the model's output for θ1 (crop frame, any size, uint8 or [0, 1]
     floats) for the surface the photo never showed, else θ1's render is used.
     """
+    size = work_size or working_size(crop_to_photo, crop_size)
+    corr, g1 = _correspondence(model, fit0, fit1, crop_size, size)
+    if fill is None:
+        fill = render_fill(model, fit1, crop_size, size, g1)
+    return compose_edit(photo, crop_to_photo, crop_size, corr, fill)
+
+
+def compose_edit(
+    photo: np.ndarray, crop_to_photo: np.ndarray, crop_size: int, corr: Correspondence, fill: np.ndarray
+) -> PhysicalEdit:
+    """Steps 2 and 3 at the photo's size: the photo (H, W, 3) uint8 warped by ``corr``'s flow, relit by
+    its ratio, filled from ``fill`` (crop frame, any size, uint8 or [0, 1] floats) where unseen, and
+    composed in through a feathered mask.
+
+    The per-photo-pixel work runs in torch (``grid_sample``) in bands of rows over the photo pixels
+    the mask can reach; every other pixel is the photo's, bit for bit.
+    """
     photo = np.asarray(photo)
     height, width = photo.shape[:2]
-    size = work_size or working_size(crop_to_photo, crop_size)
-    corr = correspondence(model, fit0, fit1, crop_size, size)
+    size = corr.size
     work_to_photo = compose_affine(np.asarray(crop_to_photo, np.float64), resize_affine(crop_size, size))
     photo_to_work = invert_affine(work_to_photo)
-    if fill is None:
-        fill_img, work_to_fill = render_fill(model, fit1, crop_size, size), np.eye(2, 3)
-    else:
-        fill_img = np.asarray(fill, np.float32) / (255.0 if np.asarray(fill).dtype == np.uint8 else 1.0)
-        work_to_fill = resize_affine(fill_img.shape[0], size)
+    fill_img = np.asarray(fill, np.float32) / (255.0 if np.asarray(fill).dtype == np.uint8 else 1.0)
+    work_to_fill = resize_affine(fill_img.shape[0], size)
 
     # where anything changes (flow, ratio, fill), grown and feathered, kept off the crop's edge
     changed = (np.abs(corr.flow).max(-1) > 1e-3) | (np.abs(corr.log_ratio).max(-1) > 1e-4) | corr.unseen
@@ -292,51 +484,33 @@ def physical_edit(
     around = ndimage.binary_dilation(corr.unseen).astype(np.float32)
     fill_w = np.maximum(corr.unseen, np.clip(ndimage.gaussian_filter(around, 0.5 * feather) * 2, 0, 1))
 
-    # the photo pixels the crop square can touch, then those the mask reaches
-    corners = np.array([[-0.5, -0.5], [-0.5, size - 0.5], [size - 0.5, -0.5], [size - 0.5, size - 0.5]])
-    box = corners @ work_to_photo[:, :2].T + work_to_photo[:, 2]
-    x0, y0 = np.clip(np.floor(box.min(0)).astype(int), 0, [width - 1, height - 1])
-    x1, y1 = np.clip(np.ceil(box.max(0)).astype(int), 0, [width - 1, height - 1])
-    ys, xs = np.mgrid[y0 : y1 + 1, x0 : x1 + 1]
-    wu = photo_to_work[0, 0] * xs + photo_to_work[0, 1] * ys + photo_to_work[0, 2]
-    wv = photo_to_work[1, 0] * xs + photo_to_work[1, 1] * ys + photo_to_work[1, 2]
-    alpha_box = _sample(mask_w, wv.ravel(), wu.ravel()).reshape(xs.shape)
-    alpha_box[alpha_box < 1e-4] = 0
-    on = alpha_box > 0
-    px, py, pu, pv = xs[on], ys[on], wu[on], wv[on]
-    alpha = alpha_box[on]
-
-    flow_w = _sample(corr.flow, pv, pu)  # working pixels
-    flow_p = flow_w @ work_to_photo[:, :2].T  # photo pixels
-    sx, sy = px + flow_p[:, 0], py + flow_p[:, 1]
-    still = (flow_p == 0).all(1)
-    warped = np.empty((len(px), 3), np.float32)
-    for c in range(3):
-        warped[:, c] = ndimage.map_coordinates(photo[..., c].astype(np.float32), [sy, sx], order=1, mode="nearest")
-    warped[still] = photo[py[still], px[still]]
-    ratio = np.exp(_sample(corr.log_ratio, pv, pu))
-    relight = np.abs(ratio - 1).max(1) > 1e-5
-    edited = warped / 255.0
-    edited[relight] = linear_to_srgb(srgb_to_linear(edited[relight]) * ratio[relight])
-    f_alpha = _sample(fill_w, pv, pu)
-    if (f_alpha > 0).any():
-        fu = work_to_fill[0, 0] * pu + work_to_fill[0, 2]
-        fv = work_to_fill[1, 1] * pv + work_to_fill[1, 2]
-        sampled = np.stack(
-            [ndimage.map_coordinates(fill_img[..., c], [fv, fu], order=1, mode="nearest") for c in range(3)], -1
-        )
-        edited = edited * (1 - f_alpha[:, None]) + sampled * f_alpha[:, None]
-    before = photo[py, px].astype(np.float32)
-    blended = before * (1 - alpha[:, None]) + edited * 255.0 * alpha[:, None]
-
+    # the photo pixels the mask can reach (its support, a working pixel wider, placed in the photo),
+    # composed in bands of rows so that every intermediate stays small
+    full = (
+        np.zeros((height, width, 2), np.float32),
+        np.ones((height, width, 3), np.float32),
+        np.zeros((height, width), np.float32),
+        np.zeros((height, width), np.float32),
+    )
     image = photo.copy()
-    image[py, px] = np.clip(np.round(blended), 0, 255).astype(np.uint8)
-    flow_full = np.zeros((height, width, 2), np.float32)
-    ratio_full = np.ones((height, width, 3), np.float32)
-    mask_full = np.zeros((height, width), np.float32)
-    fill_full = np.zeros((height, width), np.float32)
-    flow_full[py, px], ratio_full[py, px], mask_full[py, px], fill_full[py, px] = flow_p, ratio, alpha, f_alpha
-    return PhysicalEdit(image, flow_full, ratio_full, mask_full, fill_full)
+    box = _support_box(mask_w, work_to_photo, height, width)
+    if box is None:
+        return PhysicalEdit(image, *full)
+    edit = _PixelEdit(
+        photo,
+        _channels(np.concatenate([mask_w[..., None], corr.flow, corr.log_ratio, fill_w[..., None]], -1)),
+        photo_to_work,
+        torch.from_numpy(work_to_photo[:, :2]).float(),
+        _channels(fill_img),
+        compose_affine(work_to_fill, photo_to_work),
+    )
+    with torch.no_grad():
+        for part in _bands(box):
+            out, *fields = edit(part)
+            image[part.rows, part.cols] = out
+            for target, values in zip(full, fields, strict=True):
+                target[part.rows, part.cols] = values
+    return PhysicalEdit(image, *full)
 
 
 TRANSFER_FEATHER = 0.015  # of the crop: the face mask the model's correction is composed through is feathered this much
@@ -360,49 +534,40 @@ def transfer(
     crop_to_photo: np.ndarray,
     crop_size: int,
     face_mask: np.ndarray,
+    ratio: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The model's correction carried to the photo's size: (image uint8, mask float) at the photo's size.
 
-    ``correction`` (s, s, 3), in 8-bit levels in the crop frame at the model's size s, is added (a
-    difference, not a ratio: see ``rigcli.edit.editor``) to ``image`` (the physical edit, or the
-    photo) through the crop transform (bilinear), inside ``transfer_mask(face_mask)``; the mask
-    returned is ``mask`` (the physical edit's) joined with that one. Where both are zero the pixels
-    of ``image`` are returned bit for bit.
+    ``correction`` (s, s, 3) in the crop frame at the model's size s, upsampled through the crop
+    transform (bilinear), is applied to ``image`` (the physical edit, or the photo) inside
+    ``transfer_mask(face_mask)``: added, in 8-bit levels, or with ``ratio`` multiplied, as a factor
+    (see ``rigcli.edit.editor.refine_photos``). The mask returned is ``mask`` (the physical edit's)
+    joined with that one. Where both are zero the pixels of ``image`` are returned bit for bit.
     """
     image = np.array(image, copy=True)
+    mask = np.array(mask, np.float32, copy=True)
     height, width = image.shape[:2]
     size = correction.shape[0]
     soft = transfer_mask(face_mask)
-    mask_size = soft.shape[0]
-    model_to_photo = compose_affine(np.asarray(crop_to_photo, np.float64), resize_affine(crop_size, size))
-    photo_to_model = invert_affine(model_to_photo)
-    photo_to_mask = invert_affine(
-        compose_affine(np.asarray(crop_to_photo, np.float64), resize_affine(crop_size, mask_size))
-    )
-    corners = np.array([[-0.5, -0.5], [-0.5, size - 0.5], [size - 0.5, -0.5], [size - 0.5, size - 0.5]])
-    box = corners @ model_to_photo[:, :2].T + model_to_photo[:, 2]
-    x0, y0 = np.clip(np.floor(box.min(0)).astype(int), 0, [width - 1, height - 1])
-    x1, y1 = np.clip(np.ceil(box.max(0)).astype(int), 0, [width - 1, height - 1])
-    ys, xs = np.mgrid[y0 : y1 + 1, x0 : x1 + 1]
-    mu = photo_to_mask[0, 0] * xs + photo_to_mask[0, 1] * ys + photo_to_mask[0, 2]
-    mv = photo_to_mask[1, 0] * xs + photo_to_mask[1, 1] * ys + photo_to_mask[1, 2]
-    alpha_box = _sample(soft, mv.ravel(), mu.ravel()).reshape(xs.shape)
-    alpha_box[alpha_box < 1e-4] = 0
-    on = alpha_box > 0
-    mask = np.array(mask, np.float32, copy=True)
-    if not on.any():
+    crop = np.asarray(crop_to_photo, np.float64)
+    photo_to_model = invert_affine(compose_affine(crop, resize_affine(crop_size, size)))
+    mask_to_photo = compose_affine(crop, resize_affine(crop_size, soft.shape[0]))
+    photo_to_mask = invert_affine(mask_to_photo)
+    box = _support_box(soft, mask_to_photo, height, width)
+    if box is None:
         return image, mask
-    px, py, alpha = xs[on], ys[on], alpha_box[on]
-    u = photo_to_model[0, 0] * px + photo_to_model[0, 1] * py + photo_to_model[0, 2]
-    v = photo_to_model[1, 0] * px + photo_to_model[1, 1] * py + photo_to_model[1, 2]
-    delta = np.stack(
-        [
-            ndimage.map_coordinates(correction[..., c].astype(np.float32), [v, u], order=1, mode="nearest")
-            for c in range(3)
-        ],
-        -1,
-    )
-    value = image[py, px].astype(np.float32) + delta * alpha[:, None]
-    image[py, px] = np.clip(np.round(value), 0, 255).astype(np.uint8)
-    mask[py, px] = np.maximum(mask[py, px], alpha)
+    soft_t, correction_t = _channels(soft), _channels(correction)
+    with torch.no_grad():
+        for part in _bands(box):
+            alpha = _sample(soft_t, _affine_grid(photo_to_mask, part, *soft.shape))[0]
+            alpha = torch.where(alpha < 1e-4, 0.0, alpha)
+            on = alpha > 0
+            if not bool(on.any()):
+                continue
+            delta = _sample(correction_t, _affine_grid(photo_to_model, part, size, size), border=True)
+            before = _channels(image[part.rows, part.cols])
+            value = before * (1 + (delta - 1) * alpha) if ratio else before + delta * alpha
+            value = value.clamp(0, 255).round()
+            image[part.rows, part.cols] = torch.where(on, value, before).to(torch.uint8).permute(1, 2, 0).numpy()
+            mask[part.rows, part.cols] = np.maximum(mask[part.rows, part.cols], alpha.numpy())
     return image, mask

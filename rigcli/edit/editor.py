@@ -388,6 +388,8 @@ def edit_photos(
 
 
 POOR_RECONSTRUCTION_DB = 20.0
+CARRY_MODES = ("difference", "ratio")
+RATIO_FLOOR, RATIO_LIMIT = 0.05, 2.0  # ratio carry: levels above black in [0, 2]; the factor's bound
 
 
 def refine_photos(
@@ -408,9 +410,10 @@ def refine_photos(
     (edited sample - its input) - (reconstruction - unedited crop), in levels at the model's size,
     added to the physical edit (at strength 1: to the photo) inside the feathered faces of θ0 and θ1.
     What the model does to an unedited photo (its reconstruction error) cancels, and so does the
-    physical edit it was given: only what the model adds to it is carried over. A difference, not a
-    ratio (which would cancel a gain error rather than an offset; to be settled by measurement on
-    held-out photos, issue 14). Sets each result's ``photo_output``, ``physical`` and
+    physical edit it was given: only what the model adds to it is carried over. ``carry`` "ratio"
+    carries (edited sample / its input) / (reconstruction / unedited crop) as a factor instead (a
+    gain error cancels rather than an offset); benchmarks/bench_strength.py measures both.
+    Sets each result's ``photo_output``, ``physical`` and
     ``reconstruction_psnr`` (+ a ``warning`` below POOR_RECONSTRUCTION_DB); returns the edited
     samples (B, 3, s, s) in [-1, 1].
     """
@@ -424,15 +427,27 @@ def refine_photos(
         crops = np.stack([warp(e.image, p.crop_to_photo, size) for e, p in zip(physical, photos, strict=True)])
     else:
         crops = np.stack([p.crop for p in photos])
+    if carry not in CARRY_MODES:
+        raise RigError(f"carry {carry!r}: choose one of {', '.join(CARRY_MODES)}")
     samples, recon, start, unedited = editor.refine(photos, fit, edited, crops, strength, steps, callback)
-    correction = ((samples - start) - (recon - unedited)) * 127.5
+    if carry == "ratio":  # in [0, 2] above black, floored so that near-black pixels cannot blow up
+
+        def level(x: torch.Tensor) -> torch.Tensor:
+            return (x + 1).clamp_min(RATIO_FLOOR)
+
+        factor = (level(samples) / level(start)) / (level(recon) / level(unedited))
+        correction = factor.clamp(1 / RATIO_LIMIT, RATIO_LIMIT)
+    else:
+        correction = ((samples - start) - (recon - unedited)) * 127.5
     faces = editor.face_masks(fit) | editor.face_masks(edited)
     for k, (result, photo) in enumerate(zip(results, photos, strict=True)):
         edit = physical[k]
         base = photo.pixels if edit is None else edit.image
         base_mask = np.zeros(base.shape[:2], np.float32) if edit is None else edit.mask
         delta = correction[k].permute(1, 2, 0).numpy()
-        result.photo_output, result.photo_mask = transfer(base, base_mask, delta, photo.crop_to_photo, size, faces[k])
+        result.photo_output, result.photo_mask = transfer(
+            base, base_mask, delta, photo.crop_to_photo, size, faces[k], ratio=carry == "ratio"
+        )
         result.physical = edit
         if strength > 0:
             db = psnr(recon[k], unedited[k], value_range=(-1, 1))
