@@ -21,7 +21,7 @@ from skimage import data
 
 from rigcli.assets.ict import download_ict, import_ict
 from rigcli.edit.controls import Controls
-from rigcli.edit.editor import Editor, edit_photos, sheet_row
+from rigcli.edit.editor import DEFAULT_STRENGTH, SHEET_TILE, Editor, edit_photos, method_sheet_row
 from rigcli.enroll import AddReport, add_photos, aligned_sheet, fit_sheet
 from rigcli.face.ict import ict_available
 from rigcli.files import atomic_write_bytes
@@ -145,8 +145,9 @@ def run_demo(
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> DemoResult:
     """Album, add-person, fit sheets, a tiny model fine-tuned from scratch, and four edits of the
-    photo kept out of the album, all under ``out_dir``. ``add`` adds the album (default
-    ``enroll.add_photos``; the CLI passes its own, with progress and the report table)."""
+    photo kept out of the album (made as ``rig edit`` makes them), all under ``out_dir``. ``add``
+    adds the album (default ``enroll.add_photos``; the CLI passes its own, with progress and the
+    report table)."""
     say = on_message or (lambda text: None)
     moved = on_progress or (lambda stage, done, total: None)
     store.ensure_writable()
@@ -171,11 +172,11 @@ def run_demo(
     rows = []
     for i, (label, fields) in enumerate(DEMO_EDITS.items()):
         moved("editing", i, len(DEMO_EDITS))
-        (edited,) = edit_photos(editor, [album[0].path], Controls(**fields), steps=20)
+        (edited,) = edit_photos(editor, [album[0].path], Controls(**fields), steps=20, strength=DEFAULT_STRENGTH)
         result.edits[label] = out_dir / "edits" / f"{label}.png"
-        atomic_write_bytes(result.edits[label], encode_png(edited.output))
-        rows.extend(sheet_row(edited, editor.size))
+        atomic_write_bytes(result.edits[label], encode_png(edited.photo_output))  # as rig edit writes it
+        rows.extend(method_sheet_row(edited, SHEET_TILE))
     moved("editing", len(DEMO_EDITS), len(DEMO_EDITS))
     result.sheet = out_dir / "edits" / "sheet.png"
-    atomic_write_bytes(result.sheet, encode_png(grid(rows, 6)))
+    atomic_write_bytes(result.sheet, encode_png(grid(rows, 5)))
     return result

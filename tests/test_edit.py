@@ -188,7 +188,10 @@ def test_demo_quick_runs_end_to_end_offline_with_the_embedded_face_model(tmp_pat
     assert "device: cpu" in result.stderr
     assert not (out / "home" / "assets" / "ict").exists()  # nothing was imported or downloaded
     assert read_fit(Store(out / "home"), "astronaut")["model_id"].startswith("ict-embedded-")
-    assert read_photo(out / "edits" / "sheet.png").pixels.shape == (4 * 68 + 4, 6 * 68 + 4, 3)
+    # one row per edit: input | physical edit | output | displacement | shading ratio, 256 px tiles
+    assert read_photo(out / "edits" / "sheet.png").pixels.shape == (4 * 260 + 4, 5 * 260 + 4, 3)
+    edited, photo = read_photo(out / "edits" / "smile.png").pixels, read_photo(out / "album" / "astronaut_00.png")
+    assert edited.shape == photo.pixels.shape and (edited != photo.pixels).any()  # the whole photo, edited
 
 
 def test_export_onnx_and_edit_with_the_onnx_engine(trained_home, album, tmp_path):

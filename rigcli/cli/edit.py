@@ -145,7 +145,7 @@ def edit_command(
             min=0.0,
             max=1.0,
             help="How far the model refines the physical edit: 0 the physical edit alone (no model), 1 the paper's "
-            "edit (the photo inverted all the way). The default is provisional.",
+            "edit (the photo inverted all the way). The default was chosen by measurement (benchmarks/RESULTS.md).",
         ),
     ] = DEFAULT_STRENGTH,
     compose: Annotated[
@@ -377,7 +377,8 @@ def demo(
     console = out()
     console.print(f"aligned crops: {escape(str(result.aligned))}; 3D fit: {escape(str(result.fit))}")
     console.print(
-        f"edits ({', '.join(DEMO_EDITS)}) and a sheet (input | buffers before | after | output): "
+        f"edits of the whole photo ({', '.join(DEMO_EDITS)}) and a sheet (input | physical edit | output | "
+        f"displacement | shading ratio): "
         f"{escape(str(out_dir / 'edits'))}"
     )
     console.print(

@@ -49,7 +49,7 @@ OPEN_EDGE_BAND = 0.07  # of the crop: the ratio fades to 1 over this band inside
 EDGE_MARGIN, EDGE_RAMP = 0.02, 0.06  # of the crop: nothing changes within MARGIN of its edge, fully from +RAMP
 RATIO_SIGMA = 0.75 / 1024  # of the crop: smoothing of the log ratio (0.75 px of a 1024 px crop)
 BAND_PIXELS = 1 << 20  # photo pixels composed at a time (whole rows): small intermediates, few torch calls
-SLIVER = 0.002  # of the crop: unseen surface thinner than about twice this is warped, not filled
+SLIVER = 0.008  # of the crop: unseen surface thinner than about twice this is warped, not filled
 
 
 @dataclass

@@ -610,7 +610,7 @@ def sheet_path(target: Path) -> Path:
 
 
 SHEET_TILE = 256  # px: the tiles of the strength method's contact sheet
-DEFAULT_STRENGTH = 0.5  # provisional: to be chosen by measurement on held-out photos (issue 14)
+DEFAULT_STRENGTH = 0.3  # by measurement on a held-out real photo (benchmarks/bench_strength.py, RESULTS.md)
 COMPOSE_MODES = ("refined", "plain")
 
 
