@@ -1,4 +1,4 @@
-"""Time the physical edit (rigcli.edit.compose) on a 12 MP photo (4000x3000), stage by stage: the
+"""Time the physical edit (rigcli.render.compose) on a 12 MP photo (4000x3000), stage by stage: the
 correspondence at the working resolution (geometry, ratio), θ1's render as the fill, the composition
 at the photo's size, and the transfer of a model's correction (64 px) onto the result; then the whole
 ``physical_edit`` end to end. Each figure is the best of ``--repeat`` runs (the cores may be shared).
@@ -16,7 +16,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from rigcli.edit.compose import (
+from rigcli.face.ict import load_embedded_ict
+from rigcli.face.params import FaceFit
+from rigcli.render.buffers import light_from_direction
+from rigcli.render.compose import (
     _correspondence,
     compose_edit,
     physical_edit,
@@ -24,9 +27,6 @@ from rigcli.edit.compose import (
     transfer,
     working_size,
 )
-from rigcli.face.ict import load_embedded_ict
-from rigcli.face.params import FaceFit
-from rigcli.render.buffers import light_from_direction
 
 MODEL_SIZE = 64  # the model's output size: the correction ``transfer`` carries
 

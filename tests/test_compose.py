@@ -1,4 +1,4 @@
-"""The physical edit at full resolution (rigcli.edit.compose) against an oracle.
+"""The physical edit at full resolution (rigcli.render.compose) against an oracle.
 
 The oracle: an ICT face rendered at photo scale (1024 px photo, the 256 px crop square placed in it
 at 3.5x) with a procedural texture (sinusoids of the neutral-mesh position, 8-16 px wavelengths) that
@@ -17,12 +17,12 @@ import pytest
 import torch
 from scipy import ndimage
 
-from rigcli.edit.compose import correspondence, linear_to_srgb, physical_edit, resize_affine, working_size
 from rigcli.edit.editor import paste_back_crop
 from rigcli.face.params import FaceFit
 from rigcli.image.align import compose_affine, warp
 from rigcli.image.metrics import psnr
 from rigcli.render.buffers import light_from_direction, rasterize_fit, sh_shading
+from rigcli.render.compose import correspondence, linear_to_srgb, physical_edit, resize_affine, working_size
 
 CROP, PHOTO, K, OFFSET = 256, 1024, 3.5, (64.0, 24.0)
 CROP_TO_PHOTO = np.array([[K, 0, OFFSET[0]], [0, K, OFFSET[1]]])

@@ -211,8 +211,8 @@ def test_export_onnx_and_edit_with_the_onnx_engine(trained_home, album, tmp_path
 
 
 def test_strength_zero_is_the_physical_edit_and_one_is_the_paper_edit(editor, trained_home, album, tmp_path):
-    from rigcli.edit.compose import physical_edit
     from rigcli.edit.editor import edit_to_files
+    from rigcli.render.compose import physical_edit
 
     target = tmp_path / "s0.png"
     (item,) = edit_to_files(Store(trained_home), "astro", [album[1].path], Controls(light="left"), output=target,

@@ -103,3 +103,13 @@ def test_the_group_photo_edits_the_face_of_the_albums_person(real_home, analyzer
         x0, y0, x1, y1 = faces[1 - whose[person]].box.box
         inside = (changed[:, 1] >= x0) & (changed[:, 1] <= x1) & (changed[:, 0] >= y0) & (changed[:, 0] <= y1)
         assert inside.mean() < 0.05  # the other face is left alone
+
+
+def test_light_from_a_photo_of_someone_else_is_a_reference_not_a_stranger(editor_a):
+    """A reference photo (--light-from) may show anyone; the photo edited must show the person."""
+    controls = Controls(light_from=REAL / ALBUM_B[1])
+    (result,) = edit_photos(editor_a, [REAL / HELD_OUT], controls, steps=2, strength=0.0)
+    assert result.error is None, result.error
+    assert not np.array_equal(result.photo_output, result.prepared.pixels)
+    (stranger,) = edit_photos(editor_a, [REAL / ALBUM_B[1]], Controls(light="left"), steps=2, strength=0.0)
+    assert stranger.photo_output is None and stranger.error.startswith("not the person: not a")

@@ -71,6 +71,20 @@ def finetune_command(
             "model.json for `rig eval --holdout`.",
         ),
     ] = 0,
+    augment: Annotated[
+        bool | None,
+        typer.Option(
+            "--augment/--no-augment",
+            help="Also train on copies of each photo made by the physical edit (other lights, small expression "
+            "changes and head turns, with their buffers) and on mirrored samples. Default: on from scratch, off "
+            "with --base.",
+            show_default=False,
+        ),
+    ] = None,
+    augment_copies: Annotated[int, typer.Option(min=1, max=64, help="Augmented copies per photo.")] = 4,
+    augment_ratio: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of samples drawn from the augmented copies.")
+    ] = 0.5,
 ) -> None:
     """Stage 2: fine-tune a diffusion model on one person's photos (resumes an interrupted run)."""
 
@@ -101,7 +115,13 @@ def finetune_command(
                 restart=restart,
                 checkpoint_every=checkpoint_every,
                 holdout=holdout,
+                augment=augment,
+                augment_copies=augment_copies,
+                augment_ratio=augment_ratio,
                 on_step=stepped,
+                on_copy=lambda done, total: progress.update(
+                    task, description=f"augmenting  copy {done}/{total}", completed=0
+                ),
             )
         except KeyboardInterrupt:
             progress.stop()
@@ -111,6 +131,9 @@ def finetune_command(
             raise typer.Exit(130) from None
     origin = f"base {info['base']}" if info["base"] else "from scratch"
     out().print(f"{escape(name)}: {info['steps']} steps ({origin}), final loss {info['final_loss']:.4f}")
+    copies = info["augmented_copies_per_photo"]
+    extra = f" + {copies} augmented copies each, and mirrored samples" if copies else " (no augmentation)"
+    out().print(f"trained on {info['photos']} album photo(s){extra}")
     if info["holdout"]:
         out().print(f"held out for `rig eval`: {', '.join(info['holdout'])}")
     if info["from_scratch"]:

@@ -20,17 +20,7 @@ from rigcli.face.flame import FlameFaceModel
 from rigcli.face.ict import ict_available, load_ict
 from rigcli.face.params import FaceFit
 from rigcli.files import atomic_write_bytes, atomic_write_json
-from rigcli.render.buffers import light_from_direction, sh_shading
-
-LIGHT_DIRECTIONS = {  # camera space: x to the image's right, y up, z toward the viewer
-    "front": (0.0, 0.0, 1.0),
-    "left": (-1.0, 0.0, 0.6),
-    "right": (1.0, 0.0, 0.6),
-    "top": (0.0, 1.0, 0.6),
-    "bottom": (0.0, -1.0, 0.6),
-    "back": (0.0, 0.3, -1.0),
-}
-
+from rigcli.render.buffers import LIGHT_DIRECTIONS, light_for
 
 EXPRESSION_CONTROLS = {
     "smile": ("mouthSmile_L", "mouthSmile_R"),
@@ -100,19 +90,6 @@ class Controls:
     @property
     def needs_reference_fits(self) -> list[Path]:
         return [p for p in (self.light_from, self.expression_from, self.pose_from) if p is not None]
-
-
-def light_for(
-    direction: Sequence[float], intensity: float, ambient: float, normals: torch.Tensor | None
-) -> torch.Tensor:
-    """A white SH light (9, 3) from a direction; without explicit intensity/ambient it is scaled so
-    the shading averages 1 over ``normals`` (the face keeps its overall brightness)."""
-
-    light = light_from_direction(torch.tensor(direction, dtype=torch.float64), intensity, ambient).float()
-    if normals is not None and len(normals):
-        mean = sh_shading(normals[None].float(), light[None])[0].mean()
-        light = light / mean.clamp_min(1e-3)
-    return light
 
 
 def direction_from_angles(yaw_deg: float, pitch_deg: float) -> tuple[float, float, float]:

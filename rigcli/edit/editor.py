@@ -26,9 +26,8 @@ from engines import EngineSpec, make_engine
 from rigcli import RigError
 from rigcli.diffusion.checkpoints import load_model
 from rigcli.diffusion.schedule import Diffusion, ddim_invert, ddim_sample, ddim_timesteps
-from rigcli.edit.compose import PhysicalEdit, physical_edit, resize_affine, transfer
 from rigcli.edit.controls import Controls, apply_controls, load_control_directions, parse_sweep, sweep_controls
-from rigcli.enroll import album_embeddings, person_face, read_fit
+from rigcli.enroll import album_embeddings, analyze_face, person_face, read_fit
 from rigcli.estimate import make_estimator
 from rigcli.face.ict import ict_available, load_ict
 from rigcli.face.params import FaceFit, rescale_fit
@@ -40,6 +39,7 @@ from rigcli.image.grid import grid, to_uint8
 from rigcli.image.metrics import psnr
 from rigcli.image.photo import PhotoError, encode_png, read_photo
 from rigcli.render.buffers import rasterize_fit, render_buffers, skin_mask
+from rigcli.render.compose import PhysicalEdit, physical_edit, resize_affine, transfer
 from rigcli.train.stages import check_base_buffers
 
 
@@ -144,12 +144,16 @@ class Editor:
             self._directions = load_control_directions(self.store, self.face_model)
         return self._directions
 
-    def prepare(self, path: Path, face: int | None = None) -> PreparedPhoto:
+    def prepare(self, path: Path, face: int | None = None, anyone: bool = False) -> PreparedPhoto:
         """Read, detect and align one photo: of several faces the person's (``person_face``), or the
-        ``face``-th from the left; PhotoError when it has no usable face or none is the person."""
+        ``face``-th from the left; PhotoError when it has no usable face or none is the person.
+        ``anyone``: the photo's main face, whoever it is (a reference photo for --light-from, ...)."""
 
         photo = read_photo(path)
-        face = person_face(photo, self.analyzer, self.album, self.name, face)
+        if anyone:
+            face = analyze_face(photo, self.analyzer)
+        else:
+            face = person_face(photo, self.analyzer, self.album, self.name, face)
         aligned = align_face(photo.pixels, face.landmarks, self.crop_size)
         return PreparedPhoto(path, photo.pixels, aligned.crop, aligned.crop_to_photo, face.landmarks)
 
@@ -318,7 +322,7 @@ def fit_reference(editor: Editor, path: Path) -> FaceFit:
     """Fit a reference photo (--light-from, ...) with its own identity: it need not be the person."""
 
     try:
-        photo = editor.prepare(Path(path))
+        photo = editor.prepare(Path(path), anyone=True)
     except PhotoError as exc:
         raise RigError(f"cannot use {path} as a reference: {exc}") from exc
     return editor.fit([photo], hold_identity=False)

@@ -12,6 +12,7 @@ they all see the same pixels; the face model answers for its own albedo.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,29 @@ def sh_shading(normals: torch.Tensor, light: torch.Tensor) -> torch.Tensor:
     basis = sh_basis(normals) * SH_CONSTANTS.to(normals)
     flat = basis.reshape(basis.shape[0], -1, 9)
     return torch.bmm(flat, light.to(normals)).reshape(*normals.shape[:-1], 3)
+
+
+LIGHT_DIRECTIONS = {  # camera space: x to the image's right, y up, z toward the viewer
+    "front": (0.0, 0.0, 1.0),
+    "left": (-1.0, 0.0, 0.6),
+    "right": (1.0, 0.0, 0.6),
+    "top": (0.0, 1.0, 0.6),
+    "bottom": (0.0, -1.0, 0.6),
+    "back": (0.0, 0.3, -1.0),
+}
+
+
+def light_for(
+    direction: Sequence[float], intensity: float, ambient: float, normals: torch.Tensor | None
+) -> torch.Tensor:
+    """A white SH light (9, 3) from a direction; without explicit intensity/ambient it is scaled so
+    the shading averages 1 over ``normals`` (the face keeps its overall brightness)."""
+
+    light = light_from_direction(torch.tensor(direction, dtype=torch.float64), intensity, ambient).float()
+    if normals is not None and len(normals):
+        mean = sh_shading(normals[None].float(), light[None])[0].mean()
+        light = light / mean.clamp_min(1e-3)
+    return light
 
 
 def light_from_direction(

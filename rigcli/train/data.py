@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,36 +18,117 @@ from rigcli import RigError
 from rigcli.enroll import read_fit
 from rigcli.estimate import LandmarkEstimator
 from rigcli.face.flame import flame_texture_id
-from rigcli.face.params import fit_from_json, rescale_fit
+from rigcli.face.params import FaceFit, fit_from_json, rescale_fit
 from rigcli.face.registry import face_model_name, load_face_model
 from rigcli.files import atomic_write_bytes, atomic_write_json
 from rigcli.image.align import align_face, apply_affine, invert_affine
 from rigcli.image.detect import MIN_FACE_PX, FaceAnalyzer
 from rigcli.image.photo import IMAGE_EXTENSIONS, PhotoError, read_photo
-from rigcli.render.buffers import render_buffers
+from rigcli.render.buffers import (
+    LIGHT_DIRECTIONS,
+    dominant_direction,
+    light_for,
+    rasterize_fit,
+    render_buffers,
+    sh_shading,
+    skin_mask,
+)
+from rigcli.render.compose import physical_edit
 
 RENDER_VERSION = 1  # bump when the buffers a fit renders to change
 
 
 @dataclass
 class TrainingData:
-    """Clean images in [-1, 1] (N, 3, S, S) and their buffers (N, 9, S, S)."""
+    """Clean images in [-1, 1] (N, 3, S, S) and their buffers (N, 9, S, S); with augmentation,
+    ``groups`` (P, 1 + K): per album photo its own row index, then those of its K augmented copies."""
 
     images: torch.Tensor
     buffers: torch.Tensor
     data_hash: str
     face_model_id: str
+    groups: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    @property
+    def photos(self) -> int:
+        """Album photos (the augmented copies not counted)."""
+        return len(self) if self.groups is None else int(self.groups.shape[0])
 
-def person_data(store, name: str, size: int, exclude: Sequence[str] = ()) -> TrainingData:
+    @property
+    def copies(self) -> int:
+        """Augmented copies per album photo."""
+        return 0 if self.groups is None else int(self.groups.shape[1]) - 1
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Copies of each album photo made by the physical edit (``render.compose``), each with the
+    buffers of the parameters it was made with: the same face under other lights, with small
+    expression changes and head turns, which the album alone never shows the model."""
+
+    copies: int = 4
+    seed: int = 0
+    max_yaw: float = 6.0  # degrees: head turns the warp stays faithful within (issue 15)
+    max_pitch: float = 4.0
+    expression: float = 0.35  # chance that each of smile, jaw open, blink, brow raise changes in a copy
+
+    def key(self) -> list:
+        return [AUGMENT_VERSION, self.copies, self.seed, self.max_yaw, self.max_pitch, self.expression]
+
+
+AUGMENT_VERSION = 1  # bump when the copies an Augment makes change
+AUGMENT_LIGHTS = ("left", "right", "top", "bottom", "front")  # rig edit --light's sides, drawn half the time
+AUGMENT_EXPRESSIONS = {  # blendshapes moved together, and the largest weight drawn
+    ("mouthSmile_L", "mouthSmile_R"): 0.8,
+    ("jawOpen",): 0.4,
+    ("eyeBlink_L", "eyeBlink_R"): 1.0,
+    ("browInnerUp_L", "browInnerUp_R", "browOuterUp_L", "browOuterUp_R"): 0.7,
+}
+
+
+def augmented_fit(
+    fit: FaceFit, names: Sequence[str], normals: torch.Tensor, rng: np.random.Generator, augment: Augment
+) -> FaceFit:
+    """One copy's parameters from a photo's (batch-1) fit: a new light (a named side half the time,
+    else within 60 deg of the photo's own, its strength drawn in [0.7, 1.3] of the default and the
+    face's mean shading kept), some blendshapes set anew, a small head turn."""
+    out = fit.select([0])
+    if rng.random() < 0.5:
+        direction = LIGHT_DIRECTIONS[AUGMENT_LIGHTS[int(rng.integers(len(AUGMENT_LIGHTS)))]]
+    else:
+        own = dominant_direction(fit.light[0].double()).numpy()
+        yaw = math.atan2(own[0], own[2]) + math.radians(rng.uniform(-60, 60))
+        pitch = math.asin(float(np.clip(own[1], -1, 1))) + math.radians(rng.uniform(-40, 40))
+        pitch = float(np.clip(pitch, -1.2, 1.2))
+        direction = (math.sin(yaw) * math.cos(pitch), math.sin(pitch), math.cos(yaw) * math.cos(pitch))
+    light = light_for(direction, 0.8 * rng.uniform(0.7, 1.3), 0.35, None)
+    mean = sh_shading(normals[None].float(), light[None])[0].mean() if len(normals) else torch.tensor(1.0)
+    own_mean = sh_shading(normals[None].float(), fit.light[:1].float())[0].mean() if len(normals) else mean
+    out.light = (light * (own_mean / mean.clamp_min(1e-3)))[None].to(fit.light.dtype)
+    expression = out.expression.clone()
+    for shapes, top in AUGMENT_EXPRESSIONS.items():
+        present = [names.index(n) for n in shapes if n in names]
+        if present and rng.random() < augment.expression:
+            expression[0, present] = float(rng.uniform(0, top))
+    out.expression = expression
+    out.yaw = fit.yaw + math.radians(rng.uniform(-1, 1) * augment.max_yaw)
+    out.pitch = fit.pitch + math.radians(rng.uniform(-1, 1) * augment.max_pitch)
+    return out
+
+
+def person_data(
+    store, name: str, size: int, exclude: Sequence[str] = (), augment: Augment | None = None, on_copy=None
+) -> TrainingData:
     """A person's training photos (crop + buffers at ``size``), rendered once and cached; photos
-    whose ids are in ``exclude`` (held out for evaluation) are left out.
+    whose ids are in ``exclude`` (held out for evaluation) are left out. With ``augment``, each
+    photo's augmented copies follow the album's rows (``TrainingData.groups``), cached with them.
 
-    The cache key covers the fit, the face model, the renderer and, for a DECA fit, the texture space
-    its albedo comes from, so a refit, a new face model or a texture import makes a new cache.
+    The cache key covers the fit, the face model, the renderer, the augmentation and, for a DECA fit,
+    the texture space its albedo comes from, so a refit, a new face model or a texture import makes a
+    new cache.
     """
     fit_doc = read_fit(store, name)
     if fit_doc is None:
@@ -60,16 +142,28 @@ def person_data(store, name: str, size: int, exclude: Sequence[str] = ()) -> Tra
     parts = [fit_doc["model_id"], fit_doc["fitted"], [r.id for r in records], size, RENDER_VERSION]
     if any("texture_code" in p for p in fit_doc["photos"].values()):  # a DECA fit: albedo from the texture space
         parts.append(flame_texture_id(store))
+    if augment is not None and augment.copies > 0:
+        parts.append(augment.key())
+    else:
+        augment = None
     key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
     cache = store.person_dir(name) / "cache" / f"train-{size}-{key}.safetensors"
+    count = len(records)
+    groups = None
+    if augment is not None:  # row of photo i: i; of its copy j: count + i * copies + j
+        copies = torch.arange(count * augment.copies).reshape(count, augment.copies) + count
+        groups = torch.cat([torch.arange(count)[:, None], copies], 1)
     if cache.is_file():
         tensors = load_file(cache)
-        return TrainingData(tensors["images"], tensors["buffers"], key, fit_doc["model_id"])
+        return TrainingData(tensors["images"], tensors["buffers"], key, fit_doc["model_id"], groups)
     images, buffers = render_training_pairs(store, name, records, fit_doc, size)
+    if augment is not None:
+        more, more_buffers, _ = augmented_pairs(store, name, records, fit_doc, size, augment, on_copy)
+        images, buffers = torch.cat([images, more]), torch.cat([buffers, more_buffers])
     for old in cache.parent.glob(f"train-{size}-*.safetensors"):
         old.unlink()
     atomic_write_bytes(cache, save({"images": images.contiguous(), "buffers": buffers.contiguous()}))
-    return TrainingData(images, buffers, key, fit_doc["model_id"])
+    return TrainingData(images, buffers, key, fit_doc["model_id"], groups)
 
 
 def render_training_pairs(store, name: str, records, fit_doc: dict, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +182,39 @@ def render_training_pairs(store, name: str, records, fit_doc: dict, size: int) -
         crops.append(crop)
     images = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return images, buffers
+
+
+def augmented_pairs(
+    store, name: str, records, fit_doc: dict, size: int, augment: Augment, on_copy=None
+) -> tuple[torch.Tensor, torch.Tensor, list[FaceFit]]:
+    """``augment.copies`` copies of each record's aligned crop, made by the physical edit in the crop's
+    own frame, resized to ``size`` in [-1, 1], with the buffers their parameters render at ``size``
+    and those parameters (crop frame); ordered photo by photo. Each photo's copies are drawn from
+    (``augment.seed``, its id), so they do not change when other photos come or go."""
+    model = load_face_model(store, face_model_name(fit_doc))
+    crop_size = fit_doc["crop_size"]
+    fit = fit_from_json([fit_doc["photos"][r.id] for r in records], fit_doc["identity"], model.expression_names)
+    geometry = rasterize_fit(model, fit, crop_size)
+    skin = skin_mask(model, geometry)
+    images, fits = [], []
+    for i, record in enumerate(records):
+        crop = read_photo(store.person_dir(name) / record.aligned).pixels
+        one = fit.select([i])
+        rng = np.random.default_rng([augment.seed, int(record.id[:8], 16)])
+        for _ in range(augment.copies):
+            edited = augmented_fit(one, model.expression_names, geometry.normals[i][skin[i]], rng, augment)
+            picture = physical_edit(crop, np.eye(2, 3), crop_size, model, one, edited).image
+            if picture.shape[0] != size:
+                picture = np.asarray(Image.fromarray(picture).resize((size, size), Image.Resampling.BOX))
+            images.append(picture)
+            fits.append(edited)
+            if on_copy:
+                on_copy(len(fits), len(records) * augment.copies)
+    if not fits:
+        return torch.zeros(0, 3, size, size), torch.zeros(0, 9, size, size), []
+    buffers = render_buffers(model, rescale_fit(FaceFit.cat(fits), crop_size, size), size)
+    tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return tensor, buffers, fits
 
 
 def prepare_folder(

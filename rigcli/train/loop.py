@@ -37,11 +37,35 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 250
     preview_every: int = 500
+    augment_ratio: float = 0.0  # share of samples drawn from a photo's augmented copies (TrainingData.groups)
+    flip: bool = False  # mirror half the samples, with their buffers (normals' x negated)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
     """The seed of one training step on one process."""
     return (seed * 1_000_003 + rank * 10_007 + step) % (2**63)
+
+
+def draw_rows(data: TrainingData, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """A batch's row indices: uniform over the rows; with augmentation, uniform over the album's
+    photos, each sample taken from one of that photo's copies with chance ``cfg.augment_ratio``."""
+    if data.groups is None or cfg.augment_ratio <= 0:
+        return torch.randint(0, len(data), (cfg.batch,), generator=generator)
+    photo = torch.randint(0, data.photos, (cfg.batch,), generator=generator)
+    take = torch.rand(cfg.batch, generator=generator) < cfg.augment_ratio
+    copy = torch.randint(1, data.copies + 1, (cfg.batch,), generator=generator)
+    return torch.where(take, data.groups[photo, copy], data.groups[photo, 0])
+
+
+def flip_pairs(images: torch.Tensor, buffers: torch.Tensor, which: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror the chosen samples left to right, images and buffers alike; a mirrored face's normals
+    point the other way in x (buffer channel 3), as its render would."""
+    images, buffers = images.clone(), buffers.clone()
+    images[which] = images[which].flip(-1)
+    mirrored = buffers[which].flip(-1)
+    mirrored[:, 3] = -mirrored[:, 3]
+    buffers[which] = mirrored
+    return images, buffers
 
 
 def save_checkpoint(folder: Path, model, ema, optimizer, step: int, meta: dict) -> None:
@@ -153,8 +177,11 @@ def train(
             # draw exactly what an uninterrupted single run would
             generator = torch.Generator().manual_seed(step_seed(cfg.seed, rank, step))
             torch.manual_seed(step_seed(cfg.seed, rank, step))  # dropout
-            index = torch.randint(0, len(data), (cfg.batch,), generator=generator)
-            x0, cond = images[index].to(device), buffers[index].to(device)
+            index = draw_rows(data, cfg, generator)
+            x0, cond = images[index], buffers[index]
+            if cfg.flip:
+                x0, cond = flip_pairs(x0, cond, torch.rand(cfg.batch, generator=generator) < 0.5)
+            x0, cond = x0.to(device), cond.to(device)
             t = torch.randint(0, diffusion.steps, (cfg.batch,), generator=generator).to(device)
             noise = torch.randn(x0.shape, generator=generator).to(device)
             x_t = diffusion.q_sample(x0, t, noise)

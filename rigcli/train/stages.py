@@ -27,7 +27,7 @@ from rigcli.diffusion.unet import DiffusionRig, paper_arguments, preset
 from rigcli.enroll import read_fit
 from rigcli.files import atomic_write_bytes, atomic_write_json, file_sha256, now_iso
 from rigcli.store import check_name, registered_models, registry_dir
-from rigcli.train.data import person_data, prepare_folder
+from rigcli.train.data import Augment, person_data, prepare_folder
 from rigcli.train.loop import TrainConfig, train
 
 
@@ -78,14 +78,24 @@ def finetune(
     restart: bool = False,
     checkpoint_every: int = 250,
     holdout: int = 0,
+    augment: bool | None = None,
+    augment_copies: int = 4,
+    augment_ratio: float = 0.5,
     on_step: Callable[[int, float], None] | None = None,
+    on_copy: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Stage 2: personalize a base model on ``name``'s photos (or train from scratch); returns model.json.
 
     ``holdout`` photos are drawn with ``seed``, kept out of training and listed in model.json
-    (``holdout``) for ``rig eval``. Resumes an interrupted run with the same settings; ``restart``
-    discards it.
+    (``holdout``) for ``rig eval``. ``augment`` (default: on from scratch, off with a base model)
+    adds ``augment_copies`` physical-edit copies of each photo (``train.data.Augment``), drawn with
+    chance ``augment_ratio`` per sample, and mirrors half the samples. Resumes an interrupted run
+    with the same settings; ``restart`` discards it.
     """
+    if not 0 <= augment_ratio <= 1:
+        raise RigError(f"--augment-ratio {augment_ratio}: give a value between 0 and 1")
+    if augment_copies < 1:
+        raise RigError(f"--augment-copies {augment_copies}: give at least 1")
 
     store.require(name)
     torch.manual_seed(seed)  # the fresh model's initial weights are part of the run
@@ -109,9 +119,13 @@ def finetune(
         cfg = TrainConfig(steps=steps or 5000, batch=batch or 4, lr=lr or 1e-4, seed=seed, freeze_encoder=False)
     cfg.checkpoint_every = checkpoint_every
     cfg.preview_every = max(checkpoint_every, cfg.steps // 10)
+    augment = from_scratch if augment is None else augment
+    plan = Augment(copies=augment_copies, seed=seed) if augment else None
+    if plan is not None:
+        cfg.augment_ratio, cfg.flip = augment_ratio, True
     with store.locked(name):  # held for the whole run: one training per person at a time
         held_out = holdout_photos(store, name, holdout, seed)
-        data = person_data(store, name, model.cfg.image_size, exclude=held_out)
+        data = person_data(store, name, model.cfg.image_size, exclude=held_out, augment=plan, on_copy=on_copy)
         if base_info:
             check_base_buffers(base, base_info, name, data.face_model_id)
         run_dir = store.person_dir(name) / "training"
@@ -129,6 +143,8 @@ def finetune(
             "face_model_id": data.face_model_id,
             "data_hash": data.data_hash,
             "holdout": held_out,
+            "photos": data.photos,
+            "augmented_copies_per_photo": data.copies,
             "train": asdict(cfg),
             "trained": now_iso(),
         }
