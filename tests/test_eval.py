@@ -34,7 +34,7 @@ from rigcli.image.metrics import PSNR_CAP, psnr, ssim, ssim_map
 from rigcli.image.photo import read_photo
 from rigcli.render.buffers import render_buffers
 from rigcli.store import Store
-from rigcli.train.data import Augment, person_data
+from rigcli.train.data import person_data
 from rigcli.train.stages import holdout_photos
 from tests.conftest import home_with_model
 
@@ -168,12 +168,9 @@ def test_holdout_is_seeded_recorded_and_left_out_of_training(held_out_home):
     assert holdout_photos(store, "astro", 2, seed=3) == holdout_photos(store, "astro", 2, seed=3)
     assert {tuple(holdout_photos(store, "astro", 2, seed=s)) for s in range(6)} != {tuple(info["holdout"])}
     everything = person_data(store, "astro", 64)
-    # trained from scratch: with augmentation by default, its copies drawn with the run's seed
-    assert info["augmented_copies_per_photo"] == 4 and info["photos"] == 4
-    augment = Augment(copies=info["augmented_copies_per_photo"], seed=3)
-    trained = person_data(store, "astro", 64, exclude=info["holdout"], augment=augment)
-    assert len(everything) == 6 and trained.photos == 4 and trained.data_hash == info["data_hash"]
-    assert len(trained) == 4 * 5  # the 4 photos trained on and 4 copies of each; none of the held-out ones
+    trained = person_data(store, "astro", 64, exclude=info["holdout"])
+    assert info["augmented_copies_per_photo"] == 0 and info["photos"] == 4  # augmentation is off by default
+    assert len(everything) == 6 and len(trained) == 4 and trained.data_hash == info["data_hash"]
     with pytest.raises(RigError, match="leave no photo"):
         holdout_photos(store, "astro", 6)
 

@@ -87,10 +87,10 @@ def finetune(
     """Stage 2: personalize a base model on ``name``'s photos (or train from scratch); returns model.json.
 
     ``holdout`` photos are drawn with ``seed``, kept out of training and listed in model.json
-    (``holdout``) for ``rig eval``. ``augment`` (default: on from scratch, off with a base model)
-    adds ``augment_copies`` physical-edit copies of each photo (``train.data.Augment``), drawn with
-    chance ``augment_ratio`` per sample, and mirrors half the samples. Resumes an interrupted run
-    with the same settings; ``restart`` discards it.
+    (``holdout``) for ``rig eval``. ``augment`` (off by default) adds ``augment_copies``
+    physical-edit copies of each photo (``train.data.Augment``), drawn with chance ``augment_ratio``
+    per sample, and mirrors half the samples. Resumes an interrupted run with the same settings;
+    ``restart`` discards it.
     """
     if not 0 <= augment_ratio <= 1:
         raise RigError(f"--augment-ratio {augment_ratio}: give a value between 0 and 1")
@@ -119,7 +119,7 @@ def finetune(
         cfg = TrainConfig(steps=steps or 5000, batch=batch or 4, lr=lr or 1e-4, seed=seed, freeze_encoder=False)
     cfg.checkpoint_every = checkpoint_every
     cfg.preview_every = max(checkpoint_every, cfg.steps // 10)
-    augment = from_scratch if augment is None else augment
+    augment = bool(augment)  # off unless asked: resuming an augmented run is not yet bit-exact (issue 15)
     plan = Augment(copies=augment_copies, seed=seed) if augment else None
     if plan is not None:
         cfg.augment_ratio, cfg.flip = augment_ratio, True
