@@ -419,7 +419,7 @@ def sample_suite_method(
         edits, asked = suite_edits(editor, photos, prepared, fit, i)
         one = fit.select([i])
         face = photo_mask(editor.face_masks(one)[0], photo.crop_to_photo, photo.pixels.shape[:2])
-        outputs, buffers, detail = [], [], []
+        outputs, detail = [], []
         started = time.perf_counter()
         for lo in range(0, len(edits), batch):
             chunk = list(range(lo, min(lo + batch, len(edits))))
@@ -432,10 +432,9 @@ def sample_suite_method(
                 if on_edit:
                     on_edit(edits[k].label)
         seconds = (time.perf_counter() - started) / len(edits)
-        for k in range(len(edits)):
-            buffers.append(torch.nn.functional.interpolate(editor.buffers(asked.select([k])), size=(size, size)))
+        buffers = torch.nn.functional.interpolate(editor.buffers(asked), size=(size, size))  # one render, all edits
         results.append(
-            Sampled(i, edits, asked, np.stack(outputs), torch.cat(buffers), photo.crop.astype(np.float32),
+            Sampled(i, edits, asked, np.stack(outputs), buffers, photo.crop.astype(np.float32),
                     editor.face_masks(asked), seconds, detail)
         )  # fmt: skip
     return results
