@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from rigcli import RigError
-from rigcli.cli.common import DEVICE_HELP, app, handles_errors, out, progress_bar, store_of, use_device
+from rigcli.cli.common import DEVICE_HELP, app, err, handles_errors, out, progress_bar, store_of, use_device
 from rigcli.cli.people import add_with_progress
 from rigcli.demo import DEMO_EDITS, run_demo
 from rigcli.edit.controls import Controls
@@ -20,6 +20,7 @@ from rigcli.enroll import NOT_PERSON
 from rigcli.evaluate.report import format_value, run_eval
 from rigcli.evaluate.suite import METRICS
 from rigcli.store import Store
+from rigcli.studio.page import LOOPBACK, serve
 
 
 class ComposeMode(str, Enum):
@@ -386,3 +387,42 @@ def demo(
         f"{result.steps} steps on one album. For that quality use a GPU, the paper preset and a stage-1 "
         "base model: rig pretrain ... then rig finetune NAME --base MODEL (see the README)."
     )
+
+
+@app.command("studio")
+@handles_errors
+def studio_command(
+    ctx: typer.Context,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; anything but 127.0.0.1 lets other machines in (a warning).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 7860,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    engine: Annotated[
+        str, typer.Option(help="The UNet's runtime at first (the page can change it): torch, torch-bf16, onnx, ...")
+    ] = "torch",
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out-dir",
+            help="Where edits (and the page's uploads) are written; default the store's studio/.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Edit in the browser: sliders for every control of rig edit, a live preview, before/after at full size.
+
+    Needs the studio extra: pip install 'rig[studio]'. Stop it with Ctrl-C."""
+    if host not in LOOPBACK:
+        err().print(
+            f"[yellow]warning[/]: listening on {escape(host)}: anyone who can reach this machine can use the studio"
+            " and its people's photos"
+        )
+
+    def ready(url: str) -> None:
+        out().print(f"rig studio: {escape(url)} (Ctrl-C to stop)")
+
+    serve(
+        store_of(ctx), host=host, port=port, device=use_device(device), engine=engine, out_dir=out_dir,
+        on_ready=ready,
+    )  # fmt: skip

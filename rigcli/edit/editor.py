@@ -91,8 +91,9 @@ class Editor:
         device: str = "cpu",
         detector: str = "hog",
         engine: str = "torch",
+        engine_root: Path | None = None,
     ):
-
+        """``engine_root``: where exported engines are cached (default the person's ``engines/``)."""
         folder = store.require_model(name, model_dir)
         fit_doc = read_fit(store, name)
         if fit_doc is None:
@@ -110,7 +111,7 @@ class Editor:
         self.crop_size = manifest.align_size
         self.album = np.stack(list(album_embeddings(store, name, manifest).values()))  # (N, 128) dlib
         self.analyzer = FaceAnalyzer(detector)
-        self.denoise = self._engine(engine, store.person_dir(name) / "engines", folder)
+        self.denoise = self._engine(engine, engine_root or store.person_dir(name) / "engines", folder)
 
     def _engine(self, spec: str, root: Path, folder: Path):
         """The runtime that serves eps = f(x_t, t, buffers, latent) for the sampler (see engines)."""
