@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,9 +26,9 @@ from rigcli.image.photo import PhotoError
 from rigcli.store import Store
 from rigcli.studio import PREVIEW_SIZE, Settings, Studio
 from rigcli.train.stages import finetune
-from tests.conftest import home_with_model
+from tests.conftest import SHARED, home_with_model
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "assets" / "real"
+REAL = SHARED / "assets" / "real"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 BROWSER_ARGS = [  # the machine's network is closed: no background connections
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -84,6 +85,10 @@ def test_untouched_sliders_leave_the_photo_as_fitted_and_a_moved_one_changes_the
     with_buffers = studio.preview(session.key, untouched, buffers=True)
     assert with_buffers.shape == (PREVIEW_SIZE, 3 * PREVIEW_SIZE, 3)
     np.testing.assert_array_equal(with_buffers[:, :PREVIEW_SIZE], plain)
+    photo_only = studio.preview(session.key, untouched, opacity=0.0)
+    half = studio.preview(session.key, untouched, opacity=0.5).astype(int)
+    assert np.abs(half - (photo_only.astype(int) + plain) / 2).max() <= 1, "opacity blends render and photo"
+    assert (photo_only != plain).any(axis=-1).mean() > 0.2, "at opacity 1 the render covers the face"
 
     smiling = Settings(expression=session.amounts | {"smile": 1.0})
     assert studio.controls(session, smiling).expression == {"smile": 1.0}
@@ -163,36 +168,45 @@ def store_files(home: Path) -> dict[str, float]:
     }
 
 
-@pytest.fixture(scope="module")
-def server(home, tmp_path_factory):
-    """``rig studio`` as a user starts it, from an empty working folder."""
-    port, cwd = free_port(), tmp_path_factory.mktemp("cwd")
-    before = store_files(home)
-    env = dict(os.environ, RIG_HOME=str(home), COLUMNS="200")
+def start_studio(home: Path, *args: str, cwd: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """``rig studio`` as a user starts it; returns once its page answers (or fails the test)."""
+    port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "rigcli", "--home", str(home), "studio", "--port", str(port), "--device", "cpu"],
-        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "rigcli", "--home", str(home), "studio", "--port", str(port), "--device", "cpu", *args],
+        cwd=cwd, env=dict(os.environ, COLUMNS="200"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 90
     while time.time() < deadline:
         try:
             urllib.request.urlopen(url, timeout=2)
-            break
+            return process, url
         except OSError:
             if process.poll() is not None:
                 pytest.fail(f"rig studio exited: {process.stdout.read()}")
             time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("rig studio did not start within 90 s")
-    yield url, home, cwd, before
-    process.terminate()
+    process.kill()
+    pytest.fail(f"rig studio did not start within 90 s: {process.communicate()[0]}")
+
+
+def stop(process: subprocess.Popen) -> str:
+    """Stop the server as Ctrl-C would; its whole output."""
+    process.send_signal(signal.SIGINT)
     try:
-        output, _ = process.communicate(timeout=20)
+        return process.communicate(timeout=20)[0]
     except subprocess.TimeoutExpired:
         process.kill()
-        output, _ = process.communicate()
+        return process.communicate()[0]
+
+
+@pytest.fixture(scope="module")
+def server(home, tmp_path_factory):
+    """The studio over the test store, started from an empty working folder."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    before = store_files(home)
+    process, url = start_studio(home, cwd=cwd)
+    yield url, home, cwd, before
+    output = stop(process)
     ours = str(Path(__file__).resolve().parents[1] / "rigcli")
     assert ours not in output, output  # no request failed inside rig (Gradio logs its own refusals)
 
@@ -324,3 +338,22 @@ def test_requests_naming_paths_are_refused(server):
         assert code in (403, 404), (target, code)
     assert store_files(home) == before
     assert not list(cwd.iterdir())
+
+
+def test_without_gradio_the_command_says_how_to_install_it(home, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from rigcli.cli import app
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio raises ImportError
+    result = CliRunner().invoke(app, ["--home", str(home), "studio", "--out-dir", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "pip install 'rig[studio]'" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_listening_beyond_this_machine_warns(home, tmp_path):
+    process, url = start_studio(home, "--host", "0.0.0.0", "--out-dir", str(tmp_path / "o"))
+    output = stop(process)
+    assert "warning" in output and "0.0.0.0" in output, output
+    assert url.rstrip("/").rsplit(":", 1)[1] in output, "it says where it listens"

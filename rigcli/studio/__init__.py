@@ -85,6 +85,7 @@ class PhotoSession:
     fit: FaceFit
     amounts: dict[str, float]  # expression control -> the photo's fitted amount
     skin_normals: list[torch.Tensor]
+    view: np.ndarray | None = None  # (PREVIEW_SIZE, PREVIEW_SIZE, 3) float: the crop the preview draws on
 
 
 @dataclass
@@ -235,9 +236,10 @@ class Studio:
             controls.blend[settings.blend_name] = float(settings.blend_weight)
         return controls
 
-    def preview(self, key: str | None, settings: Settings, buffers: bool = False) -> np.ndarray:
-        """The edited face model's shaded render over the photo's aligned crop (PREVIEW_SIZE px); with
-        ``buffers`` its normal and albedo buffers beside it. No diffusion model runs."""
+    @torch.no_grad()
+    def preview(self, key: str | None, settings: Settings, buffers: bool = False, opacity: float = 1.0) -> np.ndarray:
+        """The edited face model's shaded render over the photo's aligned crop (PREVIEW_SIZE px), at
+        ``opacity``; with ``buffers`` its normal and albedo buffers beside it. No diffusion model runs."""
         session = self.session(key)
         editor = self.editor(session.name)
         controls = self.controls(session, settings)
@@ -252,12 +254,15 @@ class Studio:
         size = PREVIEW_SIZE
         rendered = render_buffers(editor.face_model, rescale_fit(edited, editor.crop_size, size), size)[0]
         rendered = rendered.permute(1, 2, 0).numpy()
-        prepared = session.prepared
-        to_photo = compose_affine(prepared.crop_to_photo, resize_affine(editor.crop_size, size))
-        crop = warp(prepared.pixels, to_photo, size)
+        if session.view is None:  # the photo's crop at the preview's size, made once per photo
+            prepared = session.prepared
+            to_photo = compose_affine(prepared.crop_to_photo, resize_affine(editor.crop_size, size))
+            session.view = warp(prepared.pixels, to_photo, size).astype(np.float32)
+        crop = session.view
         face = np.abs(rendered[..., 3:6]).sum(-1, keepdims=True) > 0
         shaded = np.clip(rendered[..., 0:3], 0, 1) * 255
-        tiles = [np.where(face, shaded, crop).round().astype(np.uint8)]
+        alpha = float(np.clip(opacity, 0.0, 1.0)) * face
+        tiles = [(crop * (1 - alpha) + shaded * alpha).round().astype(np.uint8)]
         if buffers:
             tiles.append(np.where(face, rendered[..., 3:6] * 127.5 + 127.5, 0).round().astype(np.uint8))
             tiles.append((np.clip(rendered[..., 6:9], 0, 1) * 255).round().astype(np.uint8))

@@ -18,6 +18,7 @@ from rigcli.edit.editor import DEFAULT_STRENGTH
 from rigcli.studio import LIGHT_MODES, Settings, Studio, engine_choices
 
 STUDIO_HINT = "the studio needs Gradio: pip install 'rig[studio]'"
+VIEW = 2  # the last control values are the preview's view (buffers shown, opacity), not Settings
 CSS = "#preview img, #result img {object-fit: contain}"
 
 
@@ -31,7 +32,8 @@ def missing_gradio() -> str | None:
 
 
 def _settings(values: list) -> Settings:
-    """The page's control values, in the order of ``build``'s ``controls`` list, as Settings."""
+    """The page's control values, in the order of ``build``'s ``controls`` list (less the VIEW ones),
+    as Settings."""
     (light, light_yaw, light_pitch, set_intensity, intensity, ambient, light_photo, *rest) = values
     expression = dict(zip(EXPRESSION_CONTROLS, rest[: len(EXPRESSION_CONTROLS)], strict=True))
     blend_name, blend_weight, yaw, pitch, roll = rest[len(EXPRESSION_CONTROLS) :]
@@ -79,9 +81,9 @@ def build(studio: Studio):
                 raise RigError("pick a person first")
             path = path_of(name, value)
             session = studio.open_photo(name, path)
-            settings = _settings(list(values[:-1]))
+            settings = _settings(list(values[:-VIEW]))
             settings.expression = dict(session.amounts)
-            preview = studio.preview(session.key, settings, values[-1])
+            preview = studio.preview(session.key, settings, *values[-VIEW:])
         except RigError as exc:  # no photo is open now: the preview and edit say so
             return None, None, *keep[2:], f"⚠ {exc}"
         amounts = [gr.update(value=round(session.amounts[c], 3)) for c in EXPRESSION_CONTROLS]
@@ -96,7 +98,7 @@ def build(studio: Studio):
 
     def preview(key, *values):
         try:
-            return studio.preview(key, _settings(list(values[:-1])), values[-1]), gr.update()
+            return studio.preview(key, _settings(list(values[:-VIEW])), *values[-VIEW:]), gr.update()
         except RigError as exc:
             return gr.update(), f"⚠ {exc}"
 
@@ -106,7 +108,7 @@ def build(studio: Studio):
 
         try:
             made = studio.edit(
-                key, _settings(list(values[:-1])), strength=strength, steps=int(steps), engine=engine,
+                key, _settings(list(values[:-VIEW])), strength=strength, steps=int(steps), engine=engine,
                 on_progress=moved,
             )  # fmt: skip
         except RigError as exc:
@@ -126,7 +128,7 @@ def build(studio: Studio):
         try:
             spec = f"{control}={low}:{high}:{int(frames)}"
             path = studio.sweep(
-                key, _settings(list(values[:-1])), spec, strength=strength, steps=int(steps), engine=engine,
+                key, _settings(list(values[:-VIEW])), spec, strength=strength, steps=int(steps), engine=engine,
                 on_progress=moved,
             )  # fmt: skip
         except RigError as exc:
@@ -173,7 +175,9 @@ def build(studio: Studio):
                         gr.Slider(-MAX_POSE_DEG, MAX_POSE_DEG, 0, step=0.5, label=f"{axis} (°)")
                         for axis in ("Yaw", "Pitch", "Roll")
                     ]
-                show_buffers = gr.Checkbox(False, label="Show the normal and albedo buffers")
+                with gr.Row():
+                    show_buffers = gr.Checkbox(False, label="Show the normal and albedo buffers")
+                    opacity = gr.Slider(0, 1, 1, step=0.05, label="Preview: the render's opacity over the photo")
             with gr.Column(scale=2):
                 preview_image = gr.Image(
                     label="Live preview: the edited face model over the photo", interactive=False,
@@ -199,7 +203,7 @@ def build(studio: Studio):
 
         controls = [
             light, light_yaw, light_pitch, set_intensity, intensity, ambient, light_photo, *expression,
-            blend_name, blend_weight, *pose, show_buffers,
+            blend_name, blend_weight, *pose, show_buffers, opacity,
         ]  # fmt: skip
         sliders_out.extend(expression)
 
