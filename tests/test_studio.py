@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -79,6 +80,13 @@ def test_untouched_sliders_leave_the_photo_as_fitted_and_a_moved_one_changes_the
     controls = studio.controls(session, untouched)
     assert not controls.expression and controls.light is None and controls.light_dir is None
     assert (controls.yaw, controls.pitch, controls.roll) == (0, 0, 0)
+    names = studio.editor("obama").face_model.expression_names
+    jaw = session.weight("jawOpen")
+    assert jaw == pytest.approx(float(session.fit.expression[0, names.index("jawOpen")].clamp(0, 1)))
+    at_fit = Settings(expression=dict(session.amounts), blend_name="jawOpen", blend_weight=jaw)
+    assert not studio.controls(session, at_fit).blend, "a blendshape slider left where it starts changes nothing"
+    moved = Settings(expression=dict(session.amounts), blend_name="jawOpen", blend_weight=min(1.0, jaw + 0.5))
+    assert studio.controls(session, moved).blend == {"jawOpen": min(1.0, jaw + 0.5)}
 
     plain = studio.preview(session.key, untouched)
     assert plain.shape == (PREVIEW_SIZE, PREVIEW_SIZE, 3)
@@ -168,35 +176,51 @@ def store_files(home: Path) -> dict[str, float]:
     }
 
 
-def start_studio(home: Path, *args: str, cwd: Path | None = None) -> tuple[subprocess.Popen, str]:
-    """``rig studio`` as a user starts it; returns once its page answers (or fails the test)."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "rigcli", "--home", str(home), "studio", "--port", str(port), "--device", "cpu", *args],
-        cwd=cwd, env=dict(os.environ, COLUMNS="200"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 90
-    while time.time() < deadline:
+class StudioProcess:
+    """``rig studio`` running as a user starts it, its output collected by a thread as it comes."""
+
+    def __init__(self, home: Path, *args: str, cwd: Path | None = None):
+        self.port = free_port()
+        command = [sys.executable, "-m", "rigcli", "--home", str(home), "studio", "--port", str(self.port)]
+        self.process = subprocess.Popen(
+            [*command, "--device", "cpu", *args], cwd=cwd, env=dict(os.environ, COLUMNS="200"),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
+        self.reader.start()
+        self.url = f"http://127.0.0.1:{self.port}/"
+
+    def wait_ready(self, timeout: float = 90) -> str:
+        """Once it says where it listens and the page answers: the URL."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                self.reader.join(5)
+                pytest.fail(f"rig studio exited: {''.join(self.lines)}")
+            if any(line.startswith("rig studio: http") and f":{self.port}/" in line for line in self.lines):
+                urllib.request.urlopen(self.url, timeout=10)
+                return self.url
+            time.sleep(0.3)
+        self.process.kill()
+        pytest.fail(f"rig studio did not start within {timeout} s: {''.join(self.lines)}")
+
+    def stop(self) -> str:
+        """Stop it as Ctrl-C would; its whole output."""
+        self.process.send_signal(signal.SIGINT)
         try:
-            urllib.request.urlopen(url, timeout=2)
-            return process, url
-        except OSError:
-            if process.poll() is not None:
-                pytest.fail(f"rig studio exited: {process.stdout.read()}")
-            time.sleep(0.5)
-    process.kill()
-    pytest.fail(f"rig studio did not start within 90 s: {process.communicate()[0]}")
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.reader.join(5)
+        return "".join(self.lines)
 
 
-def stop(process: subprocess.Popen) -> str:
-    """Stop the server as Ctrl-C would; its whole output."""
-    process.send_signal(signal.SIGINT)
-    try:
-        return process.communicate(timeout=20)[0]
-    except subprocess.TimeoutExpired:
-        process.kill()
-        return process.communicate()[0]
+def start_studio(home: Path, *args: str, cwd: Path | None = None) -> StudioProcess:
+    studio = StudioProcess(home, *args, cwd=cwd)
+    studio.wait_ready()
+    return studio
 
 
 @pytest.fixture(scope="module")
@@ -204,9 +228,9 @@ def server(home, tmp_path_factory):
     """The studio over the test store, started from an empty working folder."""
     cwd = tmp_path_factory.mktemp("cwd")
     before = store_files(home)
-    process, url = start_studio(home, cwd=cwd)
-    yield url, home, cwd, before
-    output = stop(process)
+    studio = start_studio(home, cwd=cwd)
+    yield studio.url, home, cwd, before
+    output = studio.stop()
     ours = str(Path(__file__).resolve().parents[1] / "rigcli")
     assert ours not in output, output  # no request failed inside rig (Gradio logs its own refusals)
 
@@ -353,7 +377,7 @@ def test_without_gradio_the_command_says_how_to_install_it(home, monkeypatch, tm
 
 
 def test_listening_beyond_this_machine_warns(home, tmp_path):
-    process, url = start_studio(home, "--host", "0.0.0.0", "--out-dir", str(tmp_path / "o"))
-    output = stop(process)
-    assert "warning" in output and "0.0.0.0" in output, output
-    assert url.rstrip("/").rsplit(":", 1)[1] in output, "it says where it listens"
+    studio = start_studio(home, "--host", "0.0.0.0", "--out-dir", str(tmp_path / "o"))
+    output = studio.stop()
+    assert "warning: listening on 0.0.0.0" in output, output
+    assert f":{studio.port}" in output, "it says where it listens"

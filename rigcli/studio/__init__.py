@@ -85,7 +85,13 @@ class PhotoSession:
     fit: FaceFit
     amounts: dict[str, float]  # expression control -> the photo's fitted amount
     skin_normals: list[torch.Tensor]
+    weights: dict[str, float] = field(default_factory=dict)  # the face model's blendshape -> fitted weight
     view: np.ndarray | None = None  # (PREVIEW_SIZE, PREVIEW_SIZE, 3) float: the crop the preview draws on
+
+    def weight(self, name: str) -> float:
+        """The photo's fitted weight of one blendshape, where the blendshape slider starts (0 for a
+        name the face model does not have: ICT's on FLAME)."""
+        return self.weights.get(name, 0.0)
 
 
 @dataclass
@@ -189,12 +195,15 @@ class Studio:
         editor = self.editor(name)
         prepared = editor.prepare(path)
         fit = editor.fit([prepared])
+        names = editor.face_model.expression_names
+        weights = {n: float(np.clip(fit.expression[0, i], 0.0, 1.0)) for i, n in enumerate(names)}
         session = PhotoSession(
-            key, name, path, prepared, fit, self._amounts(editor, fit), editor.skin_normals(fit)
+            key, name, path, prepared, fit, self._amounts(editor, fit), editor.skin_normals(fit), weights
         )  # fmt: skip
-        self._photos[key] = session
-        while len(self._photos) > CACHED_PHOTOS:
-            self._photos.popitem(last=False)
+        with self._load_lock:
+            self._photos[key] = session
+            while len(self._photos) > CACHED_PHOTOS:
+                self._photos.popitem(last=False)
         return session
 
     def session(self, key: str | None) -> PhotoSession:
@@ -232,7 +241,7 @@ class Studio:
         for control, value in settings.expression.items():
             if abs(value - session.amounts.get(control, 0.0)) > UNCHANGED:
                 controls.expression[control] = float(value)
-        if settings.blend_name:
+        if settings.blend_name and abs(settings.blend_weight - session.weight(settings.blend_name)) > UNCHANGED:
             controls.blend[settings.blend_name] = float(settings.blend_weight)
         return controls
 

@@ -119,7 +119,7 @@ def build(studio: Studio):
         info = f"**{made.path.name}** ({width}x{height}) · identity distance {distance} · reconstruction {psnr}"
         if made.warning:
             info += f"\n\n⚠ {made.warning}"
-        return (made.before, made.after), str(made.path), info
+        return (made.before, str(made.path)), str(made.path), info  # the PNG written is what the page shows
 
     def sweep(key, strength, steps, engine, control, low, high, frames, *values, progress=gr.Progress()):  # noqa: B008 (Gradio's marker)
         def moved(stage: str, done: int, total: int) -> None:
@@ -215,13 +215,27 @@ def build(studio: Studio):
                     names = studio.editor(name).control_names
                 except RigError as exc:
                     message = f"⚠ {exc}"
-            return album_update, light_update, gr.update(choices=names, value=None), sheet_value, message
+            blends = gr.update(choices=names, value=None)
+            return None, None, album_update, light_update, blends, sheet_value, message  # no photo open
 
-        person.change(pick, person, [album, light_photo, blend_name, sheet, status])
+        def pick_blendshape(key, name, *values):
+            """A blendshape chosen: its slider starts at the photo's own weight."""
+            try:
+                weight = studio.session(key).weight(name) if name else 0.0
+            except RigError:
+                return gr.update(value=0.0), gr.update()
+            settings = _settings(list(values[:-VIEW]))
+            settings.blend_name, settings.blend_weight = name, weight
+            return gr.update(value=round(weight, 3)), studio.preview(key, settings, *values[-VIEW:])
+
+        person.change(pick, person, [key, preview_image, album, light_photo, blend_name, sheet, status])
+        blend_name.change(pick_blendshape, [key, blend_name, *controls], [blend_weight, preview_image])
         opened = [key, preview_image, *expression, status]
         upload.change(open_upload, [person, upload, *controls], opened, api_name="open_upload")
         album.change(open_album, [person, album, *controls], opened, api_name="open_album")
         for control in controls:
+            if control is blend_name:
+                continue  # pick_blendshape previews it
             event = control.input if isinstance(control, gr.Slider) else control.change
             event(
                 preview, [key, *controls], [preview_image, status], trigger_mode="always_last", show_progress="hidden"
