@@ -196,7 +196,7 @@ class Studio:
         prepared = editor.prepare(path)
         fit = editor.fit([prepared])
         names = editor.face_model.expression_names
-        weights = {n: float(np.clip(fit.expression[0, i], 0.0, 1.0)) for i, n in enumerate(names)}
+        weights = dict(zip(names, fit.expression[0].clamp(0.0, 1.0).tolist(), strict=True))
         session = PhotoSession(
             key, name, path, prepared, fit, self._amounts(editor, fit), editor.skin_normals(fit), weights
         )  # fmt: skip

@@ -219,14 +219,14 @@ def build(studio: Studio):
             return None, None, album_update, light_update, blends, sheet_value, message  # no photo open
 
         def pick_blendshape(key, name, *values):
-            """A blendshape chosen: its slider starts at the photo's own weight."""
+            """A blendshape chosen: its slider starts at the photo's own weight (0 with no photo open)."""
             try:
                 weight = studio.session(key).weight(name) if name else 0.0
-            except RigError:
+                settings = _settings(list(values[:-VIEW]))
+                settings.blend_name, settings.blend_weight = name, weight
+                return gr.update(value=round(weight, 3)), studio.preview(key, settings, *values[-VIEW:])
+            except RigError:  # no photo open yet: nothing to preview
                 return gr.update(value=0.0), gr.update()
-            settings = _settings(list(values[:-VIEW]))
-            settings.blend_name, settings.blend_weight = name, weight
-            return gr.update(value=round(weight, 3)), studio.preview(key, settings, *values[-VIEW:])
 
         person.change(pick, person, [key, preview_image, album, light_photo, blend_name, sheet, status])
         blend_name.change(pick_blendshape, [key, blend_name, *controls], [blend_weight, preview_image])
