@@ -412,7 +412,7 @@ def studio_command(
 ) -> None:
     """Edit in the browser: sliders for every control of rig edit, a live preview, before/after at full size.
 
-    Needs the studio extra: pip install 'rig[studio]'. Stop it with Ctrl-C."""
+    Needs the studio extra: pip install 'rig\\[studio]'. Stop it with Ctrl-C."""
     if host not in LOOPBACK:
         err().print(
             f"[yellow]warning[/]: listening on {escape(host)}: anyone who can reach this machine can use the studio"
