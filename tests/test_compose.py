@@ -22,7 +22,14 @@ from rigcli.face.params import FaceFit
 from rigcli.image.align import compose_affine, warp
 from rigcli.image.metrics import psnr
 from rigcli.render.buffers import light_from_direction, rasterize_fit, sh_shading
-from rigcli.render.compose import correspondence, linear_to_srgb, physical_edit, resize_affine, working_size
+from rigcli.render.compose import (
+    correspondence,
+    linear_to_srgb,
+    physical_edit,
+    resize_affine,
+    srgb_to_linear,
+    working_size,
+)
 
 CROP, PHOTO, K, OFFSET = 256, 1024, 3.5, (64.0, 24.0)
 CROP_TO_PHOTO = np.array([[K, 0, OFFSET[0]], [0, K, OFFSET[1]]])
@@ -184,3 +191,25 @@ def test_outside_the_mask_bit_for_bit_and_no_seam_at_the_crop_edge(name, face_mo
     assert step <= 1
     # and the edit did change the face
     assert np.abs(result.image.astype(int) - image0).max() > 20
+
+
+def test_the_relight_multiplies_linear_light_or_srgb_as_asked(face_model, base_fit, photo):
+    """A light edit alone: where the mask is whole and nothing is filled, the linear relight is the
+    photo's linear light times the ratio, and the sRGB one (issue 15's copies may use it) the photo's
+    sRGB values times the same ratio."""
+    image0, _ = photo
+    fit1 = edited(base_fit, face_model, **EDITS["relight"])
+    linear = physical_edit(image0, CROP_TO_PHOTO, CROP, face_model, base_fit, fit1)
+    srgb = physical_edit(image0, CROP_TO_PHOTO, CROP, face_model, base_fit, fit1, relight="srgb")
+    np.testing.assert_array_equal(linear.ratio, srgb.ratio)
+    whole = (linear.mask == 1) & (linear.fill == 0) & (np.abs(linear.ratio - 1).max(-1) > 0.1)
+    assert whole.sum() > 1000
+    before = image0[whole].astype(np.float64) / 255
+    ratio = linear.ratio[whole].astype(np.float64)
+    want_srgb = np.clip(before * ratio, 0, 1) * 255
+    want_linear = linear_to_srgb(np.clip(srgb_to_linear(before) * ratio, 0, 1)) * 255
+    assert np.abs(srgb.image[whole] - want_srgb).max() <= 1.0
+    assert np.abs(linear.image[whole] - want_linear).max() <= 1.0
+    assert np.abs(want_srgb - want_linear).mean() > 2, "the two spaces differ"
+    with pytest.raises(ValueError, match="relight"):
+        physical_edit(image0, CROP_TO_PHOTO, CROP, face_model, base_fit, fit1, relight="log")

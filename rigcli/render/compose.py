@@ -71,7 +71,7 @@ class PhysicalEdit:
 
     image: np.ndarray  # (H, W, 3) uint8
     flow: np.ndarray  # (H, W, 2) backward flow (dx, dy) in photo pixels
-    ratio: np.ndarray  # (H, W, 3) shading ratio applied in linear light (1 outside the face)
+    ratio: np.ndarray  # (H, W, 3) shading ratio, applied in linear light or sRGB (1 outside the face)
     mask: np.ndarray  # (H, W) float32 in [0, 1]: where the edit is composed in; 0: the input's pixel
     fill: np.ndarray  # (H, W) float32: how much of the pixel comes from the fill (unseen surface)
 
@@ -397,6 +397,7 @@ class _PixelEdit:
     work_to_photo: torch.Tensor  # (2, 2): working-pixel flow -> photo-pixel flow
     fill: torch.Tensor  # (3, F, F) sRGB in [0, 1]
     photo_to_fill: np.ndarray  # 2x3
+    relight: str = "linear"  # the space the shading ratio multiplies (RELIGHT_SPACES)
 
     def __call__(self, box: _Box) -> tuple[np.ndarray, ...]:
         """(image (h, w, 3) uint8, flow (h, w, 2), ratio (h, w, 3), mask (h, w), fill (h, w)) of the box."""
@@ -416,11 +417,12 @@ class _PixelEdit:
             ys = torch.arange(box.y0, box.y1 + 1, dtype=torch.float32)[:, None]
             edited = torch.where(still, before, _warp_photo(self.photo, xs + flow_p[0], ys + flow_p[1]))
         edited = edited / 255.0
-        # the relight in linear light, then the fill of the unseen surface
+        # the relight (in linear light unless asked for in sRGB), then the fill of the unseen surface
         ratio = log_ratio.masked_fill_(off, 0).exp_()
-        relight = (ratio - 1).abs_().amax(0) > 1e-5
-        if bool(relight.any()):
-            edited = torch.where(relight, _to_srgb(_to_linear(edited).mul_(ratio)), edited)
+        shaded = (ratio - 1).abs_().amax(0) > 1e-5
+        if bool(shaded.any()):
+            relit = edited * ratio if self.relight == "srgb" else _to_srgb(_to_linear(edited).mul_(ratio))
+            edited = torch.where(shaded, relit, edited)
         filled = (f_alpha > 0).nonzero()
         if len(filled):
             (r0, c0), (r1, c1) = filled.amin(0).tolist(), filled.amax(0).tolist()
@@ -443,22 +445,35 @@ def physical_edit(
     fit1: FaceFit,
     fill: np.ndarray | None = None,
     work_size: int | None = None,
+    relight: str = "linear",
 ) -> PhysicalEdit:
     """The model-free edit θ0 -> θ1 of one photo (H, W, 3) uint8 at its own size.
 
     ``fit0`` / ``fit1``: batch-1 fits in the crop frame of ``crop_size`` pixels that ``crop_to_photo``
     places in the photo; ``fill``: the model's output for θ1 (crop frame, any size, uint8 or [0, 1]
-    floats) for the surface the photo never showed, else θ1's render is used.
+    floats) for the surface the photo never showed, else θ1's render is used. ``relight``: the space
+    the shading ratio multiplies, "linear" light (physical) or "srgb" (the space the light is fitted
+    in: ``fit_light`` models sRGB pixels as albedo x shading); benchmarks/bench_relight_space.py.
     """
+    if relight not in RELIGHT_SPACES:
+        raise ValueError(f"relight {relight!r}: one of {RELIGHT_SPACES}")
     size = work_size or working_size(crop_to_photo, crop_size)
     corr, g1 = _correspondence(model, fit0, fit1, crop_size, size)
     if fill is None:
         fill = render_fill(model, fit1, crop_size, size, g1)
-    return compose_edit(photo, crop_to_photo, crop_size, corr, fill)
+    return compose_edit(photo, crop_to_photo, crop_size, corr, fill, relight)
+
+
+RELIGHT_SPACES = ("linear", "srgb")
 
 
 def compose_edit(
-    photo: np.ndarray, crop_to_photo: np.ndarray, crop_size: int, corr: Correspondence, fill: np.ndarray
+    photo: np.ndarray,
+    crop_to_photo: np.ndarray,
+    crop_size: int,
+    corr: Correspondence,
+    fill: np.ndarray,
+    relight: str = "linear",
 ) -> PhysicalEdit:
     """Steps 2 and 3 at the photo's size: the photo (H, W, 3) uint8 warped by ``corr``'s flow, relit by
     its ratio, filled from ``fill`` (crop frame, any size, uint8 or [0, 1] floats) where unseen, and
@@ -503,6 +518,7 @@ def compose_edit(
         torch.from_numpy(work_to_photo[:, :2]).float(),
         _channels(fill_img),
         compose_affine(work_to_fill, photo_to_work),
+        relight,
     )
     with torch.no_grad():
         for part in _bands(box):

@@ -74,9 +74,11 @@ class Augment:
     max_yaw: float = 6.0  # degrees: head turns the warp stays faithful within (issue 15)
     max_pitch: float = 4.0
     expression: float = 0.35  # chance that each of smile, jaw open, blink, brow raise changes in a copy
+    relight: str = "linear"  # the space the copies' shading ratio multiplies (render.compose.RELIGHT_SPACES)
 
     def key(self) -> list:
-        return [AUGMENT_VERSION, self.copies, self.seed, self.max_yaw, self.max_pitch, self.expression]
+        key = [AUGMENT_VERSION, self.copies, self.seed, self.max_yaw, self.max_pitch, self.expression]
+        return key if self.relight == "linear" else [*key, self.relight]  # caches made before keep their key
 
 
 AUGMENT_VERSION = 1  # bump when the copies an Augment makes change
@@ -203,7 +205,7 @@ def augmented_pairs(
         rng = np.random.default_rng([augment.seed, int(record.id[:8], 16)])
         for _ in range(augment.copies):
             edited = augmented_fit(one, model.expression_names, geometry.normals[i][skin[i]], rng, augment)
-            picture = physical_edit(crop, np.eye(2, 3), crop_size, model, one, edited).image
+            picture = physical_edit(crop, np.eye(2, 3), crop_size, model, one, edited, relight=augment.relight).image
             if picture.shape[0] != size:
                 picture = np.asarray(Image.fromarray(picture).resize((size, size), Image.Resampling.BOX))
             images.append(picture)
