@@ -111,18 +111,21 @@ def final_weights(home) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def test_resume_after_kill_matches_an_uninterrupted_run(fitted_home, tmp_path):
+@pytest.mark.parametrize("augment", [[], ["--augment", "--augment-copies", "2"]], ids=["album", "augmented"])
+def test_resume_after_kill_matches_an_uninterrupted_run(fitted_home, tmp_path, augment):
+    """Killed mid-run and resumed, a fine-tune ends with the weights of one never killed: with
+    augmented copies too (issue 15: their draw and mirroring are part of the resumed state)."""
     import shutil
 
     homes = {}
     for label in ("straight", "killed"):
         homes[label] = tmp_path / label
         shutil.copytree(fitted_home, homes[label], ignore=shutil.ignore_patterns("training", "model", "models"))
-    straight = run_finetune(homes["straight"])
+    straight = run_finetune(homes["straight"], *augment)
     assert straight.wait(300) == 0, straight.stderr.read().decode()
 
     pointer = homes["killed"] / "people" / "astro" / "training" / "latest.json"
-    proc = run_finetune(homes["killed"])
+    proc = run_finetune(homes["killed"], *augment)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if pointer.is_file() and json.loads(pointer.read_text())["step"] >= 8:
@@ -134,12 +137,12 @@ def test_resume_after_kill_matches_an_uninterrupted_run(fitted_home, tmp_path):
     killed_at = json.loads(pointer.read_text())["step"]
     assert 8 <= killed_at < 16
     assert not (homes["killed"] / "people" / "astro" / "model").exists()
-    resumed = run_finetune(homes["killed"])
+    resumed = run_finetune(homes["killed"], *augment)
     assert resumed.wait(300) == 0, resumed.stderr.read().decode()
     a, b = final_weights(homes["straight"]), final_weights(homes["killed"])
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
     # other settings do not silently resume the old run
-    other = run_finetune(homes["killed"], "--lr", "0.001")
+    other = run_finetune(homes["killed"], *augment, "--lr", "0.001")
     assert other.wait(120) == 2 and b"other data or settings" in other.stderr.read()
 
 

@@ -164,7 +164,11 @@ def person_data(
         images, buffers = torch.cat([images, more]), torch.cat([buffers, more_buffers])
     for old in cache.parent.glob(f"train-{size}-*.safetensors"):
         old.unlink()
-    atomic_write_bytes(cache, save({"images": images.contiguous(), "buffers": buffers.contiguous()}))
+    # train on the tensors exactly as a later run reads them back: same values and the same (contiguous)
+    # layout, since a permuted layout sends the convolutions down another path (other rounding), and a
+    # run killed after building the cache must resume bit for bit
+    images, buffers = images.contiguous(), buffers.contiguous()
+    atomic_write_bytes(cache, save({"images": images, "buffers": buffers}))
     return TrainingData(images, buffers, key, fit_doc["model_id"], groups)
 
 

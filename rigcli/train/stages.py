@@ -119,7 +119,7 @@ def finetune(
         cfg = TrainConfig(steps=steps or 5000, batch=batch or 4, lr=lr or 1e-4, seed=seed, freeze_encoder=False)
     cfg.checkpoint_every = checkpoint_every
     cfg.preview_every = max(checkpoint_every, cfg.steps // 10)
-    augment = bool(augment)  # off unless asked: resuming an augmented run is not yet bit-exact (issue 15)
+    augment = bool(augment)  # off unless asked: it worsens identity at strength 1 (issue 15, RESULTS.md)
     plan = Augment(copies=augment_copies, seed=seed) if augment else None
     if plan is not None:
         cfg.augment_ratio, cfg.flip = augment_ratio, True
