@@ -30,6 +30,7 @@ from rigcli.edit.controls import EXPRESSION_CONTROLS, Controls, apply_controls, 
 from rigcli.edit.editor import (
     DEFAULT_STRENGTH,
     Editor,
+    EditResult,
     PreparedPhoto,
     edit_photos,
     fit_reference,
@@ -331,9 +332,9 @@ class Studio:
         with self._model_lock:
             editor = self.editor(session.name, engine)
             control, values = parse_sweep(spec, editor.control_names)
-            result = edit_photos(editor, [session.path], controls, steps=steps, strength=strength)[0]
-            if result.error:
-                raise RigError(result.error)
+            controls.validate(editor.control_names)
+            # the photo as it opened (found, aligned, fitted): each frame is made from it by sweep_frames
+            result = EditResult(session.path, prepared=session.prepared, fit=session.fit)
             frames = []
             for i, value in enumerate(values):
                 if on_progress:
