@@ -8,7 +8,7 @@ paper's edit, no controls: PSNR in the face, identity distance), and rig edit's 
 default strength and at strength 1 (identity distance over all edits, re-fitted light, blendshape
 and yaw errors). One markdown table per photo set.
 
-    python benchmarks/bench_augment.py [--steps 600] [--out bench-augment]
+    python benchmarks/bench_augment.py [--steps 600] [--out bench-augment] [--arms without with with-srgb60]
 
 About 20 minutes on 2 cores at 600 steps.
 """
@@ -26,6 +26,7 @@ from rigcli.edit.editor import DEFAULT_STRENGTH
 from rigcli.enroll import add_photos
 from rigcli.evaluate.suite import ModelSpec, eval_photos, evaluate
 from rigcli.store import Store
+from rigcli.train.data import Augment
 from rigcli.train.stages import finetune
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "assets" / "real"
@@ -37,6 +38,13 @@ COLUMNS = (  # summary key, edit type, title
     ("blendshape_error", "expression", "blend err"),
     ("yaw_error_deg", "pose", "yaw err deg"),
 )
+
+
+ARMS = {  # name: rig finetune's augment argument
+    "without": False,
+    "with": True,  # rig finetune --augment's copies: relit in linear light, any light direction
+    "with-srgb60": Augment(relight="srgb", max_light_move=60.0),  # relit in sRGB, light turned at most 60 deg
+}
 
 
 def mean_over_edits(run, key: str, kind: str | None) -> float | None:
@@ -65,6 +73,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600, help="fine-tuning steps of each tiny model")
     parser.add_argument("--ddim", type=int, default=20, help="DDIM steps of the edits")
     parser.add_argument("--out", type=Path, default=Path("bench-augment"), help="stores and results folder")
+    parser.add_argument(
+        "--arms", nargs="+", default=["without", "with"], choices=sorted(ARMS), help="trainings compared, in order"
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     specs = [ModelSpec("person", args.ddim)] + [
@@ -72,7 +83,8 @@ def main() -> None:
     ]
     tables: dict[str, list[str]] = {"held-out photo of A": [], "album photos of A": []}
     results = {}
-    for arm, augment in (("without", False), ("with", True)):
+    for arm in args.arms:
+        augment = ARMS[arm]
         store = Store(args.out / arm)
         if not (store.model_dir("a") / "model.json").is_file():
             add_photos(store, "a", [REAL / n for n in ALBUM])

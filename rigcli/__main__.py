@@ -2,4 +2,5 @@
 
 from rigcli.cli import main
 
-main()
+if __name__ == "__main__":  # not when a spawned worker (pretrain --workers) imports this module again
+    main()

@@ -114,3 +114,16 @@ def test_training_draws_copies_at_the_ratio_and_mirrors_buffers_as_a_render_woul
     cosine = (flipped[0, 3:6] * rendered[0, 3:6]).sum(0)[both]
     print(f"mirrored normals against the mirrored fit's render: median cosine {float(cosine.median()):.3f}")
     assert float(cosine.median()) > 0.9
+
+
+def test_a_copys_light_turns_at_most_the_bound_along_the_great_circle_towards_the_asked_side():
+    from rigcli.train.data import turn_at_most
+
+    front, left = np.array([0.0, 0.0, 1.0]), np.array([-1.0, 0.0, 0.2])
+    near = turn_at_most(front, left, 90.0)  # 79 deg away: within the bound, kept (normalized)
+    assert np.allclose(near, left / np.linalg.norm(left))
+    pulled = np.array(turn_at_most(front, left, 60.0))
+    assert np.isclose(np.degrees(np.arccos(pulled @ front)), 60.0) and np.isclose(np.linalg.norm(pulled), 1.0)
+    assert abs(pulled[1]) < 1e-9 and pulled[0] < 0  # in the plane of the two, on the asked side
+    opposite = np.array(turn_at_most(front, -front, 45.0))
+    assert np.isclose(np.degrees(np.arccos(opposite @ front)), 45.0)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from rigcli.cli import app
 from rigcli.enroll import add_photos
 from rigcli.store import Store
-from rigcli.train.data import prepare_folder
+from rigcli.train.shards import prepare_shards
 from tests.conftest import home_with_model
 
 
@@ -42,11 +42,12 @@ def test_two_process_pretrain_then_finetune_from_it(tmp_path, album, inputs):
     assert log[-1]["step"] == 4 and log[-1]["processes"] == 2
 
     # preparing again finds everything done (resumable), with the same counts
-    chunks = sorted((out / "data").glob("chunk-*.safetensors"))
-    stamps = [p.stat().st_mtime_ns for p in chunks]
-    data, counts = prepare_folder(Store(home), faces, out / "data", 64)
-    assert len(data) == 4 and counts == {"used": 4, "unreadable": 1, "no face": 1}
-    assert [p.stat().st_mtime_ns for p in chunks] == stamps
+    assert info["shards"] == 1 and 10_000 < info["bytes_per_photo"] < 20_000  # uint8 crops + parameters
+    shards = sorted((out / "data").glob("shard-*"))
+    stamps = [p.stat().st_mtime_ns for p in shards]
+    summary = prepare_shards(Store(home), faces, out / "data", 64)
+    assert summary["rows"] == 4 and summary["counts"] == {"used": 4, "unreadable": 1, "no face": 1}
+    assert [p.stat().st_mtime_ns for p in shards] == stamps
 
     # the stage-1 model is a base for stage 2
     runner = CliRunner()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -29,7 +30,26 @@ from rigcli.cli.common import (
 from rigcli.diffusion.checkpoints import model_info
 from rigcli.diffusion.unet import PRESETS
 from rigcli.store import registered_models
+from rigcli.train.shards import MAX_LANDMARK_ERROR
 from rigcli.train.stages import export_diffusionrig, finetune, import_diffusionrig, pretrain, register_model
+
+
+class Precision(str, Enum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class Rate:
+    """Items per second of each progress task since its first update (shown beside the bar's ETA)."""
+
+    def __init__(self) -> None:
+        self.first: dict = {}
+
+    def __call__(self, task, done: int, unit: str = "photos") -> str:
+        start = self.first.setdefault(task, (done, time.monotonic()))
+        seconds = time.monotonic() - start[1]
+        return f"{(done - start[0]) / seconds:.1f} {unit}/s" if seconds > 1 and done > start[0] else ""
 
 
 @app.command("finetune")
@@ -144,46 +164,105 @@ def finetune_command(
 @handles_errors
 def pretrain_command(
     ctx: typer.Context,
-    data: Annotated[Path, typer.Option(help="Folder of face photos (searched recursively), many people.")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the prepared data, checkpoints and the model.")],
+    data: Annotated[
+        Path,
+        typer.Option(
+            help="Folder of face photos, many people, searched recursively (FFHQ as it comes: "
+            "images1024x1024/00000/00000.png ... or its 256 px thumbnails); or a finished preparation "
+            "(an earlier OUT/data) to train on as it is."
+        ),
+    ],
+    out_dir: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Folder for the prepared shards, checkpoints and the model; on several nodes, a shared one."
+        ),
+    ],
     preset: Annotated[Preset, typer.Option(help="Model size.")] = Preset.tiny,
     steps: Annotated[int, typer.Option(min=1, help="Training steps (the paper: 50,000).")] = 50_000,
     batch: Annotated[int, typer.Option(min=1, help="Batch per process (the paper: 32 per GPU).")] = 32,
     lr: Annotated[float, typer.Option(help="Learning rate (the paper: 1e-4).")] = 1e-4,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed (weights, data order, noise).")] = 0,
     device: Annotated[
         str, typer.Option(help=DEVICE_HELP + " Under torchrun each process takes its LOCAL_RANK GPU.")
     ] = "auto",
     detector: Annotated[Detector, typer.Option(help="Face detector for preparing the photos.")] = Detector.hog,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Steps between checkpoints.")] = 1000,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Processes preparing photos, per torchrun process (default: this machine's cores divided "
+            "by the processes on it).",
+        ),
+    ] = None,
+    shard_size: Annotated[int, typer.Option(min=1, help="Photos per prepared shard.")] = 1000,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Prepare only the first N photos (sorted by path), for a trial run.")
+    ] = None,
+    max_landmark_error: Annotated[
+        float,
+        typer.Option(help="Leave out photos whose fitted landmarks miss by more than this share of the eye distance."),
+    ] = MAX_LANDMARK_ERROR,
+    precision: Annotated[
+        Precision, typer.Option(help="Autocast on GPUs (bf16 needs an Ampere or newer GPU); ignored on the CPU.")
+    ] = Precision.bf16,
+    prepare_only: Annotated[
+        bool, typer.Option("--prepare-only", help="Prepare the shards and stop (for example on CPU nodes).")
+    ] = False,
 ) -> None:
     """Stage 1: train a generic model on many people's photos (resumable; scales out with torchrun).
 
-    Multi-process: torchrun --nproc-per-node N -m rigcli pretrain --data DIR --out OUT ...
+    The photos are prepared into shards under OUT/data first, in parallel (a rerun prepares only new ones).
+
+    One node: torchrun --nproc-per-node 8 -m rigcli pretrain --data DIR --out OUT ...
+
+    Several: add --nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT (README, "Stage 1 at scale").
+
     Register the result with: rig models add NAME OUT/model
     """
 
     rank = int(os.environ.get("RANK", "0"))
+    if workers is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        workers = max(1, (os.cpu_count() or 1) // local)
     device = use_device(device)
     with progress_bar() as progress:
         prep = progress.add_task("preparing photos", total=None, visible=rank == 0)
         task = progress.add_task("pre-training", total=steps, visible=False)
+        rates = Rate()
+
+        def prepared(done: int, total: int) -> None:
+            if rank == 0:
+                progress.update(prep, completed=done, total=total, description=f"preparing photos {rates(prep, done)}")
 
         def stepped(step: int, loss: float) -> None:
             if rank == 0:
-                progress.update(task, completed=step, visible=True, description=f"pre-training  loss {loss:.4f}")
+                described = f"pre-training {rates(task, step, 'steps')}  loss {loss:.4f}"
+                progress.update(task, completed=step, visible=True, description=described)
 
         info = pretrain(
             store_of(ctx), data, out_dir, preset_name=preset.value, steps=steps, batch=batch, lr=lr, seed=seed,
-            device=device, detector=detector.value, checkpoint_every=checkpoint_every,
-            on_prepare=lambda done, total: progress.update(prep, completed=done, total=total), on_step=stepped,
+            device=device, detector=detector.value, checkpoint_every=checkpoint_every, workers=workers,
+            shard_size=shard_size, limit=limit, max_landmark_error=max_landmark_error, precision=precision.value,
+            prepare_only=prepare_only, on_prepare=prepared, on_step=stepped,
         )  # fmt: skip
-    if rank == 0:
-        used = info["photos"].get("used", 0)
-        skipped = ", ".join(f"{n} {k}" for k, n in sorted(info["photos"].items()) if k != "used") or "none"
-        out().print(f"pre-trained on {used} photos (skipped: {skipped}) with {info['processes']} process(es)")
-        where = escape(str(out_dir / "model"))
-        out().print(f"model in {where}; register it with: rig models add NAME {where}")
+    if rank != 0:
+        return
+    counts = info["counts"] if prepare_only else info["photos"]
+    used = counts.get("used", 0)
+    skipped = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()) if k != "used") or "none"
+    shards = info["shards"]
+    per_photo = info["bytes_per_photo"]
+    if prepare_only:
+        out().print(f"prepared {used} photos (skipped: {skipped}) in {shards} shard(s), {per_photo:,} bytes a photo")
+        where = escape(info["prepared"])
+        out().print(f"shards in {where}; train on them with: rig pretrain --data {where} --out ...")
+        return
+    out().print(f"pre-trained on {used} photos (skipped: {skipped}) with {info['processes']} process(es)")
+    out().print(f"data: {shards} shard(s), {per_photo:,} bytes on disk a photo")
+    where = escape(str(out_dir / "model"))
+    out().print(f"model in {where}; register it with: rig models add NAME {where}")
 
 
 @models_app.command("list")

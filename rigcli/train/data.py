@@ -7,7 +7,6 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,14 +15,11 @@ from safetensors.torch import load_file, save
 
 from rigcli import RigError
 from rigcli.enroll import read_fit
-from rigcli.estimate import LandmarkEstimator
 from rigcli.face.flame import flame_texture_id
 from rigcli.face.params import FaceFit, fit_from_json, rescale_fit
 from rigcli.face.registry import face_model_name, load_face_model
-from rigcli.files import atomic_write_bytes, atomic_write_json
-from rigcli.image.align import align_face, apply_affine, invert_affine
-from rigcli.image.detect import MIN_FACE_PX, FaceAnalyzer
-from rigcli.image.photo import IMAGE_EXTENSIONS, PhotoError, read_photo
+from rigcli.files import atomic_write_bytes
+from rigcli.image.photo import read_photo
 from rigcli.render.buffers import (
     LIGHT_DIRECTIONS,
     dominant_direction,
@@ -75,10 +71,13 @@ class Augment:
     max_pitch: float = 4.0
     expression: float = 0.35  # chance that each of smile, jaw open, blink, brow raise changes in a copy
     relight: str = "linear"  # the space the copies' shading ratio multiplies (render.compose.RELIGHT_SPACES)
+    max_light_move: float = 180.0  # degrees a copy's light may turn from its photo's (a side further is pulled in)
 
     def key(self) -> list:
         key = [AUGMENT_VERSION, self.copies, self.seed, self.max_yaw, self.max_pitch, self.expression]
-        return key if self.relight == "linear" else [*key, self.relight]  # caches made before keep their key
+        if self.relight != "linear" or self.max_light_move < 180:  # caches made before keep their key
+            key += [self.relight, self.max_light_move]
+        return key
 
 
 AUGMENT_VERSION = 1  # bump when the copies an Augment makes change
@@ -89,6 +88,21 @@ AUGMENT_EXPRESSIONS = {  # blendshapes moved together, and the largest weight dr
     ("eyeBlink_L", "eyeBlink_R"): 1.0,
     ("browInnerUp_L", "browInnerUp_R", "browOuterUp_L", "browOuterUp_R"): 0.7,
 }
+
+
+def turn_at_most(start: np.ndarray, target: np.ndarray, degrees: float) -> tuple[float, float, float]:
+    """``target``'s unit direction, or the direction ``degrees`` from ``start`` on the great circle
+    towards it when ``target`` is further: a photo lit from one side cannot show light from the other."""
+    start, target = start / np.linalg.norm(start), target / np.linalg.norm(target)
+    cos = float(np.clip(start @ target, -1, 1))
+    if math.degrees(math.acos(cos)) <= degrees:
+        return tuple(float(v) for v in target)
+    across = target - cos * start
+    if np.linalg.norm(across) < 1e-9:  # exactly opposite: turn about any axis
+        across = np.cross(start, [0.0, 1.0, 0.0] if abs(start[1]) < 0.9 else [1.0, 0.0, 0.0])
+    across /= np.linalg.norm(across)
+    angle = math.radians(degrees)
+    return tuple(float(v) for v in math.cos(angle) * start + math.sin(angle) * across)
 
 
 def augmented_fit(
@@ -106,6 +120,9 @@ def augmented_fit(
         pitch = math.asin(float(np.clip(own[1], -1, 1))) + math.radians(rng.uniform(-40, 40))
         pitch = float(np.clip(pitch, -1.2, 1.2))
         direction = (math.sin(yaw) * math.cos(pitch), math.sin(pitch), math.cos(yaw) * math.cos(pitch))
+    direction = turn_at_most(
+        dominant_direction(fit.light[0].double()).numpy(), np.asarray(direction), augment.max_light_move
+    )
     light = light_for(direction, 0.8 * rng.uniform(0.7, 1.3), 0.35, None)
     mean = sh_shading(normals[None].float(), light[None])[0].mean() if len(normals) else torch.tensor(1.0)
     own_mean = sh_shading(normals[None].float(), fit.light[:1].float())[0].mean() if len(normals) else mean
@@ -221,71 +238,3 @@ def augmented_pairs(
     buffers = render_buffers(model, rescale_fit(FaceFit.cat(fits), crop_size, size), size)
     tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return tensor, buffers, fits
-
-
-def prepare_folder(
-    store, data_dir: Path, cache_dir: Path, size: int, detector: str = "hog", chunk: int = 32, progress=None
-) -> tuple[TrainingData, dict[str, int]]:
-    """Detect, align and fit every face photo under ``data_dir`` into training pairs, in chunks.
-
-    Resumable: finished chunks are kept (``chunk-NNNNN.safetensors``) and ``index.json`` records
-    each file's outcome, so a rerun only processes what is new. Returns the data and the counts per
-    outcome ("used", "no face", "unreadable", ...).
-    """
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise RigError(f"{data_dir} is not a folder of photos")
-    files = sorted(p for p in data_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise RigError(f"{data_dir} holds no images")
-    model = load_face_model(store)
-    index_path = cache_dir / "index.json"
-    index = json.loads(index_path.read_text()) if index_path.is_file() else {"files": {}, "chunks": []}
-    if index.get("face_model_id", model.model_id) != model.model_id or index.get("size", size) != size:
-        raise RigError(f"{cache_dir} was prepared with another face model or size; use another --out")
-    index.update(face_model_id=model.model_id, size=size)
-    todo = [p for p in files if p.relative_to(data_dir).as_posix() not in index["files"]]
-    analyzer = FaceAnalyzer(detector)
-    for start in range(0, len(todo), chunk):
-        outcomes, crops, landmarks = {}, [], []
-        for path in todo[start : start + chunk]:
-            rel = path.relative_to(data_dir).as_posix()
-            try:
-                rgb = read_photo(path).pixels
-            except PhotoError as exc:
-                outcomes[rel] = exc.reason
-                continue
-            face = analyzer.find_face(rgb)
-            if face is None or face.box.width < MIN_FACE_PX:
-                outcomes[rel] = "no face" if face is None else "too small"
-                continue
-            aligned = align_face(rgb, face.landmarks, 256)
-            crops.append(aligned.crop)
-            landmarks.append(apply_affine(invert_affine(aligned.crop_to_photo), face.landmarks))
-            outcomes[rel] = "used"
-        if crops:
-            fit = LandmarkEstimator().fit(model, np.stack(crops), np.stack(landmarks), shared_identity=False)
-            pixels = torch.from_numpy(np.stack(crops)).float() / 255.0
-            small = rescale_fit(fit, 256, size)
-            chunk_buffers = render_buffers(model, small, size)
-            chunk_images = (
-                torch.nn.functional.interpolate(pixels.permute(0, 3, 1, 2), size=(size, size), mode="area") * 2 - 1
-            )
-            name = f"chunk-{len(index['chunks']):05d}.safetensors"
-            atomic_write_bytes(cache_dir / name, save({"images": chunk_images.contiguous(), "buffers": chunk_buffers}))
-            index["chunks"].append(name)
-        index["files"].update(outcomes)
-        atomic_write_json(index_path, index)  # after the chunk: a kill redoes at most one chunk
-        if progress:
-            progress(min(start + chunk, len(todo)), len(todo))
-    if not index["chunks"]:
-        raise RigError(f"no usable face photos in {data_dir}")
-    parts = [load_file(cache_dir / name) for name in index["chunks"]]
-    counts: dict[str, int] = {}
-    for outcome in index["files"].values():
-        counts[outcome] = counts.get(outcome, 0) + 1
-    digest = hashlib.sha256(json.dumps([index["chunks"], sorted(index["files"].items())]).encode()).hexdigest()[:16]
-    data = TrainingData(
-        torch.cat([p["images"] for p in parts]), torch.cat([p["buffers"] for p in parts]), digest, model.model_id
-    )
-    return data, counts

@@ -37,8 +37,14 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 250
     preview_every: int = 500
+    precision: str = (
+        "fp16"  # autocast on CUDA: "fp16" (with loss scaling), "bf16" (stage 1, as on A100/H100s) or "fp32"
+    )
     augment_ratio: float = 0.0  # share of samples drawn from a photo's augmented copies (TrainingData.groups)
     flip: bool = False  # mirror half the samples, with their buffers (normals' x negated)
+
+
+PRECISIONS = ("fp16", "bf16", "fp32")
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -55,6 +61,18 @@ def draw_rows(data: TrainingData, cfg: TrainConfig, generator: torch.Generator) 
     take = torch.rand(cfg.batch, generator=generator) < cfg.augment_ratio
     copy = torch.randint(1, data.copies + 1, (cfg.batch,), generator=generator)
     return torch.where(take, data.groups[photo, copy], data.groups[photo, 0])
+
+
+def training_batch(data, cfg: TrainConfig, step: int, rank: int, world: int, generator: torch.Generator, device: str):
+    """One process's batch at ``step``: from an album (``TrainingData``, rows drawn with ``generator``)
+    or streamed from shards (``ShardData``: rows a function of the step, rank and world size)."""
+    if not isinstance(data, TrainingData):
+        return data.batch(step, cfg.batch, cfg.seed, rank, world, device)
+    index = draw_rows(data, cfg, generator)
+    x0, cond = data.images[index], data.buffers[index]
+    if cfg.flip:
+        x0, cond = flip_pairs(x0, cond, torch.rand(cfg.batch, generator=generator) < 0.5)
+    return x0.to(device), cond.to(device)
 
 
 def flip_pairs(images: torch.Tensor, buffers: torch.Tensor, which: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +167,8 @@ def train(
     resumed = load_checkpoint(run_dir)
     if resumed is not None:
         info, tensors = resumed
-        if info.get("data_hash") != data.data_hash or info.get("train") != asdict(cfg):
+        saved = {**asdict(TrainConfig()), "precision": "fp16", **info.get("train", {})}  # runs saved before a field
+        if info.get("data_hash") != data.data_hash or saved != asdict(cfg):
             raise RigError(
                 f"{run_dir} holds a run with other data or settings; delete it or use the same settings to resume"
             )
@@ -163,10 +182,13 @@ def train(
         )
     else:
         model = net
-    use_amp = device.startswith("cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    if cfg.precision not in PRECISIONS:
+        raise RigError(f"precision {cfg.precision!r}: one of {', '.join(PRECISIONS)}")
+    use_amp = device.startswith("cuda") and cfg.precision != "fp32"
+    amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and cfg.precision == "fp16")  # bf16 needs no scaling
     log = open(run_dir / "log.jsonl", "a") if rank == 0 else None
-    images, buffers = data.images, data.buffers
+    world = dist.get_world_size() if distributed else 1
     started, losses = time.monotonic(), []
     try:
         while step < cfg.steps:
@@ -177,15 +199,11 @@ def train(
             # draw exactly what an uninterrupted single run would
             generator = torch.Generator().manual_seed(step_seed(cfg.seed, rank, step))
             torch.manual_seed(step_seed(cfg.seed, rank, step))  # dropout
-            index = draw_rows(data, cfg, generator)
-            x0, cond = images[index], buffers[index]
-            if cfg.flip:
-                x0, cond = flip_pairs(x0, cond, torch.rand(cfg.batch, generator=generator) < 0.5)
-            x0, cond = x0.to(device), cond.to(device)
+            x0, cond = training_batch(data, cfg, step, rank, world, generator, device)
             t = torch.randint(0, diffusion.steps, (cfg.batch,), generator=generator).to(device)
             noise = torch.randn(x0.shape, generator=generator).to(device)
             x_t = diffusion.q_sample(x0, t, noise)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+            with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
                 if cfg.freeze_encoder:
                     with torch.no_grad():
                         latent = net.encode(x0)
@@ -226,12 +244,15 @@ def train(
 
 
 @torch.no_grad()
-def write_preview(model: DiffusionRig, data: TrainingData, path: Path, device: str, count: int = 4) -> None:
+def write_preview(model: DiffusionRig, data, path: Path, device: str, count: int = 4) -> None:
     """A grid: the first ``count`` training photos over samples drawn for their buffers (10 DDIM steps)."""
 
-    count = min(count, len(data))
-    x0 = data.images[:count].to(device)
-    cond = data.buffers[:count].to(device)
+    if isinstance(data, TrainingData):
+        count = min(count, len(data))
+        x0, cond = data.images[:count].to(device), data.buffers[:count].to(device)
+    else:
+        x0, cond = data.preview(count, device)
+        count = len(x0)
     latent = model.encode(x0)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(device)
     samples = ddim_sample(lambda x, t: model(x, t, cond, latent), noise, Diffusion(), ddim_timesteps(10))

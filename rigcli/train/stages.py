@@ -11,6 +11,7 @@ import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -25,10 +26,12 @@ from rigcli.diffusion.checkpoints import (
 )
 from rigcli.diffusion.unet import DiffusionRig, paper_arguments, preset
 from rigcli.enroll import read_fit
+from rigcli.face.registry import load_face_model
 from rigcli.files import atomic_write_bytes, atomic_write_json, file_sha256, now_iso
 from rigcli.store import check_name, registered_models, registry_dir
-from rigcli.train.data import Augment, person_data, prepare_folder
+from rigcli.train.data import Augment, person_data
 from rigcli.train.loop import TrainConfig, train
+from rigcli.train.shards import MAX_LANDMARK_ERROR, ShardData, is_prepared, prepare_shards, summarize
 
 
 def register_model(store, name: str, source: Path) -> dict:
@@ -78,7 +81,7 @@ def finetune(
     restart: bool = False,
     checkpoint_every: int = 250,
     holdout: int = 0,
-    augment: bool | None = None,
+    augment: bool | Augment | None = None,
     augment_copies: int = 4,
     augment_ratio: float = 0.5,
     on_step: Callable[[int, float], None] | None = None,
@@ -119,8 +122,8 @@ def finetune(
         cfg = TrainConfig(steps=steps or 5000, batch=batch or 4, lr=lr or 1e-4, seed=seed, freeze_encoder=False)
     cfg.checkpoint_every = checkpoint_every
     cfg.preview_every = max(checkpoint_every, cfg.steps // 10)
-    augment = bool(augment)  # off unless asked: it worsens identity at strength 1 (issue 15, RESULTS.md)
-    plan = Augment(copies=augment_copies, seed=seed) if augment else None
+    # off unless asked: it worsens identity at strength 1 (issue 15, RESULTS.md); an Augment is used as given
+    plan = augment if isinstance(augment, Augment) else Augment(copies=augment_copies, seed=seed) if augment else None
     if plan is not None:
         cfg.augment_ratio, cfg.flip = augment_ratio, True
     with store.locked(name):  # held for the whole run: one training per person at a time
@@ -274,11 +277,20 @@ def pretrain(
     device: str = "cpu",
     detector: str = "hog",
     checkpoint_every: int = 1000,
+    workers: int | None = None,
+    shard_size: int = 1000,
+    limit: int | None = None,
+    max_landmark_error: float = MAX_LANDMARK_ERROR,
+    precision: str = "bf16",
+    prepare_only: bool = False,
     on_prepare=None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict:
-    """Stage 1: a generic prior on a folder of face photos. Under ``torchrun`` it trains with DDP
-    (NCCL on GPUs, gloo on CPUs); process 0 prepares the data while the others wait."""
+    """Stage 1: a generic prior on a folder of face photos (or on a finished preparation, given as
+    ``data_dir``). Under ``torchrun``, on one node or many, every process prepares its own shards
+    (``train.shards``) on ``workers`` processes, then trains with DDP (NCCL on GPUs, gloo on CPUs) on
+    its own part of every epoch, streamed from the shards. ``out_dir`` must be one folder that every
+    node sees (a shared file system). Returns the summary (and model.json unless ``prepare_only``)."""
 
     import torch.distributed as dist
 
@@ -293,16 +305,28 @@ def pretrain(
     cfg = preset(preset_name)
     out_dir = Path(out_dir)
     try:
-        if rank == 0:
-            prepare_folder(store, data_dir, out_dir / "data", cfg.image_size, detector, progress=on_prepare)
-        if dist.is_initialized():
-            dist.barrier()
-        data, counts = prepare_folder(store, data_dir, out_dir / "data", cfg.image_size, detector)
+        barrier = lambda: None  # noqa: E731
+        if dist.is_initialized():  # preparing can take hours: wait on a CPU group with a long timeout
+            group = dist.new_group(backend="gloo", timeout=timedelta(hours=48))
+            barrier = lambda: dist.barrier(group=group)  # noqa: E731
+        prepared = Path(data_dir)
+        if is_prepared(prepared):  # a finished preparation: train on it as it is
+            summary = summarize(prepared)
+        else:
+            prepared = out_dir / "data"
+            summary = prepare_shards(
+                store, data_dir, prepared, cfg.image_size, detector=detector, workers=workers, shard_size=shard_size,
+                limit=limit, max_landmark_error=max_landmark_error, rank=rank,
+                world=dist.get_world_size() if dist.is_initialized() else 1, barrier=barrier, progress=on_prepare,
+            )  # fmt: skip
+        if prepare_only:
+            return {"stage": 1, "prepared": str(prepared), **summary}
+        data = ShardData(prepared, load_face_model(store), device)
         torch.manual_seed(seed)
         model = DiffusionRig(cfg)
         train_cfg = TrainConfig(
             steps=steps, batch=batch, lr=lr, seed=seed, freeze_encoder=False, checkpoint_every=checkpoint_every,
-            preview_every=max(checkpoint_every, steps // 10),
+            preview_every=max(checkpoint_every, steps // 10), precision=precision,
         )  # fmt: skip
         meta = {"stage": 1, "data": str(data_dir), "config": cfg.to_json()}
         ema = train(model, data, train_cfg, out_dir / "training", meta, device=device, on_step=on_step)
@@ -320,7 +344,9 @@ def pretrain(
             "final_loss": log[-1]["loss"] if log else None,
             "face_model_id": data.face_model_id,
             "data_hash": data.data_hash,
-            "photos": counts,
+            "photos": summary["counts"],
+            "shards": summary["shards"],
+            "bytes_per_photo": summary["bytes_per_photo"],
             "processes": len(digests),
             "replica_digests": digests,  # identical when the processes stayed in sync
             "train": asdict(train_cfg),
