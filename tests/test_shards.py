@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -131,6 +132,26 @@ def test_two_workers_write_the_shards_one_does_and_a_killed_preparation_resumes_
     )
     with pytest.raises(RigError, match="no usable face photos"):
         prepare_shards(store, faces, tmp_path / "none", SIZE, workers=1, shard_size=50, max_landmark_error=0.0)
+
+
+def test_when_process_0_cannot_plan_every_process_fails_with_its_reason_instead_of_waiting(tmp_path, home):
+    (tmp_path / "empty").mkdir()
+    wait = threading.Barrier(2, timeout=60)
+    errors: dict[int, str] = {}
+
+    def process(rank: int) -> None:
+        try:
+            prepare_shards(Store(home), tmp_path / "empty", tmp_path / "out", SIZE, rank=rank, world=2,
+                           barrier=wait.wait)  # fmt: skip
+        except RigError as exc:
+            errors[rank] = str(exc)
+
+    threads = [threading.Thread(target=process, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert "holds no images" in errors[0] and errors[1] == f"process 0: {errors[0]}"
 
 
 def test_rows_cover_every_epoch_once_and_two_gloo_processes_see_disjoint_halves(tmp_path, home, one_fit):

@@ -186,13 +186,15 @@ def prepare_shards(
         raise RigError(f"--workers {workers}: give at least 1")
     if shard_size < 1:
         raise RigError(f"--shard-size {shard_size}: give at least 1")
-    if rank == 0:
+
+    def plan_them() -> None:
         files = list_photos(data_dir, limit)
         model_id = load_face_model(store).model_id
         settings = {"format": SHARD_FORMAT, "face_model_id": model_id, "size": size, "chunk": chunk,
                     "detector": detector, "max_landmark_error": max_landmark_error}  # fmt: skip
         update_plan(out_dir, files, settings, shard_size)
-    barrier()
+
+    on_rank_zero(plan_them, rank, barrier, out_dir)
     plan = json.loads((out_dir / "plan.json").read_text())
     mine = [k for k in range(len(plan["shards"])) if k % world == rank and not shard_done(out_dir, k)]
     jobs = [(k, str(data_dir), plan["shards"][k][i : i + plan["chunk"]], size, plan["max_landmark_error"])
@@ -225,10 +227,27 @@ def prepare_shards(
             else:
                 pool.terminate()
     barrier()
-    if rank == 0:
-        write_index(out_dir, plan)
-    barrier()
+    on_rank_zero(lambda: write_index(out_dir, plan), rank, barrier, out_dir)
     return summarize(out_dir)
+
+
+def on_rank_zero(step: Callable[[], None], rank: int, barrier: Callable[[], None], out_dir: Path) -> None:
+    """Run ``step`` on process 0 while the others wait; when it fails, every process fails with its
+    message (left in ``out_dir``, which all nodes share) instead of waiting on process 0 forever."""
+    failed = out_dir / ".failed"
+    error = None
+    if rank == 0:
+        try:
+            failed.unlink(missing_ok=True)
+            step()
+        except RigError as exc:
+            error = exc
+            atomic_write_bytes(failed, str(exc).encode())
+    barrier()
+    if error is not None:
+        raise error
+    if failed.is_file():
+        raise RigError(f"process 0: {failed.read_text()}")
 
 
 def join_chunks(parts: list) -> tuple[dict, np.ndarray, dict]:
