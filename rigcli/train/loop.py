@@ -37,9 +37,8 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 250
     preview_every: int = 500
-    precision: str = (
-        "fp16"  # autocast on CUDA: "fp16" (with loss scaling), "bf16" (stage 1, as on A100/H100s) or "fp32"
-    )
+    # autocast on CUDA: "fp16" (with loss scaling), "bf16" (stage 1's default; Ampere or newer) or "fp32"
+    precision: str = "fp16"
     augment_ratio: float = 0.0  # share of samples drawn from a photo's augmented copies (TrainingData.groups)
     flip: bool = False  # mirror half the samples, with their buffers (normals' x negated)
 
