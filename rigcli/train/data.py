@@ -91,18 +91,18 @@ AUGMENT_EXPRESSIONS = {  # blendshapes moved together, and the largest weight dr
 
 
 def turn_at_most(start: np.ndarray, target: np.ndarray, degrees: float) -> tuple[float, float, float]:
-    """``target``'s unit direction, or the direction ``degrees`` from ``start`` on the great circle
-    towards it when ``target`` is further: a photo lit from one side cannot show light from the other."""
-    start, target = start / np.linalg.norm(start), target / np.linalg.norm(target)
-    cos = float(np.clip(start @ target, -1, 1))
-    if math.degrees(math.acos(cos)) <= degrees:
+    """``target`` as given, or the unit direction ``degrees`` from ``start`` on the great circle towards
+    it when ``target`` is further: a photo lit from one side cannot show light from the other."""
+    unit_start, unit_target = start / np.linalg.norm(start), target / np.linalg.norm(target)
+    cos = float(np.clip(unit_start @ unit_target, -1, 1))
+    if math.degrees(math.acos(cos)) <= degrees:  # as given: the copies of an unbounded Augment stay as they were
         return tuple(float(v) for v in target)
-    across = target - cos * start
+    across = unit_target - cos * unit_start
     if np.linalg.norm(across) < 1e-9:  # exactly opposite: turn about any axis
-        across = np.cross(start, [0.0, 1.0, 0.0] if abs(start[1]) < 0.9 else [1.0, 0.0, 0.0])
+        across = np.cross(unit_start, [0.0, 1.0, 0.0] if abs(unit_start[1]) < 0.9 else [1.0, 0.0, 0.0])
     across /= np.linalg.norm(across)
     angle = math.radians(degrees)
-    return tuple(float(v) for v in math.cos(angle) * start + math.sin(angle) * across)
+    return tuple(float(v) for v in math.cos(angle) * unit_start + math.sin(angle) * across)
 
 
 def augmented_fit(
@@ -112,17 +112,15 @@ def augmented_fit(
     else within 60 deg of the photo's own, its strength drawn in [0.7, 1.3] of the default and the
     face's mean shading kept), some blendshapes set anew, a small head turn."""
     out = fit.select([0])
+    own = dominant_direction(fit.light[0].double()).numpy()
     if rng.random() < 0.5:
         direction = LIGHT_DIRECTIONS[AUGMENT_LIGHTS[int(rng.integers(len(AUGMENT_LIGHTS)))]]
     else:
-        own = dominant_direction(fit.light[0].double()).numpy()
         yaw = math.atan2(own[0], own[2]) + math.radians(rng.uniform(-60, 60))
         pitch = math.asin(float(np.clip(own[1], -1, 1))) + math.radians(rng.uniform(-40, 40))
         pitch = float(np.clip(pitch, -1.2, 1.2))
         direction = (math.sin(yaw) * math.cos(pitch), math.sin(pitch), math.cos(yaw) * math.cos(pitch))
-    direction = turn_at_most(
-        dominant_direction(fit.light[0].double()).numpy(), np.asarray(direction), augment.max_light_move
-    )
+    direction = turn_at_most(own, np.asarray(direction), augment.max_light_move)
     light = light_for(direction, 0.8 * rng.uniform(0.7, 1.3), 0.35, None)
     mean = sh_shading(normals[None].float(), light[None])[0].mean() if len(normals) else torch.tensor(1.0)
     own_mean = sh_shading(normals[None].float(), fit.light[:1].float())[0].mean() if len(normals) else mean

@@ -36,7 +36,7 @@ from rigcli.estimate import LandmarkEstimator
 from rigcli.face.params import FaceFit, rescale_fit
 from rigcli.face.registry import load_face_model
 from rigcli.files import atomic_write_bytes, atomic_write_json
-from rigcli.image.align import align_face, apply_affine, invert_affine
+from rigcli.image.align import align_face, apply_affine
 from rigcli.image.detect import MIN_FACE_PX, FaceAnalyzer
 from rigcli.image.photo import IMAGE_EXTENSIONS, PhotoError, read_photo
 from rigcli.render.buffers import render_buffers
@@ -106,7 +106,7 @@ _WORKER: dict = {}
 def _start_worker(store, detector: str) -> None:
     """A preparation worker: one thread (the same arithmetic in every process), its own detector."""
     torch.set_num_threads(1)
-    _WORKER.update(model=load_face_model(store), analyzer=FaceAnalyzer(detector), detector=detector)
+    _WORKER.update(model=load_face_model(store), analyzer=FaceAnalyzer(detector))
 
 
 def prepare_chunk(job: tuple) -> tuple[int, dict[str, str], np.ndarray, dict[str, np.ndarray]]:
@@ -127,7 +127,7 @@ def prepare_chunk(job: tuple) -> tuple[int, dict[str, str], np.ndarray, dict[str
             continue
         aligned = align_face(rgb, face.landmarks, CROP)
         crops.append(aligned.crop)
-        landmarks.append(apply_affine(invert_affine(aligned.crop_to_photo), face.landmarks))
+        landmarks.append(apply_affine(aligned.photo_to_crop, face.landmarks))
         used.append(rel)
     params: dict[str, np.ndarray] = {}
     keep: list[int] = []
@@ -152,8 +152,8 @@ def write_shard(out_dir: Path, k: int, outcomes: dict[str, str], crops: np.ndarr
     tensors.update({f"fit.{f}": torch.from_numpy(np.ascontiguousarray(v)) for f, v in params.items()})
     blob = save(tensors)
     atomic_write_bytes(out_dir / f"{shard_name(k)}.safetensors", blob)
-    rows = [rel for rel, outcome in outcomes.items() if outcome == "used"]
-    doc = {"rows": len(rows), "files": outcomes, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    rows = sum(outcome == "used" for outcome in outcomes.values())
+    doc = {"rows": rows, "files": outcomes, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
     atomic_write_json(out_dir / f"{shard_name(k)}.json", doc)
 
 
