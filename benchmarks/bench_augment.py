@@ -8,7 +8,7 @@ paper's edit, no controls: PSNR in the face, identity distance), and rig edit's 
 default strength and at strength 1 (identity distance over all edits, re-fitted light, blendshape
 and yaw errors). One markdown table per photo set.
 
-    python benchmarks/bench_augment.py [--steps 600] [--out bench-augment] [--arms without with with-srgb60]
+    python benchmarks/bench_augment.py [--steps 600] [--out bench-augment] [--arms without with with-linear]
 
 About 20 minutes on 2 cores at 600 steps.
 """
@@ -42,7 +42,8 @@ COLUMNS = (  # summary key, edit type, title
 
 ARMS = {  # name: rig finetune's augment argument
     "without": False,
-    "with": True,  # rig finetune --augment's copies: relit in linear light, any light direction
+    "with": True,  # rig finetune --augment's copies: relit in sRGB (the fit's space), any light direction
+    "with-linear": Augment(relight="linear"),  # the same copies relit in linear light (before 2026-12-02)
     "with-srgb60": Augment(relight="srgb", max_light_move=60.0),  # relit in sRGB, light turned at most 60 deg
 }
 

@@ -12,7 +12,7 @@ from rigcli.estimate.landmarks import fit_light
 from rigcli.evaluate.metrics import light_error_deg
 from rigcli.face.params import FaceFit, fit_from_json, rescale_fit
 from rigcli.face.registry import face_model_name, load_face_model
-from rigcli.render.buffers import dominant_direction, rasterize_fit, render_buffers
+from rigcli.render.buffers import dominant_direction, light_direction, rasterize_fit, render_buffers, skin_mask
 from rigcli.store import Store
 from rigcli.train.data import Augment, augmented_pairs, person_data
 from rigcli.train.loop import TrainConfig, draw_rows, flip_pairs
@@ -44,19 +44,24 @@ def test_an_augmented_copy_shows_the_light_it_was_made_with_and_its_buffers_rend
     assert images.shape == (3 * len(records), 3, crop_size, crop_size) and len(fits) == images.shape[0]
     own = fit_from_json([fit_doc["photos"][r.id] for r in records], fit_doc["identity"], model.expression_names)
     asked = FaceFit.cat(fits)
-    # the light the copy shows, fitted again on its pixels with the geometry it was made with
+    # the light the copy shows, fitted again on its pixels with the geometry it was made with, and
+    # compared with the light it was made with over the copy's visible skin (as rig eval compares)
     shown, _ = fit_light(model, asked, ((images.permute(0, 2, 3, 1) + 1) / 2).clamp(0, 1))
-    errors = [light_error_deg(shown[k], asked.light[k]) for k in range(len(fits))]
-    moved = [
-        light_error_deg(asked.light[k], own.light[k // 3]) for k in range(len(fits))
-    ]  # how far each copy's light is from its photo's
+    geometry = rasterize_fit(model, asked, crop_size)
+    skin = skin_mask(model, geometry)
+    own_geometry = rasterize_fit(model, own, crop_size)
+    own_skin = skin_mask(model, own_geometry)
+    errors, moved = [], []
+    for k in range(len(fits)):
+        normals = geometry.normals[k][skin[k]]
+        errors.append(light_error_deg(shown[k], asked.light[k], normals))
+        i = k // 3  # how far each copy's light is from its photo's, each as its own skin shows it
+        before = light_direction(own.light[i], own_geometry.normals[i][own_skin[i]])
+        cos = (before * light_direction(asked.light[k], normals)).sum().clamp(-1, 1)
+        moved.append(float(torch.rad2deg(torch.acos(cos))))
     print("re-fitted light error per copy (deg):", np.round(errors, 1), "moved from the photo's:", np.round(moved, 1))
-    # the physical relight moves the light most of the way, not all of it (issue 15 asks for 15 deg;
-    # measured: median about 20, up to about 50 on a photo whose own fit explains it poorly)
     assert max(moved) > 40.0  # the copies do relight
-    assert float(np.median(errors)) < 25.0
-    relit = [(e, m) for e, m in zip(errors, moved, strict=True) if m > 20.0]
-    assert np.mean([e for e, _ in relit]) < 0.7 * np.mean([m for _, m in relit])  # nearer what they were made with
+    assert max(errors) < 15.0  # and each shows the light it was made with (measured: at most about 7)
     # their buffers are a fresh render of their parameters, at the training size too (through the cache)
     assert torch.allclose(buffers, render_buffers(model, asked, crop_size), atol=1e-5)
     data = person_data(store, "astro", SIZE, augment=augment)

@@ -32,7 +32,14 @@ from rigcli.evaluate.suite import METRICS, ModelSpec, edit_count, eval_photos, p
 from rigcli.face.params import FaceFit
 from rigcli.image.metrics import PSNR_CAP, psnr, ssim, ssim_map
 from rigcli.image.photo import read_photo
-from rigcli.render.buffers import render_buffers
+from rigcli.render.buffers import (
+    SH_CONSTANTS,
+    light_direction,
+    rasterize_fit,
+    render_buffers,
+    sh_basis,
+    skin_mask,
+)
 from rigcli.store import Store
 from rigcli.train.data import person_data
 from rigcli.train.stages import holdout_photos
@@ -106,6 +113,43 @@ def test_light_error_on_a_rendered_face(face_model):
         between = math.degrees(math.acos(float((a * b).sum())))
         wrong = light_for(LIGHT_DIRECTIONS[other], 0.8, 0.35, None)
         assert light_error_deg(light[0], wrong) == pytest.approx(between, abs=3.0)
+
+
+def _frontal_skin(face_model, yaw: float = 0.0):
+    """A face turned ``yaw`` radians, rendered at 256 px, and the normals of its visible skin."""
+    fit = FaceFit(
+        torch.tensor([yaw]), torch.zeros(1), torch.zeros(1), torch.tensor([9.5]), torch.tensor([[128.0, 150.0]]),
+        torch.zeros(1, len(face_model.expression_names)), torch.zeros(face_model.identity_size),
+    )  # fmt: skip
+    geometry = rasterize_fit(face_model, fit, 256)
+    return fit, geometry.normals[0][skin_mask(face_model, geometry)[0]]
+
+
+def test_light_direction_is_the_single_light_that_explains_the_skins_shading(face_model):
+    """A light made from a direction gives that direction back over a face's skin. A change to its
+    first-order z term, with the other eight terms making up for it as well as the skin's normals
+    allow (least squares), moves the skin's shading by about 1 %: it swings the first-order direction
+    by tens of degrees and leaves this one where it was."""
+    for yaw in (0.0, 0.4):
+        _, normals = _frontal_skin(face_model, yaw)
+        design = (sh_basis(normals.double()) * SH_CONSTANTS).numpy()
+        others = [0, 1, 2, 4, 5, 6, 7, 8]
+        unseen = np.zeros(9)
+        unseen[3] = -0.3
+        unseen[others] = np.linalg.lstsq(design[:, others], -design[:, 3] * unseen[3], rcond=None)[0]
+        for side in ("left", "top", "front", "right"):
+            asked = light_for(LIGHT_DIRECTIONS[side], 0.8, 0.35, None).double()
+            want = torch.nn.functional.normalize(torch.tensor(LIGHT_DIRECTIONS[side], dtype=torch.float64), dim=0)
+            got = light_direction(asked, normals)
+            assert math.degrees(math.acos(float((got.double() * want).sum().clamp(-1, 1)))) < 0.5, (yaw, side)
+            assert light_error_deg(asked, asked, normals) < 0.1
+            other = asked + torch.from_numpy(unseen)[:, None]  # the same for every colour
+            change = np.abs(design @ unseen).mean() / np.abs(design @ asked[:, 0].numpy()).mean()
+            assert change < 0.02, (yaw, side, change)  # the skin's shading barely moves
+            assert light_error_deg(other, asked) > 30.0  # its first-order terms swing
+            assert light_error_deg(other, asked, normals) < 1.0  # what the skin shows does not
+        # a re-fit that found no light (too little skin) is 90 deg off, not some arbitrary direction
+        assert light_error_deg(torch.zeros(9, 3), asked, normals) == pytest.approx(90.0)
 
 
 CAMERAMAN_FACE = (189.0, 117.0, 258.0, 186.0)  # where dlib's CNN detector finds him (HOG misses him); 14 s saved

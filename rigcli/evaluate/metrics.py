@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from rigcli.render.buffers import dominant_direction
+from rigcli.render.buffers import dominant_direction, light_direction
 
 ACTIVE = 0.1  # a blendshape at this weight or more counts as part of the asked expression
 SAME_PERSON = 0.6  # dlib's threshold on the euclidean descriptor distance
@@ -24,10 +24,16 @@ def identity_distances(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return cosine, float(np.linalg.norm(a - b))
 
 
-def light_error_deg(got: torch.Tensor, asked: torch.Tensor) -> float:
-    """Angle in degrees between the dominant directions of two SH lights (9, 3)."""
+def light_error_deg(got: torch.Tensor, asked: torch.Tensor, normals: torch.Tensor | None = None) -> float:
+    """Angle in degrees between the directions of two SH lights (9, 3): with ``normals`` (N, 3), the
+    face's visible skin, those of the single lights that best explain each shading there
+    (``light_direction``, what the pixels determine); without, their first-order terms'."""
 
-    cos = (dominant_direction(got.double()) * dominant_direction(asked.double())).sum().clamp(-1, 1)
+    if normals is not None and len(normals):
+        a, b = light_direction(got, normals), light_direction(asked, normals)
+    else:
+        a, b = dominant_direction(got.double()), dominant_direction(asked.double())
+    cos = (a.double() * b.double()).sum().clamp(-1, 1)
     return math.degrees(math.acos(float(cos)))
 
 

@@ -441,12 +441,20 @@ def sample_suite_method(
 
 
 def measure(
-    sampled: Sampled, refit: Refit, offset: int, fit: FaceFit, face_in: np.ndarray, label: str
+    sampled: Sampled,
+    refit: Refit,
+    offset: int,
+    fit: FaceFit,
+    face_in: np.ndarray,
+    label: str,
+    skin_normals: Callable[[FaceFit], list[torch.Tensor]],
 ) -> tuple[list[EditRecord], dict[str, float]]:
     """Metrics of one photo's edits, given the re-fit of [input, outputs...] at ``offset`` in ``refit``;
-    also the input's own re-fit errors (the measurement's floor)."""
+    also the input's own re-fit errors (the measurement's floor). Light directions are compared over
+    the visible skin of the face asked for (``skin_normals``: ``Editor.skin_normals``)."""
 
     one = fit.select([sampled.photo])
+    asked_normals, own_normals = skin_normals(sampled.asked), skin_normals(one)[0]
     records = []
     for k, edit in enumerate(sampled.edits):
         got = refit.fit.select([offset + 1 + k])
@@ -462,7 +470,7 @@ def measure(
             "ssim_face": ssim(output, sampled.target, face_in) if recon else None,
             "psnr_background": psnr(output, sampled.target, background),
             "ssim_background": ssim(output, sampled.target, background),
-            "light_error_deg": light_error_deg(got.light[0], sampled.asked.light[k]),
+            "light_error_deg": light_error_deg(got.light[0], sampled.asked.light[k], asked_normals[k]),
             "blendshape_error": blendshape_error(got.expression[0], sampled.asked.expression[k], one.expression[0]),
             "yaw_error_deg": yaw_error_deg(got.yaw[0], sampled.asked.yaw[k]),
             "detail_ratio": sampled.detail[k] if sampled.detail else None,
@@ -474,7 +482,7 @@ def measure(
         records.append(EditRecord(label, edit.kind, edit.label, metrics, tiles))
     itself = refit.fit.select([offset])
     floor = {
-        "light_error_deg": light_error_deg(itself.light[0], one.light[0]),
+        "light_error_deg": light_error_deg(itself.light[0], one.light[0], own_normals),
         "blendshape_error": blendshape_error(itself.expression[0], one.expression[0], one.expression[0]),
         "yaw_error_deg": yaw_error_deg(itself.yaw[0], one.yaw[0]),
     }
@@ -554,7 +562,7 @@ def evaluate(
         face_in = _masks_at(editor.face_masks(fit), measured_at)
         records, floors = [], []
         for s in per_model:
-            got, floor = measure(s, refit, offset, fit, face_in[s.photo], photos[s.photo].label)
+            got, floor = measure(s, refit, offset, fit, face_in[s.photo], photos[s.photo].label, editor.skin_normals)
             records += got
             floors.append(floor)
             offset += 1 + len(s.outputs)

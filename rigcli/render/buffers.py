@@ -113,6 +113,54 @@ def dominant_direction(light: torch.Tensor) -> torch.Tensor:
     return linear / linear.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def light_direction(light: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
+    """Unit direction (3,) of the single light, ambient + intensity * max(0, n . d), whose shading
+    best matches ``light``'s (9, 3; colours averaged) over ``normals`` (N, 3), the face's visible skin.
+
+    This is what a face's pixels determine. ``dominant_direction`` reads the first-order terms alone,
+    which a face does not pin down: its normals cover half the sphere, mostly facing the camera, so
+    the z term trades off against the constant and 3z^2 - 1 terms, and a frontal light's fitted
+    direction can swing by tens of degrees while its shading stays the same. Least squares over the
+    two amplitudes for each direction (closed form from the 9x9 Gram matrix of the normals'
+    polynomials), over a sphere of directions refined three times around the best; intensity > 0.
+    A light no such light explains (all zero) falls back to ``dominant_direction``."""
+    basis = sh_basis(normals.double().reshape(-1, 3)) * SH_CONSTANTS
+    gram = basis.T @ basis
+    target = light.double().reshape(9, -1).mean(-1)
+    ambient = torch.zeros(9, dtype=torch.float64)
+    ambient[0] = math.sqrt(4 * math.pi)
+
+    def residual(directions: torch.Tensor) -> torch.Tensor:
+        lobes = sh_basis(directions) * _SH_NORMS  # (K, 9): the clamped cosine of each direction, unit intensity
+        lobes[:, 0] = math.sqrt(4 * math.pi) / 4
+        aa, at, tt = ambient @ gram @ ambient, ambient @ gram @ target, target @ gram @ target
+        al, ll, lt = lobes @ gram @ ambient, ((lobes @ gram) * lobes).sum(1), lobes @ gram @ target
+        det = (aa * ll - al * al).clamp_min(1e-12)
+        intensity = (aa * lt - al * at) / det
+        explained = (ll * at * at - 2 * al * at * lt + aa * lt * lt) / det
+        return torch.where(intensity > 0, tt - explained, torch.inf)
+
+    count = 2048  # a Fibonacci sphere: about 4.5 deg between neighbours
+    k = torch.arange(count, dtype=torch.float64) + 0.5
+    polar, azimuth = torch.acos(1 - 2 * k / count), math.pi * (1 + math.sqrt(5)) * k
+    directions = torch.stack([azimuth.cos() * polar.sin(), azimuth.sin() * polar.sin(), polar.cos()], 1)
+    first = residual(directions)
+    if not bool(torch.isfinite(first).any()):  # no light at all (a fit that found too little skin)
+        return dominant_direction(light)
+    best = directions[int(first.argmin())]
+    steps = torch.linspace(-1, 1, 9, dtype=torch.float64)
+    for spacing in (math.radians(1.5), math.radians(0.4), math.radians(0.1)):  # 9 x 9 grids around the best
+        u = torch.linalg.cross(best, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64) if abs(best[1]) < 0.9
+                               else torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))  # fmt: skip
+        u = u / u.norm()
+        v = torch.linalg.cross(best, u)
+        du, dv = torch.meshgrid(steps * 4 * spacing, steps * 4 * spacing, indexing="ij")
+        near = best + du.reshape(-1, 1) * u + dv.reshape(-1, 1) * v
+        near = torch.cat([best[None], near / near.norm(dim=1, keepdim=True)])
+        best = near[int(residual(near).argmin())]
+    return best.to(light.dtype)
+
+
 def skin_vertices(model: FaceModel, radius: float = 1.0) -> torch.Tensor:
     """(V,) bool: the narrow face area minus the eyes, brows and lips (near their landmark vertices)."""
     neutral = model.neutral

@@ -23,6 +23,7 @@ from rigcli.image.photo import read_photo
 from rigcli.render.buffers import (
     LIGHT_DIRECTIONS,
     dominant_direction,
+    light_direction,
     light_for,
     rasterize_fit,
     render_buffers,
@@ -70,17 +71,20 @@ class Augment:
     max_yaw: float = 6.0  # degrees: head turns the warp stays faithful within (issue 15)
     max_pitch: float = 4.0
     expression: float = 0.35  # chance that each of smile, jaw open, blink, brow raise changes in a copy
-    relight: str = "linear"  # the space the copies' shading ratio multiplies (render.compose.RELIGHT_SPACES)
+    # the space the copies' shading ratio multiplies (render.compose.RELIGHT_SPACES): sRGB, the space
+    # the light is fitted in (fit_light models sRGB values as albedo x shading), so a copy fitted again
+    # shows the light it was made with. In that model the linear-light shading is the fitted one to the
+    # power 2.2, and multiplying linear light by its ratio is multiplying the sRGB values by the fitted
+    # ratio: this is the physical relight of the fit (benchmarks/bench_relight_space.py).
+    relight: str = "srgb"
     max_light_move: float = 180.0  # degrees a copy's light may turn from its photo's (a side further is pulled in)
 
     def key(self) -> list:
-        key = [AUGMENT_VERSION, self.copies, self.seed, self.max_yaw, self.max_pitch, self.expression]
-        if self.relight != "linear" or self.max_light_move < 180:  # caches made before keep their key
-            key += [self.relight, self.max_light_move]
-        return key
+        return [AUGMENT_VERSION, self.copies, self.seed, self.max_yaw, self.max_pitch, self.expression,
+                self.relight, self.max_light_move]  # fmt: skip
 
 
-AUGMENT_VERSION = 1  # bump when the copies an Augment makes change
+AUGMENT_VERSION = 2  # bump when the copies an Augment makes change
 AUGMENT_LIGHTS = ("left", "right", "top", "bottom", "front")  # rig edit --light's sides, drawn half the time
 AUGMENT_EXPRESSIONS = {  # blendshapes moved together, and the largest weight drawn
     ("mouthSmile_L", "mouthSmile_R"): 0.8,
@@ -112,7 +116,9 @@ def augmented_fit(
     else within 60 deg of the photo's own, its strength drawn in [0.7, 1.3] of the default and the
     face's mean shading kept), some blendshapes set anew, a small head turn."""
     out = fit.select([0])
-    own = dominant_direction(fit.light[0].double()).numpy()
+    # the photo's light as its skin shows it (the first-order terms alone are ill-posed on a face)
+    own = light_direction(fit.light[0], normals) if len(normals) else dominant_direction(fit.light[0])
+    own = own.double().numpy()
     if rng.random() < 0.5:
         direction = LIGHT_DIRECTIONS[AUGMENT_LIGHTS[int(rng.integers(len(AUGMENT_LIGHTS)))]]
     else:
