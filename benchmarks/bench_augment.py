@@ -9,6 +9,7 @@ default strength and at strength 1 (identity distance over all edits, re-fitted 
 and yaw errors). One markdown table per photo set.
 
     python benchmarks/bench_augment.py [--steps 600] [--out bench-augment] [--arms without with with-linear]
+        [--strengths 0.3 1]
 
 About 20 minutes on 2 cores at 600 steps.
 """
@@ -53,6 +54,16 @@ def mean_over_edits(run, key: str, kind: str | None) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def kind_rows(evaluation, arm: str) -> list[str]:
+    """Per strength: identity distance of each kind of edit, and the light edits' light error."""
+    out = []
+    for run in evaluation.runs[1:]:
+        cells = [f"{mean_over_edits(run, 'identity_euclidean', kind):.3f}" for kind in ("light", "expression", "pose")]
+        cells[0] += f", {mean_over_edits(run, 'light_error_deg', 'light'):.1f} deg"
+        out.append(f"| {arm} | {run.spec.strength:g} | " + " | ".join(cells) + " |")
+    return out
+
+
 def rows(evaluation, arm: str) -> list[str]:
     out = []
     paper, *method = evaluation.runs
@@ -77,12 +88,14 @@ def main() -> None:
     parser.add_argument(
         "--arms", nargs="+", default=["without", "with"], choices=sorted(ARMS), help="trainings compared, in order"
     )
+    parser.add_argument(
+        "--strengths", type=float, nargs="+", default=[DEFAULT_STRENGTH, 1.0], help="rig edit strengths measured"
+    )
     args = parser.parse_args()
     started = time.perf_counter()
-    specs = [ModelSpec("person", args.ddim)] + [
-        ModelSpec("person", args.ddim, strength=s) for s in (DEFAULT_STRENGTH, 1.0)
-    ]
+    specs = [ModelSpec("person", args.ddim)] + [ModelSpec("person", args.ddim, strength=s) for s in args.strengths]
     tables: dict[str, list[str]] = {"held-out photo of A": [], "album photos of A": []}
+    by_kind: list[str] = []
     results = {}
     for arm in args.arms:
         augment = ARMS[arm]
@@ -98,12 +111,17 @@ def main() -> None:
             photos = eval_photos(store, "a", photos=[REAL / n for n in names])
             evaluation = evaluate(store, "a", photos, specs, seed=0)
             tables[title] += rows(evaluation, arm)
+            if names == HELD_OUT:
+                by_kind += kind_rows(evaluation, arm)
             results[f"{arm} {title}"] = {r.spec.label: r.summary() for r in evaluation.runs}
     header = "| augmentation | round trip PSNR face dB | round trip id dist | strength | " + " | ".join(
         t for _, _, t in COLUMNS
     )
     for title, lines in tables.items():
         print(f"**{title}**\n\n{header} |\n" + "|---" * (4 + len(COLUMNS)) + "|\n" + "\n".join(lines) + "\n")
+    print("**held-out photo of A, by kind of edit** (identity distance; light error of the light edits)\n")
+    print("| augmentation | strength | light edits | expression edits | pose edits |\n|---|---|---|---|---|")
+    print("\n".join(by_kind) + "\n")
     (args.out / "augment.json").write_text(json.dumps(results, indent=1))
     print(f"all {time.perf_counter() - started:.0f} s; {torch.get_num_threads()} threads")
 
