@@ -44,7 +44,7 @@ COLUMNS = (  # summary key, edit type, title
 ARMS = {  # name: rig finetune's augment argument
     "without": False,
     "with": True,  # rig finetune --augment's copies: relit in sRGB (the fit's space), any light direction
-    "with-linear": Augment(relight="linear"),  # the same copies relit in linear light (before 2026-12-02)
+    "with-linear": Augment(relight="linear"),  # the same draws relit in linear light, as --augment did before
     "with-srgb60": Augment(relight="srgb", max_light_move=60.0),  # relit in sRGB, light turned at most 60 deg
 }
 

@@ -115,14 +115,14 @@ def test_light_error_on_a_rendered_face(face_model):
         assert light_error_deg(light[0], wrong) == pytest.approx(between, abs=3.0)
 
 
-def _frontal_skin(face_model, yaw: float = 0.0):
-    """A face turned ``yaw`` radians, rendered at 256 px, and the normals of its visible skin."""
+def _skin_normals(face_model, yaw: float = 0.0) -> torch.Tensor:
+    """The normals of the visible skin of a face turned ``yaw`` radians, rendered at 256 px."""
     fit = FaceFit(
         torch.tensor([yaw]), torch.zeros(1), torch.zeros(1), torch.tensor([9.5]), torch.tensor([[128.0, 150.0]]),
         torch.zeros(1, len(face_model.expression_names)), torch.zeros(face_model.identity_size),
     )  # fmt: skip
     geometry = rasterize_fit(face_model, fit, 256)
-    return fit, geometry.normals[0][skin_mask(face_model, geometry)[0]]
+    return geometry.normals[0][skin_mask(face_model, geometry)[0]]
 
 
 def test_light_direction_is_the_single_light_that_explains_the_skins_shading(face_model):
@@ -131,7 +131,7 @@ def test_light_direction_is_the_single_light_that_explains_the_skins_shading(fac
     allow (least squares), moves the skin's shading by about 1 %: it swings the first-order direction
     by tens of degrees and leaves this one where it was."""
     for yaw in (0.0, 0.4):
-        _, normals = _frontal_skin(face_model, yaw)
+        normals = _skin_normals(face_model, yaw)
         design = (sh_basis(normals.double()) * SH_CONSTANTS).numpy()
         others = [0, 1, 2, 4, 5, 6, 7, 8]
         unseen = np.zeros(9)
