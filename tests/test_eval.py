@@ -34,6 +34,7 @@ from rigcli.image.metrics import PSNR_CAP, psnr, ssim, ssim_map
 from rigcli.image.photo import read_photo
 from rigcli.render.buffers import (
     SH_CONSTANTS,
+    dominant_direction,
     light_direction,
     rasterize_fit,
     render_buffers,
@@ -150,6 +151,8 @@ def test_light_direction_is_the_single_light_that_explains_the_skins_shading(fac
             assert light_error_deg(other, asked, normals) < 1.0  # what the skin shows does not
         # a re-fit that found no light (too little skin) is 90 deg off, not some arbitrary direction
         assert light_error_deg(torch.zeros(9, 3), asked, normals) == pytest.approx(90.0)
+    # no skin seen (the copies of a photo whose fit covers none): the first-order direction
+    assert torch.equal(light_direction(asked, torch.zeros(0, 3)), dominant_direction(asked))
 
 
 CAMERAMAN_FACE = (189.0, 117.0, 258.0, 186.0)  # where dlib's CNN detector finds him (HOG misses him); 14 s saved

@@ -29,7 +29,7 @@ def light_error_deg(got: torch.Tensor, asked: torch.Tensor, normals: torch.Tenso
     face's visible skin, those of the single lights that best explain each shading there
     (``light_direction``, what the pixels determine); without, their first-order terms'."""
 
-    if normals is not None and len(normals):
+    if normals is not None:
         a, b = light_direction(got, normals), light_direction(asked, normals)
     else:
         a, b = dominant_direction(got.double()), dominant_direction(asked.double())

@@ -123,17 +123,17 @@ def light_direction(light: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
     direction can swing by tens of degrees while its shading stays the same. Least squares over the
     two amplitudes for each direction (closed form from the 9x9 Gram matrix of the normals'
     polynomials), over a sphere of directions refined three times around the best; intensity > 0.
-    A light no such light explains (all zero) falls back to ``dominant_direction``."""
+    With no normals, or a light no such light explains (all zero), it is ``dominant_direction``."""
     basis = sh_basis(normals.double().reshape(-1, 3)) * SH_CONSTANTS
     gram = basis.T @ basis
     target = light.double().reshape(9, -1).mean(-1)
     ambient = torch.zeros(9, dtype=torch.float64)
     ambient[0] = math.sqrt(4 * math.pi)
+    aa, at, tt = ambient @ gram @ ambient, ambient @ gram @ target, target @ gram @ target
 
     def residual(directions: torch.Tensor) -> torch.Tensor:
         lobes = sh_basis(directions) * _SH_NORMS  # (K, 9): the clamped cosine of each direction, unit intensity
         lobes[:, 0] = math.sqrt(4 * math.pi) / 4
-        aa, at, tt = ambient @ gram @ ambient, ambient @ gram @ target, target @ gram @ target
         al, ll, lt = lobes @ gram @ ambient, ((lobes @ gram) * lobes).sum(1), lobes @ gram @ target
         det = (aa * ll - al * al).clamp_min(1e-12)
         intensity = (aa * lt - al * at) / det
@@ -145,7 +145,7 @@ def light_direction(light: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
     polar, azimuth = torch.acos(1 - 2 * k / count), math.pi * (1 + math.sqrt(5)) * k
     directions = torch.stack([azimuth.cos() * polar.sin(), azimuth.sin() * polar.sin(), polar.cos()], 1)
     first = residual(directions)
-    if not bool(torch.isfinite(first).any()):  # no light at all (a fit that found too little skin)
+    if not bool(torch.isfinite(first).any()):  # no skin, or no light (a fit that found too little skin)
         return dominant_direction(light)
     best = directions[int(first.argmin())]
     steps = torch.linspace(-1, 1, 9, dtype=torch.float64)

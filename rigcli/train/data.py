@@ -22,7 +22,6 @@ from rigcli.files import atomic_write_bytes
 from rigcli.image.photo import read_photo
 from rigcli.render.buffers import (
     LIGHT_DIRECTIONS,
-    dominant_direction,
     light_direction,
     light_for,
     rasterize_fit,
@@ -117,8 +116,7 @@ def augmented_fit(
     face's mean shading kept), some blendshapes set anew, a small head turn."""
     out = fit.select([0])
     # the photo's light as its skin shows it (the first-order terms alone are ill-posed on a face)
-    own = light_direction(fit.light[0], normals) if len(normals) else dominant_direction(fit.light[0])
-    own = own.double().numpy()
+    own = light_direction(fit.light[0], normals).double().numpy()
     if rng.random() < 0.5:
         direction = LIGHT_DIRECTIONS[AUGMENT_LIGHTS[int(rng.integers(len(AUGMENT_LIGHTS)))]]
     else:
