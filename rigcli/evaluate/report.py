@@ -95,8 +95,10 @@ def report_html(evaluation: Evaluation, doc: dict) -> str:
         f"{SAME_PERSON}); same person: the share within it. PSNR and SSIM against the input at the model's "
         "size (for a model run at a strength s=S, rig edit's method: at the crop size, on the aligned crop of the "
         "photo-size output), inside the face (reconstruction) and outside it (background). Edit errors: the "
-        "output fitted again, against what was asked. Detail kept: the variance of the Laplacian of the "
-        "face at the photo's size, output over input (the paper's edit composed in by the plain blend). "
+        "output fitted again, against what was asked (light: the angle between the directions of the single "
+        "lights that best explain each shading on the asked face's skin). Detail kept: the variance of the "
+        "Laplacian of the face at the photo's size, output over input (the paper's edit composed in by the "
+        "plain blend). "
         f"Numbers are rounded to {DECIMALS} decimals, as in metrics.json.</p>",
         "<h2>Summary</h2><table id='summary'><thead><tr><th>model</th><th>edit type</th><th data-key='count'>n</th>",
     ]
