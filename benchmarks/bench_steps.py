@@ -28,7 +28,7 @@ from PIL import Image
 from rigcli import __version__
 from rigcli.assets.ict import import_ict
 from rigcli.demo import make_album
-from rigcli.edit.controls import Controls, apply_controls
+from rigcli.edit.controls import Controls
 from rigcli.edit.editor import Editor
 from rigcli.enroll import add_photos
 from rigcli.image.detect import FaceAnalyzer
@@ -63,12 +63,12 @@ def main() -> None:
         editor = Editor(store, "astro", device=args.device)
         photos = [editor.prepare(a.path) for a in album[6:9]]
         fit = editor.fit(photos)
-        names = editor.face_model.expression_names
-        edited = apply_controls(fit, Controls(light="left"), names, editor.skin_normals(fit))
+        before = editor.render(fit)
+        after = editor.edit_fit(before, Controls(light="left"))
         outputs, seconds = {}, {}
         for count in counts:
             begin = time.perf_counter()
-            outputs[count], _, _, _ = editor.run(photos, fit, edited, steps=count, invert=True)
+            outputs[count], _ = editor.run(photos, before, after, steps=count, invert=True)
             seconds[count] = time.perf_counter() - begin
     analyzer = FaceAnalyzer("hog")
     size = editor.size

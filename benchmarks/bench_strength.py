@@ -46,8 +46,6 @@ def specs(steps: int) -> list[ModelSpec]:
     out = [ModelSpec("person", steps)]
     for strength in STRENGTHS:
         out.append(ModelSpec("person", steps, strength=strength))
-        if strength > 0:
-            out.append(ModelSpec("person", steps, strength=strength, carry="ratio"))
     return out
 
 
@@ -62,7 +60,7 @@ def table(evaluation, title: str) -> str:
     lines.append("|---" * (len(COLUMNS) + 1) + "|")
     for run in evaluation.runs:
         spec = run.spec
-        name = "paper's edit, plain blend" if spec.strength is None else f"strength {spec.strength:g}, {spec.carry}"
+        name = "paper's edit, plain blend" if spec.strength is None else f"strength {spec.strength:g}"
         cells = [mean_over_edits(run, key, kind) for key, kind, _ in COLUMNS]
         lines.append(f"| {name} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
     return "\n".join(lines)
@@ -86,7 +84,7 @@ def main() -> None:
         photos = eval_photos(store, "a", photos=[REAL / n for n in names])
         evaluation = evaluate(store, "a", photos, specs(args.ddim), seed=0)
         print(table(evaluation, title) + "\n", flush=True)
-        results[title] = {r.spec.label + f" {r.spec.carry}": r.summary() for r in evaluation.runs}
+        results[title] = {r.spec.label: r.summary() for r in evaluation.runs}
     (args.out / "strength.json").write_text(json.dumps(results, indent=1))
     print(f"fine-tuning {trained:.0f} s; all {time.perf_counter() - started:.0f} s; {torch.get_num_threads()} threads")
 

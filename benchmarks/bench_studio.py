@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rigcli.edit.controls import apply_controls
 from rigcli.enroll import add_photos
 from rigcli.render.compose import physical_edit
 from rigcli.store import Store
@@ -154,7 +153,7 @@ def main() -> None:
 
         def physical(s: Settings) -> None:
             controls = studio.controls(session, s)
-            edited = apply_controls(session.fit, controls, editor.face_model.expression_names, session.skin_normals)
+            edited = editor.edit_fit(session.rendered, controls).fit
             prepared = session.prepared
             physical_edit(prepared.pixels, prepared.crop_to_photo, editor.crop_size, editor.face_model, session.fit,
                           edited)  # fmt: skip

@@ -21,7 +21,8 @@ from skimage import data
 
 from rigcli.assets.ict import download_ict, import_ict
 from rigcli.edit.controls import Controls
-from rigcli.edit.editor import DEFAULT_STRENGTH, SHEET_TILE, Editor, edit_photos, method_sheet_row
+from rigcli.edit.editor import DEFAULT_STRENGTH, Editor, edit_photos
+from rigcli.edit.sheets import SHEET_TILE, method_sheet_row
 from rigcli.enroll import AddReport, add_photos, aligned_sheet, fit_sheet
 from rigcli.face.ict import ict_available
 from rigcli.files import atomic_write_bytes

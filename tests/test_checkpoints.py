@@ -15,9 +15,8 @@ import pytest
 import torch
 
 from rigcli import RigError
-from rigcli.diffusion.checkpoints import PAPER_FACE_MODEL_ID, load_model
+from rigcli.diffusion.checkpoints import PAPER_FACE_MODEL_ID, check_base_buffers, load_model
 from rigcli.diffusion.unet import PRESETS, paper_arguments
-from rigcli.train.stages import check_base_buffers
 from tests.conftest import run_rig
 
 # ---------------------------------------------------------------- the reference, from the paper's rules
@@ -231,8 +230,8 @@ def test_mismatched_checkpoint_is_refused_naming_the_keys(tmp_path):
 
 
 def test_unsafe_and_foreign_files_are_refused(tmp_path):
+    from rigcli.diffusion.registry import import_diffusionrig
     from rigcli.store import Store
-    from rigcli.train.stages import import_diffusionrig
 
     marker = tmp_path / "ran"
 
@@ -260,8 +259,8 @@ def test_unsafe_and_foreign_files_are_refused(tmp_path):
 def test_wrapped_checkpoints_unwrap_and_other_presets_export_for_the_papers_flags(tmp_path):
     """A DDP-prefixed state dict nested under 'state_dict' imports (preset tiny); exported, its layout is
     the paper's network built with the flags we print for it."""
+    from rigcli.diffusion.registry import export_diffusionrig, import_diffusionrig
     from rigcli.store import Store, registry_dir
-    from rigcli.train.stages import export_diffusionrig, import_diffusionrig
 
     # the tiny preset in the paper's own arguments
     layout = paper_layout(64, 32, 1, "1,2,2,2", "8")
@@ -291,8 +290,8 @@ def test_wrapped_checkpoints_unwrap_and_other_presets_export_for_the_papers_flag
 
 
 def test_half_precision_is_stored_as_float32_and_integer_weights_are_refused(tmp_path):
+    from rigcli.diffusion.registry import import_diffusionrig
     from rigcli.store import Store, registry_dir
-    from rigcli.train.stages import import_diffusionrig
 
     layout = paper_layout(64, 32, 1, "1,2,2,2", "8")
     tensors = random_state_dict(layout, seed=2)

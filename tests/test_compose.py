@@ -17,16 +17,15 @@ import pytest
 import torch
 from scipy import ndimage
 
-from rigcli.edit.editor import paste_back_crop
 from rigcli.face.params import FaceFit
-from rigcli.image.align import compose_affine, warp
+from rigcli.image.align import compose_affine, resize_affine, warp
 from rigcli.image.metrics import psnr
 from rigcli.render.buffers import light_from_direction, rasterize_fit, sh_shading
 from rigcli.render.compose import (
     correspondence,
     linear_to_srgb,
+    paste_back_crop,
     physical_edit,
-    resize_affine,
     srgb_to_linear,
     working_size,
 )

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from rigcli import RigError
 from rigcli.cli import app
 from rigcli.edit.controls import LIGHT_DIRECTIONS, Controls, apply_controls, direction_from_angles
-from rigcli.edit.editor import Editor, edit_photos
+from rigcli.edit.editor import Editor, edit_photos, model_input
 from rigcli.enroll import add_photos, read_fit
 from rigcli.estimate.landmarks import fit_landmarks, fit_light, project_landmarks, silhouette_candidates
 from rigcli.image.metrics import psnr
@@ -46,11 +46,6 @@ def rig(home, *args):
     return runner.invoke(app, ["--home", str(home), *args], env={"COLUMNS": "200"})
 
 
-def model_input(editor, result) -> torch.Tensor:
-    crop = torch.from_numpy(result.prepared.crop).permute(2, 0, 1)[None].float()
-    return torch.nn.functional.interpolate(crop, size=(editor.size,) * 2, mode="area") / 127.5 - 1
-
-
 def as_model_range(result) -> torch.Tensor:
     return torch.from_numpy(result.output).permute(2, 0, 1)[None].float() / 127.5 - 1
 
@@ -59,7 +54,7 @@ def test_no_controls_with_inversion_reproduces_the_input(editor, album):
     (inverted,) = edit_photos(editor, [album[0].path], Controls(), steps=20)
     (finer,) = edit_photos(editor, [album[0].path], Controls(), steps=50)
     (noise,) = edit_photos(editor, [album[0].path], Controls(), steps=20, invert=False)
-    target = model_input(editor, inverted)
+    target = model_input(inverted.prepared.crop[None], editor.size)
     at20, at50 = (
         psnr(as_model_range(inverted), target, value_range=(-1, 1)),
         psnr(as_model_range(finer), target, value_range=(-1, 1)),
@@ -74,14 +69,14 @@ def test_light_edit_is_in_the_edited_buffers(editor, album):
     names = editor.face_model.expression_names
     for controls, want in ((Controls(light="left"), LIGHT_DIRECTIONS["left"]),
                            (Controls(light_dir=(30.0, 25.0)), direction_from_angles(30.0, 25.0))):  # fmt: skip
-        edited = apply_controls(result.fit, controls, names, editor.skin_normals(result.fit))
+        edited = apply_controls(result.fit, controls, names, result.before.skin_normals)
         shaded = render_buffers(editor.face_model, edited, editor.crop_size)[:, :3].permute(0, 2, 3, 1)
         light, _ = fit_light(editor.face_model, edited, shaded)  # re-fit the edited shaded buffer
         got = dominant_direction(light.double())[0]
         want = torch.nn.functional.normalize(torch.tensor(want, dtype=torch.float64), dim=0)
         assert math.degrees(math.acos(float((got * want).sum().clamp(-1, 1)))) < 15.0
         # without explicit intensity the face keeps its brightness: mean shading over the skin stays 1
-        mean = sh_shading(editor.skin_normals(result.fit)[0][None], edited.light)[0].mean()
+        mean = sh_shading(result.before.skin_normals[0][None], edited.light)[0].mean()
         assert abs(float(mean) - 1.0) < 0.02
 
 
@@ -120,6 +115,7 @@ def test_batch_with_bad_inputs_paste_back_and_sweep(trained_home, album, inputs,
                  "--smile", "0.3", "--steps", "4", "--out-dir", str(out_dir), "--paste-back", "--sheet",
                  "--compose", "plain")  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert "--paste-back is no longer needed" in result.stderr  # the old name of the default, for one release
     assert result.stdout.count("edited") >= 2 and result.stdout.count("failed") == 2
     assert "no face" in result.stdout and "truncated" in result.stdout
     original = read_photo(album[0].path).pixels
@@ -211,7 +207,7 @@ def test_export_onnx_and_edit_with_the_onnx_engine(trained_home, album, tmp_path
 
 
 def test_strength_zero_is_the_physical_edit_and_one_is_the_paper_edit(editor, trained_home, album, tmp_path):
-    from rigcli.edit.editor import edit_to_files
+    from rigcli.edit.outputs import edit_to_files
     from rigcli.render.compose import physical_edit
 
     target = tmp_path / "s0.png"
@@ -269,7 +265,7 @@ def test_default_output_is_the_whole_photo_and_crop_the_aligned_crop(trained_hom
 
 
 def test_inputs_with_one_name_in_two_folders_get_distinct_outputs(tmp_path):
-    from rigcli.edit.editor import plan_outputs
+    from rigcli.edit.outputs import plan_outputs
 
     a, b = tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.png"
     for p in (a, b, tmp_path / "x-2.jpg"):
@@ -278,3 +274,33 @@ def test_inputs_with_one_name_in_two_folders_get_distinct_outputs(tmp_path):
     targets = plan_outputs([a, b, tmp_path / "x-2.jpg"], None, tmp_path / "out", False, False, False)
     assert [t.name for t in targets.values()] == ["x-edited.png", "x-2-edited.png", "x-2-2-edited.png"]
     assert len(set(targets.values())) == 3
+
+
+def test_an_edit_rasterises_each_fit_once_per_size(editor, album, monkeypatch):
+    """One batch renders its fit and its edited fit once per size they are needed at (the crop: masks
+    and skin normals; the model: buffers; the physical edit's working size), whatever asks for them:
+    before the edit was a pipeline over one rendered value, a default edit rasterised 10 times."""
+    import collections
+
+    from rigcli.render import buffers
+
+    sizes = collections.Counter()
+    real = buffers.rasterize
+
+    def counted(screen, triangles, height, width):
+        sizes[height] += 1
+        return real(screen, triangles, height, width)
+
+    monkeypatch.setattr(buffers, "rasterize", counted)
+    photo = editor.prepare(album[1].path)
+    editor.fit([photo])
+    fitting = sum(sizes.values())  # the estimator's own (the light fit), not the edit's
+    for strength, model_renders in ((0.3, 2), (0.0, 0)):
+        sizes.clear()
+        (result,) = edit_photos(editor, [album[1].path], Controls(light="left", expression={"smile": 0.5}), steps=4,
+                                strength=strength)  # fmt: skip
+        assert result.photo_output is not None
+        # θ0 and θ1 once at the crop's size (masks, skin normals) and once at the physical edit's working
+        # size; the buffers at the model's size only when the model runs
+        assert sizes[editor.size] == model_renders, dict(sizes)
+        assert sum(sizes.values()) == fitting + 2 + 2 + model_renders, dict(sizes)

@@ -18,6 +18,7 @@ import torch
 
 from rigcli import RigError, enroll, estimate
 from rigcli.diffusion.checkpoints import save_model
+from rigcli.diffusion.registry import register_model
 from rigcli.diffusion.unet import DiffusionRig, preset
 from rigcli.edit.controls import (
     EXPRESSION_CONTROLS,
@@ -35,7 +36,7 @@ from rigcli.face.params import FaceFit
 from rigcli.store import Store
 from rigcli.train import data as train_data
 from rigcli.train.data import person_data
-from rigcli.train.stages import finetune, register_model
+from rigcli.train.stages import finetune
 from tests.conftest import NO_FACE_DATA, home_with_model, run_rig
 from tests.flame_like import flame_like_model, tilt
 

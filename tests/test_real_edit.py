@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from rigcli.edit.controls import Controls
-from rigcli.edit.editor import DEFAULT_STRENGTH, Editor, edit_photos, identity_distance, output_picture
+from rigcli.edit.editor import DEFAULT_STRENGTH, Editor, edit_photos
+from rigcli.edit.outputs import identity_distance, output_picture
 from rigcli.enroll import add_photos
 from rigcli.evaluate.metrics import detail_ratio, photo_mask
 from rigcli.image.photo import read_photo
@@ -57,10 +58,10 @@ def test_relit_held_out_photo_keeps_detail_moves_the_light_and_keeps_the_person(
     (result,) = edit_photos(editor_a, [REAL / HELD_OUT], Controls(light="left"), steps=10, strength=DEFAULT_STRENGTH)
     assert result.error is None, result.error
     prepared = result.prepared
-    photo, output = prepared.pixels, output_picture(editor_a, result, "refined", False, 512)
-    plain = output_picture(editor_a, result, "plain", False, 512)
+    photo, output = prepared.pixels, output_picture(result, "refined", False, 512)
+    plain = output_picture(result, "plain", False, 512)
     assert output.shape == photo.shape and plain.shape == photo.shape
-    face = photo_mask(editor_a.face_masks(result.fit)[0], prepared.crop_to_photo, photo.shape[:2])
+    face = photo_mask(result.before.faces[result.index], prepared.crop_to_photo, photo.shape[:2])
     kept, kept_plain = detail_ratio(photo, output, face), detail_ratio(photo, plain, face)
     before, after = left_over_right(photo, face), left_over_right(output, face)
     distance = identity_distance(editor_a.analyzer, prepared, output)

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from rigcli import RigError
 from rigcli.cli import app
 from rigcli.diffusion.checkpoints import load_model, save_model
+from rigcli.diffusion.registry import register_model
 from rigcli.diffusion.schedule import Diffusion
 from rigcli.diffusion.unet import DiffusionRig, preset
 from rigcli.enroll import add_photos, refit
@@ -23,7 +24,7 @@ from rigcli.image.metrics import psnr
 from rigcli.store import Store
 from rigcli.train.data import person_data
 from rigcli.train.loop import TrainConfig, train
-from rigcli.train.stages import finetune, register_model
+from rigcli.train.stages import finetune
 from tests.conftest import home_with_model
 
 

@@ -15,12 +15,18 @@ from rigcli.cli.common import DEVICE_HELP, app, err, handles_errors, out, progre
 from rigcli.cli.people import add_with_progress
 from rigcli.demo import DEMO_EDITS, run_demo
 from rigcli.edit.controls import Controls
-from rigcli.edit.editor import DEFAULT_STRENGTH, edit_to_files
+from rigcli.edit.editor import DEFAULT_STRENGTH
+from rigcli.edit.outputs import edit_to_files
 from rigcli.enroll import NOT_PERSON
 from rigcli.evaluate.report import format_value, run_eval
 from rigcli.evaluate.suite import METRICS
 from rigcli.store import Store
 from rigcli.studio.page import LOOPBACK, serve
+
+PASTE_BACK_GONE = (
+    "--paste-back is no longer needed and will be removed: the whole photo at its size is the default "
+    "(--crop writes the aligned crop)"
+)
 
 
 class ComposeMode(str, Enum):
@@ -73,8 +79,8 @@ def _parse_strengths(text: str | None) -> list[float] | None:
     return values
 
 
-def _failure(error: str | None, name: str) -> str:
-    return f"not {name}" if error and error.startswith(f"{NOT_PERSON}: ") else "failed"
+def _failure(reason: str | None, name: str) -> str:
+    return f"not {name}" if reason == NOT_PERSON else "failed"
 
 
 def _number(value: float | None, digits: int) -> str:
@@ -143,8 +149,6 @@ def edit_command(
     strength: Annotated[
         float,
         typer.Option(
-            min=0.0,
-            max=1.0,
             help="How far the model refines the physical edit: 0 the physical edit alone (no model), 1 the paper's "
             "edit (the photo inverted all the way). The default was chosen by measurement (benchmarks/RESULTS.md).",
         ),
@@ -165,9 +169,7 @@ def edit_command(
             show_default=False,
         ),
     ] = None,
-    paste_back: Annotated[
-        bool, typer.Option("--paste-back", help="The whole photo at its size (the default; kept as an alias).")
-    ] = False,
+    paste_back: Annotated[bool, typer.Option("--paste-back", hidden=True)] = False,  # gone: see PASTE_BACK_GONE
     sheet: Annotated[
         bool,
         typer.Option(
@@ -205,6 +207,8 @@ def edit_command(
         ambient=ambient, light_from=light_from, expression=expression, blend=_parse_blend(blend or []),
         expression_from=expression_from, yaw=yaw, pitch=pitch, roll=roll, pose_from=pose_from,
     )  # fmt: skip
+    if paste_back:
+        err().print(f"[yellow]warning[/]: {PASTE_BACK_GONE}")
     with progress_bar() as progress:
         task = progress.add_task("reading", total=len(inputs))
 
@@ -212,7 +216,7 @@ def edit_command(
             progress.update(task, description=stage, completed=done, total=total)
 
         written = edit_to_files(
-            store_of(ctx), name, inputs, controls, output=output, out_dir=out_dir, paste_back=paste_back,
+            store_of(ctx), name, inputs, controls, output=output, out_dir=out_dir,
             compose=compose.value, strength=strength, crop=crop, crop_size=crop_size, face=face, sheet=sheet,
             sweep=sweep, force=force, steps=steps, invert=not no_invert, seed=seed, batch=batch,
             device=use_device(device), model=model, engine=engine, on_progress=moved,
@@ -223,8 +227,8 @@ def edit_command(
     for item in written:
         ok, result = item.target is not None, item.result
         detail = str(item.target) if ok else result.error
-        distance = "no face" if ok and result.identity_distance is None else _number(result.identity_distance, 3)
-        status = "[green]edited[/]" if ok else f"[red]{escape(_failure(result.error, name))}[/]"
+        distance = "no face" if ok and item.identity_distance is None else _number(item.identity_distance, 3)
+        status = "[green]edited[/]" if ok else f"[red]{escape(_failure(result.reason, name))}[/]"
         table.add_row(
             escape(result.source.name), status, escape(detail),
             distance, _number(result.reconstruction_psnr, 1),

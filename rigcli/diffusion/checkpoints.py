@@ -1,4 +1,5 @@
-"""Saved models (safetensors + model.json), their sizes and costs, and the paper's checkpoint layout."""
+"""Saved models (safetensors + model.json), their sizes and costs, the paper's checkpoint layout, and the
+rule of which buffers a base model was trained on."""
 
 from __future__ import annotations
 
@@ -166,3 +167,26 @@ def check_layout(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Ten
     ]
     if parts:
         raise RigError(f"{what}: " + "; ".join(parts))
+
+
+def check_base_buffers(base: str, base_info: dict, person: str, face_model_id: str) -> None:
+    """Refuse a base model trained on buffers of another face model than the person's fit.
+
+    The paper's released models (registered by ``import_diffusionrig``) saw FLAME 2020 buffers
+    rendered by DECA; any FLAME fit here renders those buffers, whatever its files' hash.
+    """
+    base_id = base_info.get("face_model_id")
+    if base_id == face_model_id:
+        return
+    if base_id == PAPER_FACE_MODEL_ID:
+        if face_model_id.startswith("flame"):
+            return
+        raise RigError(
+            f"base model {base!r} is the paper's, trained on FLAME buffers (rendered by DECA), but {person} is "
+            f"fitted with {face_model_id}: fit {person} with FLAME first (`rig refit {person} --face-model flame`, "
+            "see 'Using FLAME' in the README)"
+        )
+    raise RigError(
+        f"base model {base!r} was trained on buffers of face model {base_id}, but "
+        f"{person} is fitted with {face_model_id}: the buffers would not match"
+    )

@@ -33,8 +33,9 @@ import torch
 from PIL import Image
 
 from rigcli import RigError
-from rigcli.edit.controls import Controls, apply_controls
-from rigcli.edit.editor import Editor, EditResult, PreparedPhoto, buffer_tiles, paste_back_crop, refine_photos
+from rigcli.edit.controls import Controls
+from rigcli.edit.editor import Editor, PreparedPhoto, area_resize, refine_photos
+from rigcli.edit.sheets import buffer_tiles
 from rigcli.enroll import collect_inputs
 from rigcli.evaluate.metrics import (
     DECIMALS,
@@ -52,6 +53,8 @@ from rigcli.image.detect import FaceBox, choose_face
 from rigcli.image.grid import to_uint8
 from rigcli.image.metrics import psnr, ssim
 from rigcli.image.photo import PhotoError
+from rigcli.render.buffers import Rendered
+from rigcli.render.compose import paste_back_crop
 from rigcli.store import registered_models, registry_dir
 
 LIGHT_SIDES = ("left", "right", "top", "bottom")
@@ -170,12 +173,10 @@ class ModelSpec:
     steps: int = 20
     engine: str = "torch"
     strength: float | None = None  # None: the paper's edit at the model's size; else rig edit's method
-    carry: str = "difference"  # how rig edit's method carries the model's change (refine_photos)
 
     @property
     def label(self) -> str:
         method = "" if self.strength is None else f" s={self.strength:g}"
-        method += "" if self.carry == "difference" else f" {self.carry}"
         return f"{self.model}:{self.steps}@{self.engine}{method}"
 
 
@@ -308,9 +309,8 @@ def summarize(edits: Sequence[EditRecord]) -> dict[str, dict[str, float | int | 
 
 
 def _to_model_input(crop: np.ndarray, size: int) -> np.ndarray:
-    """The crop as the model sees it (area-resized, as Editor.run does), 8-bit range float."""
-    image = torch.from_numpy(crop).permute(2, 0, 1)[None].float()
-    return torch.nn.functional.interpolate(image, size=(size, size), mode="area")[0].permute(1, 2, 0).numpy()
+    """The crop as the model sees it (``area_resize``, as Editor.run does), 8-bit range float (S, S, 3)."""
+    return area_resize(crop[None], size)[0].permute(1, 2, 0).numpy()
 
 
 def _masks_at(masks: np.ndarray, size: int) -> np.ndarray:
@@ -353,52 +353,49 @@ def sample_suite(
     size = editor.size
     results = []
     for i, photo in enumerate(prepared):
-        edits, asked = suite_edits(editor, photos, prepared, fit, i)
-        one = fit.select([i])
+        edits, before, after = suite_edits(editor, photos, prepared, fit, i)
         rest = len(edits) - 1
         torch.manual_seed(seed)
         started = time.perf_counter()
-        first, x_t, _, changed = editor.run([photo], one, asked.select([0]), steps=spec.steps, seed=seed)
-        outs, buffers = [first], [changed]
+        first, x_t = editor.run([photo], before, after.take([0]), steps=spec.steps, seed=seed)
+        outs = [first]
         if on_edit:
             on_edit(edits[0].label)
         if rest:
-            out, _, _, changed = editor.run(
-                [photo] * rest, FaceFit.cat([one] * rest), asked.select(list(range(1, len(edits)))),
-                steps=spec.steps, seed=seed, start=x_t.expand(rest, -1, -1, -1),
+            out, _ = editor.run(
+                [photo] * rest, before.take([0] * rest), after.take(range(1, len(edits))), steps=spec.steps,
+                seed=seed, start=x_t.expand(rest, -1, -1, -1),
             )  # fmt: skip
             outs.append(out)
-            buffers.append(changed)
         seconds = (time.perf_counter() - started) / len(edits)
         for edit in edits[1:]:
             if on_edit:
                 on_edit(edit.label)
         outputs = to_uint8(torch.cat(outs))
-        masks = editor.face_masks(asked)
-        face = photo_mask(editor.face_masks(one)[0], photo.crop_to_photo, photo.pixels.shape[:2])
+        masks = after.faces
+        face = photo_mask(before.faces[0], photo.crop_to_photo, photo.pixels.shape[:2])
         detail = [
             detail_ratio(photo.pixels, paste_back_crop(photo.pixels, out, photo.crop_to_photo, m), face)
             for out, m in zip(outputs, masks, strict=True)
         ]
         results.append(
-            Sampled(i, edits, asked, outputs, torch.cat(buffers), _to_model_input(photo.crop, size),
+            Sampled(i, edits, after.fit, outputs, after.buffers, _to_model_input(photo.crop, size),
                     _masks_at(masks, size), seconds, detail)
         )  # fmt: skip
     return results
 
 
-def suite_edits(editor: Editor, photos: Sequence[EvalPhoto], prepared: Sequence[PreparedPhoto], fit: FaceFit, i: int):
-    """Photo ``i``'s suite and the edited parameters it asks for, one per edit."""
-    names = editor.face_model.expression_names
+def suite_edits(
+    editor: Editor, photos: Sequence[EvalPhoto], prepared: Sequence[PreparedPhoto], fit: FaceFit, i: int
+) -> tuple[list[SuiteEdit], Rendered, Rendered]:
+    """Photo ``i``'s suite, its fit and the edited parameters it asks for (one per edit), each rendered
+    once for everything the suite asks of them."""
     sources = [p.source for p in prepared]
     edits = suite(sources, i, [p.label for p in photos])
-    one = fit.select([i])
+    before = editor.render(fit.select([i]))
     reference = {sources[j]: fit.select([j]) for j in range(len(prepared)) if j != i}
-    normals = editor.skin_normals(one)
-    asked = FaceFit.cat(
-        [apply_controls(one, e.controls, names, normals, reference, editor.directions_for(e.controls)) for e in edits]
-    )
-    return edits, asked
+    asked = FaceFit.cat([editor.edit_fit(before, e.controls, reference).fit for e in edits])
+    return edits, before, editor.render(asked)
 
 
 def sample_suite_method(
@@ -416,26 +413,26 @@ def sample_suite_method(
     size = editor.crop_size
     results = []
     for i, photo in enumerate(prepared):
-        edits, asked = suite_edits(editor, photos, prepared, fit, i)
-        one = fit.select([i])
-        face = photo_mask(editor.face_masks(one)[0], photo.crop_to_photo, photo.pixels.shape[:2])
+        edits, before, after = suite_edits(editor, photos, prepared, fit, i)
+        face = photo_mask(before.faces[0], photo.crop_to_photo, photo.pixels.shape[:2])
         outputs, detail = [], []
         started = time.perf_counter()
         for lo in range(0, len(edits), batch):
             chunk = list(range(lo, min(lo + batch, len(edits))))
-            done = [EditResult(photo.source, prepared=photo) for _ in chunk]
-            refine_photos(editor, done, [photo] * len(chunk), FaceFit.cat([one] * len(chunk)), asked.select(chunk),
-                          spec.strength, spec.steps, carry=spec.carry)  # fmt: skip
-            for k, result in zip(chunk, done, strict=True):
-                outputs.append(warp(result.photo_output, photo.crop_to_photo, size))
-                detail.append(detail_ratio(photo.pixels, result.photo_output, face))
+            _, refined = refine_photos(
+                editor, [photo] * len(chunk), before.take([0] * len(chunk)), after.take(chunk), spec.strength,
+                spec.steps,
+            )  # fmt: skip
+            for k, result in zip(chunk, refined, strict=True):
+                outputs.append(warp(result.image, photo.crop_to_photo, size))
+                detail.append(detail_ratio(photo.pixels, result.image, face))
                 if on_edit:
                     on_edit(edits[k].label)
         seconds = (time.perf_counter() - started) / len(edits)
-        buffers = torch.nn.functional.interpolate(editor.buffers(asked), size=(size, size))  # one render, all edits
+        buffers = torch.nn.functional.interpolate(after.buffers, size=(size, size))  # one render, all edits
         results.append(
-            Sampled(i, edits, asked, np.stack(outputs), buffers, photo.crop.astype(np.float32),
-                    editor.face_masks(asked), seconds, detail)
+            Sampled(i, edits, after.fit, np.stack(outputs), buffers, photo.crop.astype(np.float32),
+                    after.faces, seconds, detail)
         )  # fmt: skip
     return results
 
@@ -451,7 +448,7 @@ def measure(
 ) -> tuple[list[EditRecord], dict[str, float]]:
     """Metrics of one photo's edits, given the re-fit of [input, outputs...] at ``offset`` in ``refit``;
     also the input's own re-fit errors (the measurement's floor). Light directions are compared over
-    the visible skin of the face asked for (``skin_normals``: ``Editor.skin_normals``)."""
+    the visible skin of the face asked for (``skin_normals``: ``Rendered.skin_normals`` of a fit)."""
 
     one = fit.select([sampled.photo])
     asked_normals, own_normals = skin_normals(sampled.asked), skin_normals(one)[0]
@@ -559,10 +556,14 @@ def evaluate(
     runs, offset = [], 0
     for spec, editor, per_model in zip(specs, editors, sampled, strict=True):
         measured_at = editor.size if spec.strength is None else editor.crop_size
-        face_in = _masks_at(editor.face_masks(fit), measured_at)
+        face_in = _masks_at(editor.render(fit).faces, measured_at)
+
+        def skin_normals(fit: FaceFit, editor: Editor = editor) -> list[torch.Tensor]:
+            return editor.render(fit).skin_normals
+
         records, floors = [], []
         for s in per_model:
-            got, floor = measure(s, refit, offset, fit, face_in[s.photo], photos[s.photo].label, editor.skin_normals)
+            got, floor = measure(s, refit, offset, fit, face_in[s.photo], photos[s.photo].label, skin_normals)
             records += got
             floors.append(floor)
             offset += 1 + len(s.outputs)

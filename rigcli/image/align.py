@@ -124,3 +124,9 @@ def align_face(rgb: np.ndarray, landmarks: np.ndarray, size: int = DEFAULT_SIZE)
     """The FFHQ-aligned crop of a photo from its 68 landmarks, with the transform back."""
     matrix = crop_transform(landmarks, size)
     return Alignment(warp(rgb, matrix, size), matrix)
+
+
+def resize_affine(from_size: int, to_size: int) -> np.ndarray:
+    """2x3: pixel centres of a crop of ``to_size`` -> the same crop at ``from_size`` (centres kept)."""
+    k = from_size / to_size
+    return np.array([[k, 0, 0.5 * k - 0.5], [0, k, 0.5 * k - 0.5]], dtype=np.float64)

@@ -14,11 +14,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
+import numpy as np
 import torch
 
 from rigcli.face.model import FaceModel, vertex_normals
-from rigcli.face.params import FaceFit
+from rigcli.face.params import FaceFit, rescale_fit
 from rigcli.render.raster import project, rasterize
 
 # DECA's SH constants for Y = [1, x, y, z, xy, xz, yz, x^2 - y^2, 3z^2 - 1]
@@ -212,3 +214,53 @@ def render_buffers(model: FaceModel, fit: FaceFit, size: int, geometry: Geometry
     shaded = albedo * sh_shading(geometry.normals, fit.light) * geometry.fragments.mask[..., None]
     buffers = torch.cat([shaded, geometry.normals, albedo], -1)
     return buffers.permute(0, 3, 1, 2).contiguous()
+
+
+class Rendered:
+    """One batch's fit, rasterised once for everything an edit asks of it, each part made on first use:
+    the geometry at the crop's size (its face masks and its visible skin's normals) and the buffers
+    at the model's size. An edit passes this value down instead of rendering the fit again in each
+    step (counted by tests/test_edit.py)."""
+
+    def __init__(self, model: FaceModel, fit: FaceFit, crop_size: int, model_size: int) -> None:
+        self.model, self.fit, self.crop_size, self.model_size = model, fit, crop_size, model_size
+
+    def __len__(self) -> int:
+        return len(self.fit)
+
+    def take(self, indices: Sequence[int]) -> Rendered:
+        """These photos of the batch (in any order, repeats allowed), with what is already rendered
+        sliced rather than rendered again."""
+        indices = list(indices)
+        part = Rendered(self.model, self.fit.select(indices), self.crop_size, self.model_size)
+        done = vars(self)  # cached_property keeps each part made in the instance's __dict__
+        for name in ("faces", "buffers"):
+            if name in done:
+                vars(part)[name] = done[name][indices]
+        if "skin_normals" in done:
+            vars(part)["skin_normals"] = [done["skin_normals"][i] for i in indices]
+        return part
+
+    @cached_property
+    def geometry(self) -> Geometry:
+        """The fit rasterised in its own frame, the aligned crop's ``crop_size`` pixels."""
+        with torch.no_grad():
+            return rasterize_fit(self.model, self.fit, self.crop_size)
+
+    @cached_property
+    def faces(self) -> np.ndarray:
+        """(B, crop, crop) bool: where the fitted face covers each aligned crop."""
+        return self.geometry.fragments.mask.numpy()
+
+    @cached_property
+    def skin_normals(self) -> list[torch.Tensor]:
+        """Per photo, the rendered normals of the visible skin (to keep brightness under a new light)."""
+        mask = skin_mask(self.model, self.geometry)
+        return [self.geometry.normals[i][mask[i]] for i in range(len(self.fit))]
+
+    @cached_property
+    def buffers(self) -> torch.Tensor:
+        """(B, 9, s, s): the buffers the diffusion model is conditioned on, at its size s."""
+        with torch.no_grad():
+            fit = rescale_fit(self.fit, self.crop_size, self.model_size)
+            return render_buffers(self.model, fit, self.model_size)

@@ -1,4 +1,5 @@
-"""The physical edit at the photo's own resolution: no model, only the fit before (θ0) and after (θ1).
+"""All compositing at the photo's own resolution: the physical edit (no model, only the fit before (θ0)
+and after (θ1)) and the model's correction carried onto it.
 
 1. Geometry: θ0 and θ1 are the same mesh, so they give a dense correspondence. θ1 is rasterized at
    a working resolution (the crop at about the photo's scale, capped at MAX_WORK_SIZE: the fields
@@ -19,6 +20,9 @@
    square's edge (where the crop reflects the photo), and outside it the photo is returned bit for bit.
    The per-photo-pixel work (sampling the fields, the warp, the relight, the fill, the blend) runs in
    torch in bands of rows over the mask's reach only, so that a 12 MP photo takes well under a second.
+4. The model's part (``rig edit --strength``): ``model_correction`` is what the model added to the
+   edit it was given, ``transfer`` carries it onto the photo at its size through the faces' feathered
+   mask; ``paste_back_crop`` is the plain blend of a crop into the photo (``--compose plain``).
 
 Conventions: ``crop_to_photo`` (2x3) maps pixel centres of the crop of ``crop_size`` pixels (the fits'
 frame) to photo pixels (x = column, y = row); flows are backward: output pixel p shows input p + flow.
@@ -26,17 +30,16 @@ frame) to photo pixels (x = column, y = row); flows are backward: output pixel p
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from rigcli.face.model import FaceModel, vertex_normals
 from rigcli.face.params import FaceFit, rescale_fit
-from rigcli.image.align import compose_affine, invert_affine
+from rigcli.image.align import apply_affine, compose_affine, invert_affine, resize_affine
+from rigcli.image.resample import Box, affine_grid, bands, channels, sample, support_box
 from rigcli.render.buffers import Geometry, rasterize_fit, render_buffers, sh_shading
 
 MAX_WORK_SIZE = 512  # working resolution cap (crop pixels) for the correspondence
@@ -48,7 +51,6 @@ RATIO_BAND = 0.03  # of the crop: the shading ratio falls to 1 this far outside 
 OPEN_EDGE_BAND = 0.07  # of the crop: the ratio fades to 1 over this band inside the mesh's open edge
 EDGE_MARGIN, EDGE_RAMP = 0.02, 0.06  # of the crop: nothing changes within MARGIN of its edge, fully from +RAMP
 RATIO_SIGMA = 0.75 / 1024  # of the crop: smoothing of the log ratio (0.75 px of a 1024 px crop)
-BAND_PIXELS = 1 << 20  # photo pixels composed at a time (whole rows): small intermediates, few torch calls
 SLIVER = 0.008  # of the crop: unseen surface thinner than about twice this is warped, not filled
 
 
@@ -103,12 +105,6 @@ def working_size(crop_to_photo: np.ndarray, crop_size: int, cap: int = MAX_WORK_
     """The crop's size at the photo's own scale (photo pixels per crop pixel x crop size), capped."""
     scale = float(np.sqrt(abs(np.linalg.det(np.asarray(crop_to_photo, np.float64)[:, :2]))))
     return int(np.clip(round(crop_size * scale), crop_size, cap))
-
-
-def resize_affine(from_size: int, to_size: int) -> np.ndarray:
-    """2x3: pixel centres of a crop of ``to_size`` -> the same crop at ``from_size`` (centres kept)."""
-    k = from_size / to_size
-    return np.array([[k, 0, 0.5 * k - 0.5], [0, k, 0.5 * k - 0.5]], dtype=np.float64)
 
 
 def smoothstep(x: np.ndarray) -> np.ndarray:
@@ -298,80 +294,6 @@ def render_fill(
     return linear_to_srgb(shaded.permute(1, 2, 0).numpy())
 
 
-@dataclass
-class _Box:
-    """The photo pixels [y0, y1] x [x0, x1] (inclusive) that a crop square can touch."""
-
-    x0: int
-    y0: int
-    x1: int
-    y1: int
-
-    @property
-    def rows(self) -> slice:
-        return slice(self.y0, self.y1 + 1)
-
-    @property
-    def cols(self) -> slice:
-        return slice(self.x0, self.x1 + 1)
-
-
-def _photo_box(to_photo: np.ndarray, x0: float, y0: float, x1: float, y1: float, height: int, width: int) -> _Box:
-    """The box of photo pixels that the pixels [x0, x1] x [y0, y1] of a grid placed in the photo by
-    ``to_photo`` (2x3) can touch, clipped to the photo."""
-    corners = np.array([[x0 - 0.5, y0 - 0.5], [x0 - 0.5, y1 + 0.5], [x1 + 0.5, y0 - 0.5], [x1 + 0.5, y1 + 0.5]])
-    box = corners @ to_photo[:, :2].T + to_photo[:, 2]
-    lo = np.clip(np.floor(box.min(0)).astype(int), 0, [width - 1, height - 1])
-    hi = np.clip(np.ceil(box.max(0)).astype(int), 0, [width - 1, height - 1])
-    return _Box(int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1]))
-
-
-def _affine_grid(photo_to_field: np.ndarray, box: _Box, field_height: int, field_width: int) -> torch.Tensor:
-    """(1, h, w, 2) ``grid_sample`` grid (align_corners) of the box's photo pixels in a field's pixels:
-    an affine map, so a row term plus a column term (each in float64, the sum in float32)."""
-    norm = np.array([[2 / max(field_width - 1, 1)], [2 / max(field_height - 1, 1)]]) * photo_to_field
-    norm[:, 2] -= 1
-    xs = np.arange(box.x0, box.x1 + 1, dtype=np.float64)
-    ys = np.arange(box.y0, box.y1 + 1, dtype=np.float64)
-    grid = torch.empty((1, len(ys), len(xs), 2))
-    for k in range(2):
-        along = torch.from_numpy(norm[k, 0] * xs).float()[None, :]
-        down = torch.from_numpy(norm[k, 1] * ys + norm[k, 2]).float()[:, None]
-        grid[0, :, :, k] = along + down
-    return grid
-
-
-def _bands(box: _Box) -> Iterator[_Box]:
-    """The box in bands of whole rows of about BAND_PIXELS pixels: each intermediate stays about 12 MB,
-    while much smaller bands would mean many more torch calls, each a wait for its threads when the
-    cores are shared."""
-    rows = max(1, BAND_PIXELS // (box.x1 - box.x0 + 1))
-    for y in range(box.y0, box.y1 + 1, rows):
-        yield _Box(box.x0, y, box.x1, min(y + rows - 1, box.y1))
-
-
-def _support_box(field: np.ndarray, to_photo: np.ndarray, height: int, width: int) -> _Box | None:
-    """The photo pixels a bilinear sample of ``field`` (S, S) can find non-zero (its support, a pixel
-    wider, placed in the photo by ``to_photo``); None where it is zero throughout."""
-    rows, cols = np.nonzero((field > 0).any(1))[0], np.nonzero((field > 0).any(0))[0]
-    if not len(rows):
-        return None
-    return _photo_box(to_photo, cols[0] - 1, rows[0] - 1, cols[-1] + 1, rows[-1] + 1, height, width)
-
-
-def _sample(field: torch.Tensor, grid: torch.Tensor, border: bool = False) -> torch.Tensor:
-    """Bilinear samples (C, h, w) of a field (C, H, W) at a grid (1, h, w, 2): zero outside it, or
-    with ``border`` its nearest edge pixel."""
-    padding = "border" if border else "zeros"
-    return F.grid_sample(field[None], grid, mode="bilinear", padding_mode=padding, align_corners=True)[0]
-
-
-def _channels(image: np.ndarray) -> torch.Tensor:
-    """(H, W, C) or (H, W) array -> (C, H, W) float32 tensor."""
-    t = torch.from_numpy(np.ascontiguousarray(image, np.float32))
-    return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
-
-
 def _warp_photo(photo: np.ndarray, sx: torch.Tensor, sy: torch.Tensor) -> torch.Tensor:
     """(3, h, w) float: the photo (uint8) sampled bilinearly at photo pixels (sx, sy) (h, w), the
     nearest edge pixel outside it; only the part of the photo the samples can reach is converted."""
@@ -380,10 +302,10 @@ def _warp_photo(photo: np.ndarray, sx: torch.Tensor, sy: torch.Tensor) -> torch.
     x1 = int(np.clip(np.ceil(float(sx.max())), 0, width - 1))
     y0 = int(np.clip(np.floor(float(sy.min())), 0, height - 1))
     y1 = int(np.clip(np.ceil(float(sy.max())), 0, height - 1))
-    source = _channels(photo[y0 : y1 + 1, x0 : x1 + 1])
+    source = channels(photo[y0 : y1 + 1, x0 : x1 + 1])
     gx = (sx - x0) * (2 / max(x1 - x0, 1)) - 1
     gy = (sy - y0) * (2 / max(y1 - y0, 1)) - 1
-    return _sample(source, torch.stack([gx, gy], -1)[None], border=True)
+    return sample(source, torch.stack([gx, gy], -1)[None], border=True)
 
 
 @dataclass
@@ -399,17 +321,17 @@ class _PixelEdit:
     photo_to_fill: np.ndarray  # 2x3
     relight: str = "linear"  # the space the shading ratio multiplies (RELIGHT_SPACES)
 
-    def __call__(self, box: _Box) -> tuple[np.ndarray, ...]:
+    def __call__(self, box: Box) -> tuple[np.ndarray, ...]:
         """(image (h, w, 3) uint8, flow (h, w, 2), ratio (h, w, 3), mask (h, w), fill (h, w)) of the box."""
         size = self.fields.shape[-1]
-        sampled = _sample(self.fields, _affine_grid(self.photo_to_work, box, size, size))
+        sampled = sample(self.fields, affine_grid(self.photo_to_work, box, size, size))
         alpha, flow_w, log_ratio, f_alpha = sampled[0], sampled[1:3], sampled[3:6], sampled[6]
         alpha.masked_fill_(alpha < 1e-4, 0)
         off = alpha == 0
         f_alpha.masked_fill_(off, 0)
         # the warp (flow in photo pixels); a pixel whose flow is zero is copied
         flow_p = torch.einsum("ij,jhw->ihw", self.work_to_photo, flow_w).masked_fill_(off, 0)
-        before = _channels(self.photo[box.rows, box.cols])
+        before = channels(self.photo[box.rows, box.cols])
         still = (flow_w == 0).all(0) | off
         edited = before
         if not bool(still.all()):
@@ -426,8 +348,8 @@ class _PixelEdit:
         filled = (f_alpha > 0).nonzero()
         if len(filled):
             (r0, c0), (r1, c1) = filled.amin(0).tolist(), filled.amax(0).tolist()
-            sub = _Box(box.x0 + c0, box.y0 + r0, box.x0 + c1, box.y0 + r1)
-            fill_rgb = _sample(self.fill, _affine_grid(self.photo_to_fill, sub, *self.fill.shape[1:]), border=True)
+            sub = Box(box.x0 + c0, box.y0 + r0, box.x0 + c1, box.y0 + r1)
+            fill_rgb = sample(self.fill, affine_grid(self.photo_to_fill, sub, *self.fill.shape[1:]), border=True)
             part = edited[:, r0 : r1 + 1, c0 : c1 + 1]
             part.copy_(torch.lerp(part, fill_rgb, f_alpha[r0 : r1 + 1, c0 : c1 + 1]))
         # alpha 0 gives ``before`` exactly (lerp's start): the photo's own pixel, bit for bit
@@ -508,20 +430,20 @@ def compose_edit(
         np.zeros((height, width), np.float32),
     )
     image = photo.copy()
-    box = _support_box(mask_w, work_to_photo, height, width)
+    box = support_box(mask_w, work_to_photo, height, width)
     if box is None:
         return PhysicalEdit(image, *full)
     edit = _PixelEdit(
         photo,
-        _channels(np.concatenate([mask_w[..., None], corr.flow, corr.log_ratio, fill_w[..., None]], -1)),
+        channels(np.concatenate([mask_w[..., None], corr.flow, corr.log_ratio, fill_w[..., None]], -1)),
         photo_to_work,
         torch.from_numpy(work_to_photo[:, :2]).float(),
-        _channels(fill_img),
+        channels(fill_img),
         compose_affine(work_to_fill, photo_to_work),
         relight,
     )
     with torch.no_grad():
-        for part in _bands(box):
+        for part in bands(box):
             out, *fields = edit(part)
             image[part.rows, part.cols] = out
             for target, values in zip(full, fields, strict=True):
@@ -550,14 +472,13 @@ def transfer(
     crop_to_photo: np.ndarray,
     crop_size: int,
     face_mask: np.ndarray,
-    ratio: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The model's correction carried to the photo's size: (image uint8, mask float) at the photo's size.
 
     ``correction`` (s, s, 3) in the crop frame at the model's size s, upsampled through the crop
     transform (bilinear), is applied to ``image`` (the physical edit, or the photo) inside
-    ``transfer_mask(face_mask)``: added, in 8-bit levels, or with ``ratio`` multiplied, as a factor
-    (see ``rigcli.edit.editor.refine_photos``). The mask returned is ``mask`` (the physical edit's)
+    ``transfer_mask(face_mask)``, added in 8-bit levels (``model_correction``). The mask returned is
+    ``mask`` (the physical edit's)
     joined with that one. Where both are zero the pixels of ``image`` are returned bit for bit.
     """
     image = np.array(image, copy=True)
@@ -569,21 +490,70 @@ def transfer(
     photo_to_model = invert_affine(compose_affine(crop, resize_affine(crop_size, size)))
     mask_to_photo = compose_affine(crop, resize_affine(crop_size, soft.shape[0]))
     photo_to_mask = invert_affine(mask_to_photo)
-    box = _support_box(soft, mask_to_photo, height, width)
+    box = support_box(soft, mask_to_photo, height, width)
     if box is None:
         return image, mask
-    soft_t, correction_t = _channels(soft), _channels(correction)
+    soft_t, correction_t = channels(soft), channels(correction)
     with torch.no_grad():
-        for part in _bands(box):
-            alpha = _sample(soft_t, _affine_grid(photo_to_mask, part, *soft.shape))[0]
+        for part in bands(box):
+            alpha = sample(soft_t, affine_grid(photo_to_mask, part, *soft.shape))[0]
             alpha = torch.where(alpha < 1e-4, 0.0, alpha)
             on = alpha > 0
             if not bool(on.any()):
                 continue
-            delta = _sample(correction_t, _affine_grid(photo_to_model, part, size, size), border=True)
-            before = _channels(image[part.rows, part.cols])
-            value = before * (1 + (delta - 1) * alpha) if ratio else before + delta * alpha
+            delta = sample(correction_t, affine_grid(photo_to_model, part, size, size), border=True)
+            before = channels(image[part.rows, part.cols])
+            value = before + delta * alpha
             value = value.clamp(0, 255).round()
             image[part.rows, part.cols] = torch.where(on, value, before).to(torch.uint8).permute(1, 2, 0).numpy()
             mask[part.rows, part.cols] = np.maximum(mask[part.rows, part.cols], alpha.numpy())
     return image, mask
+
+
+def model_correction(
+    samples: torch.Tensor, start: torch.Tensor, recon: torch.Tensor, unedited: torch.Tensor
+) -> torch.Tensor:
+    """What the model adds to the edit it was given, in 8-bit levels at the model's size (B, 3, s, s).
+
+    (edited sample - its input) - (reconstruction - unedited crop), all in [-1, 1]: what the model does
+    to an unedited photo (its reconstruction error) cancels, and so does the physical edit it started
+    from; ``transfer`` carries the rest onto the photo at its own size.
+    """
+    return ((samples - start) - (recon - unedited)) * 127.5
+
+
+def paste_back_crop(
+    photo: np.ndarray, crop: np.ndarray, crop_to_photo: np.ndarray, face_mask: np.ndarray, feather: float = 0.04
+) -> np.ndarray:
+    """The edited crop composed into the full photo through the crop's transform, with a feathered mask
+    (the plain blend of ``--compose plain``).
+
+    ``crop`` and ``face_mask`` are in crop pixels (any size: the transform is scaled to match);
+    photo pixels where the feathered mask is zero are returned unchanged.
+    """
+    size = crop.shape[0]
+    scale_to = size / face_mask.shape[0]
+    mask = ndimage.gaussian_filter(face_mask.astype(np.float32), sigma=feather * face_mask.shape[0])
+    if scale_to != 1:
+        mask = ndimage.zoom(mask, scale_to, order=1)
+    # crop pixel (u, v) at this size <- crop pixel at the transform's size: centres kept
+    matrix = np.asarray(crop_to_photo, dtype=np.float64)
+    inv = invert_affine(matrix)  # photo -> original crop
+    height, width = photo.shape[:2]
+    corners = apply_affine(matrix, [[0, 0], [0, face_mask.shape[0]], [face_mask.shape[0], 0], [face_mask.shape[0]] * 2])
+    x0, y0 = np.floor(corners.min(0)).astype(int).clip(0, [width - 1, height - 1])
+    x1, y1 = np.ceil(corners.max(0)).astype(int).clip(0, [width - 1, height - 1])
+    ys, xs = np.mgrid[y0 : y1 + 1, x0 : x1 + 1].astype(np.float64)
+    uv = apply_affine(inv, np.stack([xs.ravel(), ys.ravel()], 1))
+    uv = (uv + 0.5) * (size / face_mask.shape[0]) - 0.5
+    coords = [uv[:, 1], uv[:, 0]]
+    alpha = ndimage.map_coordinates(mask, coords, order=1, mode="constant", cval=0.0).reshape(xs.shape)
+    out = photo.copy()
+    region = out[y0 : y1 + 1, x0 : x1 + 1].astype(np.float32)
+    for c in range(3):
+        value = ndimage.map_coordinates(crop[..., c].astype(np.float32), coords, order=1, mode="nearest")
+        region[..., c] = region[..., c] * (1 - alpha) + value.reshape(xs.shape) * alpha
+    changed = alpha > 0
+    block = out[y0 : y1 + 1, x0 : x1 + 1]
+    block[changed] = np.clip(region[changed], 0, 255).round().astype(np.uint8)
+    return out

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import random
 import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import timedelta
@@ -17,37 +15,15 @@ from pathlib import Path
 import torch
 
 from rigcli import RigError
-from rigcli.diffusion.checkpoints import (
-    PAPER_FACE_MODEL_ID,
-    check_layout,
-    load_model,
-    read_torch_state_dict,
-    save_model,
-)
-from rigcli.diffusion.unet import DiffusionRig, paper_arguments, preset
+from rigcli.diffusion.checkpoints import check_base_buffers, load_model, save_model
+from rigcli.diffusion.unet import DiffusionRig, preset
 from rigcli.enroll import read_fit
 from rigcli.face.registry import load_face_model
-from rigcli.files import atomic_write_bytes, atomic_write_json, file_sha256, now_iso
-from rigcli.store import check_name, registered_models, registry_dir
+from rigcli.files import now_iso
+from rigcli.store import registered_models, registry_dir
 from rigcli.train.data import Augment, person_data
 from rigcli.train.loop import TrainConfig, train
 from rigcli.train.shards import MAX_LANDMARK_ERROR, ShardData, is_prepared, prepare_shards, summarize
-
-
-def register_model(store, name: str, source: Path) -> dict:
-    """Copy a saved model (a folder with model.safetensors + model.json) into the registry as ``name``."""
-
-    check_name(name)
-    source = Path(source)
-    model, info = load_model(source)  # validates the files before anything is copied
-    del model
-    target = registry_dir(store) / name
-    if target.exists():
-        raise RigError(f"a model named {name!r} is already registered; remove it or pick another name")
-    store.ensure_writable()
-    atomic_write_bytes(target / "model.safetensors", (source / "model.safetensors").read_bytes())
-    atomic_write_json(target / "model.json", info)
-    return info
 
 
 def holdout_photos(store, name: str, count: int, seed: int = 0) -> list[str]:
@@ -153,115 +129,6 @@ def finetune(
         }
         save_model(store.model_dir(name), ema, info)
     return info
-
-
-def check_base_buffers(base: str, base_info: dict, person: str, face_model_id: str) -> None:
-    """Refuse a base model trained on buffers of another face model than the person's fit.
-
-    The paper's released models (registered by ``import_diffusionrig``) saw FLAME 2020 buffers
-    rendered by DECA; any FLAME fit here renders those buffers, whatever its files' hash.
-    """
-    base_id = base_info.get("face_model_id")
-    if base_id == face_model_id:
-        return
-    if base_id == PAPER_FACE_MODEL_ID:
-        if face_model_id.startswith("flame"):
-            return
-        raise RigError(
-            f"base model {base!r} is the paper's, trained on FLAME buffers (rendered by DECA), but {person} is "
-            f"fitted with {face_model_id}: fit {person} with FLAME first (`rig refit {person} --face-model flame`, "
-            "see 'Using FLAME' in the README)"
-        )
-    raise RigError(
-        f"base model {base!r} was trained on buffers of face model {base_id}, but "
-        f"{person} is fitted with {face_model_id}: the buffers would not match"
-    )
-
-
-def import_diffusionrig(store, path: Path, name: str, preset_name: str = "paper", force: bool = False) -> dict:
-    """Register the paper's checkpoint (a plain state dict: ``denoisingUNet.*``, ``encoder.*``) as base ``name``.
-
-    Read with ``weights_only``; strict: every tensor of the preset's network must be there with its
-    shape, and nothing else. Floating tensors are stored as float32. Returns the model.json written.
-    """
-
-    check_name(name)
-    cfg = preset(preset_name)
-    target = registry_dir(store) / name
-    if target.exists() and not force:
-        raise RigError(f"a model named {name!r} is already registered; pass --force to replace it")
-    path = Path(path)
-    tensors = read_torch_state_dict(path)
-    with torch.device("meta"):
-        model = DiffusionRig(cfg)
-    expected = model.state_dict()
-    check_layout(tensors, expected, f"{path} does not match the paper's layout for preset {preset_name}")
-    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in tensors.values()})
-    model.load_state_dict(
-        {k: tensors[k].to(want.dtype).contiguous() for k, want in expected.items()}, strict=True, assign=True
-    )
-    info = {
-        "source": "diffusionrig",
-        "source_file": path.name,
-        "source_sha256": file_sha256(path),
-        "source_dtypes": dtypes,
-        "preset": preset_name,
-        "face_model": "flame",
-        "face_model_id": PAPER_FACE_MODEL_ID,
-        "imported": now_iso(),
-    }
-    store.ensure_writable()
-    # build the entry beside the registry and swap it in, so a failure leaves the old entry whole
-    staging = registry_dir(store) / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-    try:
-        save_model(staging, model, info)
-        if target.exists():
-            trash = registry_dir(store) / f".trash-{name}-{uuid.uuid4().hex[:8]}"
-            target.rename(trash)
-            staging.rename(target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return json.loads((target / "model.json").read_text())
-
-
-def export_diffusionrig(
-    store, out_path: Path, *, model_name: str | None = None, person: str | None = None, force: bool = False
-) -> dict:
-    """Write a registered base model or a person's fine-tuned model as the paper's plain state dict.
-
-    The file loads in the paper's code with ``model.load_state_dict(th.load(path))`` once its network
-    is built with the flags returned under ``arguments`` (none beyond the defaults for ``paper``).
-    """
-
-    if (model_name is None) == (person is None):
-        raise RigError("give exactly one of --model NAME (a registered base model) or --person NAME")
-    if model_name is not None:
-        check_name(model_name)
-        folder = registry_dir(store) / model_name
-        if not (folder / "model.json").is_file():
-            models = ", ".join(registered_models(store)) or "none"
-            raise RigError(f"no base model named {model_name!r} (registered: {models})")
-    else:
-        folder = store.require_model(person)
-    out_path = Path(out_path)
-    if out_path.exists() and not force:
-        raise RigError(f"{out_path} exists; pass --force to overwrite it")
-    model, info = load_model(folder)
-    arguments = paper_arguments(model.cfg)
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)  # what the paper's trainer saves: the model's state_dict()
-    atomic_write_bytes(out_path, buffer.getvalue())
-    return {
-        "path": str(out_path),
-        "tensors": len(model.state_dict()),
-        "arguments": arguments,
-        "face_model_id": info.get("face_model_id"),
-        "flame_buffers": str(info.get("face_model_id", "")).startswith("flame"),
-    }
 
 
 def pretrain(
