@@ -26,12 +26,13 @@ from engines import EngineSpec, make_engine
 from rigcli import RigError
 from rigcli.diffusion.checkpoints import load_model
 from rigcli.diffusion.schedule import Diffusion, ddim_invert, ddim_sample, ddim_timesteps
-from rigcli.edit.controls import Controls, apply_controls, load_control_directions, parse_sweep, sweep_controls
+from rigcli.edit.controls import Controls, apply_controls, parse_sweep, sweep_controls
 from rigcli.enroll import album_embeddings, analyze_face, person_face, read_fit
 from rigcli.estimate import make_estimator
 from rigcli.face.ict import ict_available, load_ict
 from rigcli.face.params import FaceFit, rescale_fit
 from rigcli.face.registry import face_model_name, load_face_model
+from rigcli.face.retarget import load_control_directions
 from rigcli.files import atomic_write_bytes
 from rigcli.image.align import align_face, apply_affine, compose_affine, invert_affine, warp
 from rigcli.image.detect import FaceAnalyzer
