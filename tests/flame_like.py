@@ -1,6 +1,6 @@
 """A FLAME-shaped model made from ICT-FaceKit, for tests: the real FLAME files are licensed and absent.
 
-Laid out exactly as the FLAME import writes its tensors (``rigcli.face.flame.FLAME_TENSORS``), in metres,
+Laid out exactly as the FLAME import writes its tensors (``rigcli.face.flame_mesh.FLAME_TENSORS``), in metres,
 turned TILT_DEG about x so that nothing can rely on the two models sharing a frame:
 the template is ICT's neutral, shape directions ICT's identity basis, expression directions a
 random orthogonal mix of ICT's 50 blendshapes that do not move the jaw (as FLAME's PCA

@@ -29,7 +29,8 @@ from rigcli.estimate.deca import (
     rotate_light_about_z,
 )
 from rigcli.estimate.landmarks import fit_landmarks, project_landmarks
-from rigcli.face.flame import Flame, FlameFaceModel, FlameTexture, axis_angle_to_matrix, contour_row
+from rigcli.face.flame import FlameFaceModel, FlameTexture
+from rigcli.face.flame_mesh import Flame, axis_angle_to_matrix, contour_row
 from rigcli.face.params import FaceFit
 from rigcli.image.align import invert_affine
 from rigcli.render.buffers import light_from_direction, rasterize_fit, render_buffers, sh_shading

@@ -20,19 +20,14 @@ from rigcli import RigError, enroll, estimate
 from rigcli.diffusion.checkpoints import save_model
 from rigcli.diffusion.registry import register_model
 from rigcli.diffusion.unet import DiffusionRig, preset
-from rigcli.edit.controls import (
-    EXPRESSION_CONTROLS,
-    Controls,
-    apply_controls,
-    flame_control_directions,
-    load_control_directions,
-)
+from rigcli.edit.controls import EXPRESSION_CONTROLS, Controls, apply_controls
 from rigcli.edit.editor import Editor, edit_photos
 from rigcli.enroll import add_photos, describe, read_fit, refit
 from rigcli.estimate.landmarks import fit_landmarks, project_landmarks
 from rigcli.face import ict, registry
 from rigcli.face.ict import load_ict
 from rigcli.face.params import FaceFit
+from rigcli.face.retarget import flame_control_directions, load_control_directions
 from rigcli.store import Store
 from rigcli.train import data as train_data
 from rigcli.train.data import person_data
@@ -158,6 +153,35 @@ def test_mapping_is_cached_per_model_pair_and_needs_ict(tmp_path, flame_home, fl
     blob.write_bytes(blob.read_bytes()[:-8] + b"\0" * 8)
     third = load_control_directions(store, flame)
     assert all(torch.equal(first[k], third[k]) for k in first)
+
+
+def test_face_models_answer_for_their_controls(tmp_path, flame_home, flame, face_model, monkeypatch):
+    """ICT's own blendshapes carry the controls' names; FLAME adds ICT's, through their directions."""
+    store = Store(flame_home)  # the directions are cached there
+    assert face_model.control_names(store) == face_model.expression_names
+    assert face_model.expression_directions(store) is None
+    ict_names = load_ict(store).expression_names
+    assert flame.control_names(store) == flame.expression_names + ict_names
+    directions, cached = flame.expression_directions(store), load_control_directions(store, flame)
+    assert directions.keys() == set(ict_names) == cached.keys()
+    assert all(torch.equal(directions[k], cached[k]) for k in cached)
+    monkeypatch.setattr(ict, "_embedded_file", lambda name: NO_FACE_DATA / name)  # as if rig shipped no ICT
+    empty = Store(tmp_path / "empty")
+    assert flame.control_names(empty) == flame.expression_names
+    with pytest.raises(RigError, match=r"ICT-FaceKit.*download-ict"):
+        flame.expression_directions(empty)
+
+
+def test_flame_to_a_dtype_is_a_new_model(flame):
+    model64 = flame.to(dtype=torch.float64)  # as the retargeting fits in
+    assert model64.flame is not flame.flame and model64.model_id == flame.model_id
+    assert model64.flame.v_template.dtype == torch.float64 and flame.flame.v_template.dtype == torch.float32
+    assert model64.flame.faces.dtype == torch.int64 and torch.equal(model64.triangles, flame.triangles)
+    identity, expression, eye = torch.zeros(1, 100), torch.zeros(1, 53), torch.eye(3)[None]
+    torch.testing.assert_close(
+        model64.landmark_points(identity.double(), expression.double(), eye.double()).float(),
+        flame.landmark_points(identity, expression, eye),
+    )
 
 
 # ---------------------------------------------------------------- fitting with FLAME

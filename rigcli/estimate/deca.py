@@ -10,7 +10,8 @@ from torch import nn
 
 from rigcli import RigError
 from rigcli.estimate.landmarks import interocular, project_landmarks
-from rigcli.face.flame import CENTIMETRES, FlameFaceModel, axis_angle_to_matrix
+from rigcli.face.flame import CENTIMETRES, FlameFaceModel
+from rigcli.face.flame_mesh import axis_angle_to_matrix
 from rigcli.face.params import FaceFit, matrix_to_euler
 from rigcli.image.align import invert_affine, warp
 from rigcli.render.buffers import rasterize_fit, sh_shading, skin_mask

@@ -1,10 +1,10 @@
 """FLAME (the paper's face model) behind the face-model interface, with DECA's texture space, read
 from the converted files that `rig assets import-flame` leaves in the store.
 
-Over 600 lines on purpose: the model (blendshapes, pose correctives, skinning, DECA's landmarks),
-its texture space and the reading of its converted files are one model's whole story, and each
-part is used only by the others and the registry. The import of the user's original files (the
-pickles) lives apart, in ``rigcli.assets.flame``.
+Apart: FLAME's mesh as a torch module (``rigcli.face.flame_mesh``: blendshapes, pose correctives,
+skinning, landmark embedding), the retargeting of ICT's blendshapes that answers
+``expression_directions`` (``rigcli.face.retarget``), and the import of the user's original files
+(the pickles, ``rigcli.assets.flame``).
 """
 
 from __future__ import annotations
@@ -15,223 +15,19 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load
-from torch import nn
 
 from rigcli import RigError
+from rigcli.face.flame_mesh import Flame, contour_row, matrix_yaw
+from rigcli.face.ict import ict_available, load_ict
 from rigcli.face.model import vertex_albedo, vertex_normals
+from rigcli.face.retarget import load_control_directions
 from rigcli.store import Store, hold_lock
-
-JOINT_NAMES = ("global", "neck", "jaw", "eye_left", "eye_right")
-
-
-FLAME_TENSORS = (
-    "v_template",
-    "shapedirs",
-    "exprdirs",
-    "posedirs",
-    "J_regressor",
-    "weights",
-    "kintree_table",
-    "faces",
-    "static_lmk_faces_idx",
-    "static_lmk_bary_coords",
-    "dynamic_lmk_faces_idx",
-    "dynamic_lmk_bary_coords",
-    "full_lmk_faces_idx",
-    "full_lmk_bary_coords",
-)
-
-
-CONTOUR_LIMIT_DEG = 39  # the dynamic embedding has 2 * 39 + 1 rows
-
-
-def axis_angle_to_matrix(rotvec: torch.Tensor) -> torch.Tensor:
-    """Rodrigues' formula, (..., 3) -> (..., 3, 3); smooth (and differentiable) at zero rotation."""
-    theta = torch.sqrt((rotvec * rotvec).sum(-1, keepdim=True) + 1e-16)
-    axis = rotvec / theta
-    x, y, z = axis.unbind(-1)
-    zero = torch.zeros_like(x)
-    k = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1).reshape(*rotvec.shape[:-1], 3, 3)
-    sin, cos = torch.sin(theta)[..., None], torch.cos(theta)[..., None]
-    eye = torch.eye(3, dtype=rotvec.dtype, device=rotvec.device)
-    return eye + sin * k + (1 - cos) * (k @ k)
-
-
-def matrix_yaw(rotation: torch.Tensor) -> torch.Tensor:
-    """Rotation about y of (..., 3, 3) in a y-x-z reading: atan2(-R[2,0], hypot(R[0,0], R[1,0])), radians."""
-    return torch.atan2(-rotation[..., 2, 0], torch.hypot(rotation[..., 0, 0], rotation[..., 1, 0]))
-
-
-def contour_row(yaw_deg: torch.Tensor, limit: int = CONTOUR_LIMIT_DEG) -> torch.Tensor:
-    """Row of the dynamic contour embedding for a head yaw in degrees (DECA's rule), (B,) long."""
-    y = torch.round(yaw_deg.clamp(max=limit)).long()
-    return torch.where(y >= 0, y, torch.where(y < -limit, 2 * limit, limit - y))
-
-
-class Flame(nn.Module):
-    """FLAME with linear blend skinning and its 68 landmarks, built from the import's tensors.
-
-    Only the first ``n_shape`` shape and ``n_exp`` expression components are used (DECA: 100, 50).
-    Everything is batched and differentiable; units are the file's (metres).
-    """
-
-    def __init__(self, tensors: dict[str, torch.Tensor], n_shape: int = 100, n_exp: int = 50) -> None:
-        super().__init__()
-        missing = [k for k in FLAME_TENSORS if k not in tensors]
-        if missing:
-            raise ValueError(f"FLAME tensors missing: {', '.join(missing)}")
-        f32 = lambda k: torch.as_tensor(tensors[k]).to(torch.float32)  # noqa: E731
-        i64 = lambda k: torch.as_tensor(tensors[k]).to(torch.int64)  # noqa: E731
-        template = f32("v_template")
-        shapedirs, exprdirs = f32("shapedirs")[..., :n_shape], f32("exprdirs")[..., :n_exp]
-        regressor = f32("J_regressor")
-        self.register_buffer("v_template", template)
-        # bases as (components, V, 3), contiguous: one matrix product each, and cheap vertex subsets
-        self.register_buffer("shape_basis", shapedirs.permute(2, 0, 1).contiguous())
-        self.register_buffer("expr_basis", exprdirs.permute(2, 0, 1).contiguous())
-        self.register_buffer("pose_basis", f32("posedirs").permute(2, 0, 1).contiguous())
-        self.register_buffer("J_regressor", regressor)
-        self._joint_bases: dict = {}
-        self.register_buffer("weights", f32("weights"))
-        self.register_buffer("faces", i64("faces"))
-        parents = i64("kintree_table")[0].clone()
-        parents[0] = -1
-        self.parents = [int(p) for p in parents]
-        if any(not (0 <= p < j) for j, p in enumerate(self.parents[1:], 1)):
-            raise ValueError("FLAME kintree_table: every joint's parent must come before it")
-        self.register_buffer("static_faces", i64("static_lmk_faces_idx").reshape(-1))
-        self.register_buffer("static_bary", f32("static_lmk_bary_coords").reshape(-1, 3))
-        self.register_buffer("dynamic_faces", i64("dynamic_lmk_faces_idx"))
-        self.register_buffer("dynamic_bary", f32("dynamic_lmk_bary_coords"))
-        self.register_buffer("full_faces", i64("full_lmk_faces_idx").reshape(-1))
-        self.register_buffer("full_bary", f32("full_lmk_bary_coords").reshape(-1, 3))
-        joints = self.J_regressor.shape[0]
-        if self.pose_basis.shape[0] != 9 * (joints - 1) or len(self.parents) != joints:
-            raise ValueError("FLAME posedirs/kintree_table do not match the joint count")
-
-    @property
-    def n_shape(self) -> int:
-        return int(self.shape_basis.shape[0])
-
-    @property
-    def n_exp(self) -> int:
-        return int(self.expr_basis.shape[0])
-
-    @property
-    def joint_count(self) -> int:
-        return int(self.J_regressor.shape[0])
-
-    def full_pose(self, pose6: torch.Tensor) -> torch.Tensor:
-        """DECA's 6 pose numbers (global 3, jaw 3) -> (B, 5, 3) axis-angles, neck and eyes at rest."""
-        full = pose6.new_zeros(pose6.shape[0], self.joint_count, 3)
-        full[:, 0] = pose6[:, :3]
-        full[:, 2] = pose6[:, 3:6]
-        return full
-
-    def forward(
-        self, shape: torch.Tensor, expression: torch.Tensor, pose: torch.Tensor, index: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Vertices (B, V, 3) and posed joints (B, J, 3) from shape (B, <=n_shape), expression
-        (B, <=n_exp) and pose (B, J, 3) axis-angles in joint order (global, neck, jaw, eyes).
-
-        ``index`` computes only those vertices (B, len(index), 3): skinning is per vertex and the
-        joints come from regressed bases, so landmark fitting need not pose the whole mesh.
-        """
-        dtype = self.v_template.dtype
-        shape, expression, pose = shape.to(dtype), expression.to(dtype), pose.to(dtype)
-        batch, ns, ne = pose.shape[0], shape.shape[1], expression.shape[1]
-        joint_template, joint_shape, joint_expr = self.joint_bases()
-        joints = joint_template + torch.einsum("bs,sjc->bjc", shape, joint_shape[:ns])
-        joints = joints + torch.einsum("be,ejc->bjc", expression, joint_expr[:ne])
-        template, sb, eb, pb, weights = (
-            self.v_template,
-            self.shape_basis,
-            self.expr_basis,
-            self.pose_basis,
-            self.weights,
-        )
-        if index is not None:
-            template, sb, eb, pb, weights = template[index], sb[:, index], eb[:, index], pb[:, index], weights[index]
-        count = template.shape[0]
-        shaped = template + (shape @ sb[:ns].reshape(ns, -1)).reshape(batch, count, 3)
-        shaped = shaped + (expression @ eb[:ne].reshape(ne, -1)).reshape(batch, count, 3)
-        rot = axis_angle_to_matrix(pose)  # (B, J, 3, 3)
-        eye = torch.eye(3, dtype=dtype, device=pose.device)
-        feature = (rot[:, 1:] - eye).reshape(batch, -1)  # (R_j - I) row-major, joints 1..J-1
-        posed = shaped + (feature @ pb.reshape(pb.shape[0], -1)).reshape(batch, count, 3)
-        # world transform of each joint along the chain
-        world = []
-        for j, parent in enumerate(self.parents):
-            offset = joints[:, j] if parent < 0 else joints[:, j] - joints[:, parent]
-            local = _rigid(rot[:, j], offset)
-            world.append(local if parent < 0 else world[parent] @ local)
-        world = torch.stack(world, 1)  # (B, J, 4, 4)
-        posed_joints = world[:, :, :3, 3]
-        # remove the rest joint position so each transform acts on rest-pose vertices
-        skin = world[:, :, :3].clone()
-        skin[..., 3] = posed_joints - (world[:, :, :3, :3] @ joints[..., None])[..., 0]
-        blended = (weights @ skin.reshape(batch, -1, 12)).reshape(batch, count, 3, 4)
-        verts = (blended[..., :3] @ posed[..., None])[..., 0] + blended[..., 3]
-        return verts, posed_joints
-
-    def joint_bases(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """J_regressor applied to the template and to each basis: joints are linear in the
-        coefficients, so they are regressed once (per dtype and device), not per call."""
-        key = (self.v_template.dtype, self.v_template.device)
-        if key not in self._joint_bases:
-            reg = self.J_regressor
-            self._joint_bases = {
-                key: (
-                    reg @ self.v_template,
-                    torch.einsum("jv,svc->sjc", reg, self.shape_basis),
-                    torch.einsum("jv,evc->ejc", reg, self.expr_basis),
-                )
-            }
-        return self._joint_bases[key]
-
-    def contour_rows(self, pose: torch.Tensor) -> torch.Tensor:
-        """(B,) dynamic-contour row for poses (B, J, 3): the yaw of R_global R_neck."""
-        rot = axis_angle_to_matrix(pose[:, :2].detach())
-        return contour_row(torch.rad2deg(matrix_yaw(rot[:, 0] @ rot[:, 1])), (self.dynamic_faces.shape[0] - 1) // 2)
-
-    def landmarks(self, vertices: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """The 68 landmarks (B, 68, 3): 17 contour points from ``rows`` of the dynamic embedding,
-        then the 51 static points, each a barycentric mix of a triangle's vertices."""
-        batch = vertices.shape[0]
-        faces = torch.cat([self.dynamic_faces[rows], self.static_faces.expand(batch, -1)], 1)
-        bary = torch.cat([self.dynamic_bary[rows], self.static_bary.expand(batch, -1, -1)], 1)
-        return barycentric_points(vertices, self.faces, faces, bary.to(vertices.dtype))
-
-    def landmarks3d(self, vertices: torch.Tensor) -> torch.Tensor:
-        """DECA's fixed 3D 68 landmarks (the ``full`` embedding), (B, 68, 3)."""
-        batch = vertices.shape[0]
-        faces = self.full_faces.expand(batch, -1)
-        return barycentric_points(vertices, self.faces, faces, self.full_bary.to(vertices.dtype).expand(batch, -1, -1))
-
-
-def _rigid(rotation: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
-    """(B, 3, 3), (B, 3) -> (B, 4, 4) homogeneous transforms."""
-    out = torch.zeros(*rotation.shape[:-2], 4, 4, dtype=rotation.dtype, device=rotation.device)
-    out[..., :3, :3] = rotation
-    out[..., :3, 3] = translation
-    out[..., 3, 3] = 1
-    return out
-
-
-def barycentric_points(
-    vertices: torch.Tensor, triangles: torch.Tensor, face_index: torch.Tensor, bary: torch.Tensor
-) -> torch.Tensor:
-    """Points on a batch of meshes: vertices (B, V, 3), face_index (B, L), bary (B, L, 3) -> (B, L, 3)."""
-    corners = triangles[face_index]  # (B, L, 3)
-    batch = torch.arange(vertices.shape[0], device=vertices.device)[:, None, None]
-    return (vertices[batch, corners] * bary[..., None]).sum(2)
-
 
 FLAME_NAME = "flame"
 
@@ -248,6 +44,7 @@ EXPRESSION_PRIOR = 1e-4  # per squared PCA coefficient (FLAME's components are u
 JAW_PRIOR = (1e-4, 1e-2, 1e-2)  # per squared radian: opening is cheap, sideways and roll are not
 
 
+@dataclass(eq=False, repr=False)  # identity equality and repr, as a plain class: its fields are tensors
 class FlameFaceModel:
     """FLAME behind the ``FaceModel`` interface of ``rigcli.face.model``.
 
@@ -272,43 +69,37 @@ class FlameFaceModel:
     name = FLAME_NAME
     expression_range = None  # PCA coefficients and a joint angle: unbounded, held by the L2 prior below
 
-    def __init__(self, flame: Flame, model_id: str) -> None:
-        self.flame = flame
-        self.model_id = model_id
-        self.expression_names = [f"exp{k:02d}" for k in range(flame.n_exp)] + list(JAW_NAMES)
+    flame: Flame
+    model_id: str
+    expression_names: list[str]
+    neutral: torch.Tensor  # (V, 3) centimetres
+    landmark_vertices: torch.Tensor  # (68,) long
+    regions: dict[str, torch.Tensor]
+    triangles: torch.Tensor  # (F, 3) long, FLAME's faces wound outward
+    winding_flipped: bool  # the triangles reverse FLAME's corner order (the texture's UV corners must follow)
+    texture: FlameTexture | None = None  # DECA's albedo space, when imported with its UVs
+    texture_id: str | None = None  # which one (training-data caches depend on it)
+
+    @classmethod
+    def from_flame(cls, flame: Flame, model_id: str) -> FlameFaceModel:
+        """The face model of ``flame``, its neutral mesh, landmark vertices, regions and outward
+        triangles derived from FLAME's own data (see the class doc)."""
+        names = [f"exp{k:02d}" for k in range(flame.n_exp)] + list(JAW_NAMES)
         with torch.no_grad():
-            self.neutral = flame.v_template * CENTIMETRES
-            lm = flame.landmarks(self.neutral[None], torch.zeros(1, dtype=torch.long))[0]
+            neutral = flame.v_template * CENTIMETRES
+            lm = flame.landmarks(neutral[None], torch.zeros(1, dtype=torch.long))[0]
         faces = torch.cat([flame.dynamic_faces[0], flame.static_faces])
         bary = torch.cat([flame.dynamic_bary[0], flame.static_bary])
-        corners = flame.faces[faces]
-        self.landmark_vertices = corners.gather(1, bary.argmax(1, keepdim=True))[:, 0]
-        self.regions = self._regions(lm)
-        self.triangles = self._outward(flame.faces)
-        self.texture: FlameTexture | None = None  # DECA's albedo space, when imported with its UVs
-        self.texture_id: str | None = None  # which one (training-data caches depend on it)
+        landmark_vertices = flame.faces[faces].gather(1, bary.argmax(1, keepdim=True))[:, 0]
+        regions = _regions(flame, neutral, lm)
+        flipped = _wound_inward(neutral, flame.faces, regions["face"])
+        triangles = flame.faces[:, [0, 2, 1]] if flipped else flame.faces
+        return cls(flame, model_id, names, neutral, landmark_vertices, regions, triangles, flipped)
 
-    def _regions(self, lm: torch.Tensor) -> dict[str, torch.Tensor]:
-        flame, v = self.flame, self.neutral
-        owner = flame.weights.argmax(1)
-        eyes = [owner == j for j in (3, 4)] if flame.joint_count >= 5 else [owner < 0, owner < 0]
-        left_first = (v[eyes[0], 0].mean() if eyes[0].any() else 0) >= (v[eyes[1], 0].mean() if eyes[1].any() else 0)
-        eye_left, eye_right = eyes if left_first else eyes[::-1]
-        chin, brow = lm[8, 1], lm[17:27, 1].max()
-        height = brow - chin
-        front = v[:, 2] >= torch.minimum(lm[0, 2], lm[16, 2])
-        face = front & ~(eye_left | eye_right) & (v[:, 1] >= chin) & (v[:, 1] <= brow + 0.45 * height)
-        half_width = (lm[16, 0] - lm[0, 0]).abs() / 2
-        narrow = face & ((v[:, 0] - lm[27, 0]).abs() <= 0.85 * half_width) & (v[:, 1] <= brow + 0.15 * height)
-        return {"face": face, "narrow_face": narrow, "eyeball_left": eye_left, "eyeball_right": eye_right}
-
-    def _outward(self, faces: torch.Tensor) -> torch.Tensor:
-        """Triangles wound counter-clockwise from outside: the face's normals must point at the viewer (+z)."""
-        normals = vertex_normals(self.neutral[None], faces)[0]
-        face = self.regions["face"]
-        facing = normals[face, 2].mean() if face.any() else normals[:, 2].mean()
-        self.winding_flipped = bool(facing < 0)  # corner order of uv_faces must follow
-        return faces[:, [0, 2, 1]] if self.winding_flipped else faces
+    @staticmethod
+    def from_tensors(tensors: dict[str, torch.Tensor], model_id: str, n_shape: int = 100, n_exp: int = 50):
+        """The face model from the FLAME import's tensors (see ``rigcli.face.flame_mesh.FLAME_TENSORS``)."""
+        return FlameFaceModel.from_flame(Flame(tensors, n_shape=n_shape, n_exp=n_exp), model_id)
 
     @property
     def identity_size(self) -> int:
@@ -361,21 +152,52 @@ class FlameFaceModel:
             return self.texture.sample(fragments, self.texture.maps(fit.texture), self.winding_flipped)
         return fragments.interpolate(vertex_albedo(self, fit.albedo), self.triangles)
 
-    def to(self, device: torch.device | str) -> FlameFaceModel:
-        """The same model with its tensors on ``device``."""
-        moved = FlameFaceModel.__new__(FlameFaceModel)
-        moved.__dict__.update(self.__dict__)
-        moved.flame = copy.deepcopy(self.flame).to(device)  # nn.Module.to moves in place
-        for key in ("neutral", "landmark_vertices", "triangles"):
-            setattr(moved, key, getattr(self, key).to(device))
-        moved.regions = {k: r.to(device) for k, r in self.regions.items()}
-        moved.texture = self.texture.to(device) if self.texture is not None else None
-        return moved
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FlameFaceModel:
+        """A copy with its tensors on ``device``, and FLAME's floating tensors and the neutral mesh in
+        ``dtype`` (the texture space stays float32); None keeps either as it is."""
+        move = lambda t: t.to(device=device)  # noqa: E731
+        return replace(
+            self,
+            flame=copy.deepcopy(self.flame).to(device=device, dtype=dtype),  # nn.Module.to moves in place
+            neutral=self.neutral.to(device=device, dtype=dtype),
+            landmark_vertices=move(self.landmark_vertices),
+            regions={k: move(r) for k, r in self.regions.items()},
+            triangles=move(self.triangles),
+            texture=self.texture.to(device) if self.texture is not None else None,
+        )
 
-    @staticmethod
-    def from_tensors(tensors: dict[str, torch.Tensor], model_id: str, n_shape: int = 100, n_exp: int = 50):
-        """The face model from the FLAME import's tensors (see ``FLAME_TENSORS``)."""
-        return FlameFaceModel(Flame(tensors, n_shape=n_shape, n_exp=n_exp), model_id)
+    def control_names(self, store: Store) -> list[str]:
+        """Names ``--blend`` and ``--sweep`` accept: FLAME's own, then ICT's blendshapes (through
+        ``expression_directions``) when ICT-FaceKit is imported."""
+        return list(self.expression_names) + (load_ict(store).expression_names if ict_available(store) else [])
+
+    def expression_directions(self, store: Store) -> dict[str, torch.Tensor]:
+        """Per ICT blendshape name, the FLAME expression that moves FLAME's landmarks as the blendshape
+        moves ICT's (``rigcli.face.retarget``), cached in the store; a RigError without ICT-FaceKit."""
+        return load_control_directions(store, self)
+
+
+def _regions(flame: Flame, v: torch.Tensor, lm: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The regions of the class doc, from the neutral vertices ``v`` (V, 3) and landmarks ``lm`` (68, 3)."""
+    owner = flame.weights.argmax(1)
+    eyes = [owner == j for j in (3, 4)] if flame.joint_count >= 5 else [owner < 0, owner < 0]
+    left_first = (v[eyes[0], 0].mean() if eyes[0].any() else 0) >= (v[eyes[1], 0].mean() if eyes[1].any() else 0)
+    eye_left, eye_right = eyes if left_first else eyes[::-1]
+    chin, brow = lm[8, 1], lm[17:27, 1].max()
+    height = brow - chin
+    front = v[:, 2] >= torch.minimum(lm[0, 2], lm[16, 2])
+    face = front & ~(eye_left | eye_right) & (v[:, 1] >= chin) & (v[:, 1] <= brow + 0.45 * height)
+    half_width = (lm[16, 0] - lm[0, 0]).abs() / 2
+    narrow = face & ((v[:, 0] - lm[27, 0]).abs() <= 0.85 * half_width) & (v[:, 1] <= brow + 0.15 * height)
+    return {"face": face, "narrow_face": narrow, "eyeball_left": eye_left, "eyeball_right": eye_right}
+
+
+def _wound_inward(neutral: torch.Tensor, faces: torch.Tensor, face: torch.Tensor) -> bool:
+    """Whether ``faces`` must be reversed to wind counter-clockwise from outside: the face's normals
+    must point at the viewer (+z)."""
+    normals = vertex_normals(neutral[None], faces)[0]
+    facing = normals[face, 2].mean() if face.any() else normals[:, 2].mean()
+    return bool(facing < 0)
 
 
 class FlameTexture:

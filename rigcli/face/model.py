@@ -4,9 +4,12 @@ blendshape model that ICT FaceKit is."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from rigcli.store import Store
 
 
 def vertex_normals(vertices: torch.Tensor, triangles: torch.Tensor) -> torch.Tensor:
@@ -58,6 +61,18 @@ class FaceModel(Protocol):
         the renderer asks the model, so it never needs to know which kind of model it draws."""
         ...
 
+    def control_names(self, store: Store) -> list[str]:
+        """The blendshape names ``--blend`` and ``--sweep`` accept: the model's own
+        ``expression_names``, then any that ``expression_directions`` adds."""
+        ...
+
+    def expression_directions(self, store: Store) -> dict[str, torch.Tensor] | None:
+        """Per blendshape name the edit controls use (ICT's ARKit names) that is not one of the
+        model's own, its direction in the model's expression space; None when the model's own
+        blendshapes carry those names (ICT). The editor asks the model, so it never needs to know
+        which kind of model it edits."""
+        ...
+
 
 @dataclass
 class LinearFaceModel:
@@ -95,6 +110,14 @@ class LinearFaceModel:
     def albedo(self, fit, fragments) -> torch.Tensor:
         """The fit's skin colour everywhere but the eyeballs, interpolated over the triangles."""
         return fragments.interpolate(vertex_albedo(self, fit.albedo), self.triangles)
+
+    def control_names(self, store: Store) -> list[str]:
+        """Its own blendshapes' names: the controls' ARKit names are ICT's own."""
+        return list(self.expression_names)
+
+    def expression_directions(self, store: Store) -> None:
+        """None: the controls set its blendshape weights by name."""
+        return None
 
     def to(self, device: torch.device | str) -> LinearFaceModel:
         """The same model with its tensors on ``device``."""
