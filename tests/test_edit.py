@@ -15,26 +15,22 @@ from rigcli import RigError
 from rigcli.cli import app
 from rigcli.edit.controls import LIGHT_DIRECTIONS, Controls, apply_controls, direction_from_angles
 from rigcli.edit.editor import Editor, edit_photos, model_input
-from rigcli.enroll import add_photos, read_fit
+from rigcli.enroll import read_fit
 from rigcli.estimate.landmarks import fit_landmarks, fit_light, project_landmarks, silhouette_candidates
 from rigcli.image.metrics import psnr
 from rigcli.image.photo import read_photo
 from rigcli.render.buffers import dominant_direction, render_buffers, sh_shading
 from rigcli.store import Store
-from rigcli.train.stages import finetune
-from tests.conftest import home_with_model, run_rig
+from tests.conftest import run_rig
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def trained_home(tmp_path_factory, album):
-    """The astronaut album, fitted, with a tiny model fine-tuned from scratch on it."""
-    home = home_with_model(tmp_path_factory.mktemp("edit"))
-    store = Store(home)
-    add_photos(store, "astro", [p.path for p in album[:6]])
-    finetune(store, "astro", from_scratch=True, preset_name="tiny", steps=200, batch=4, lr=3e-4, checkpoint_every=200)
-    return home
+def trained_home(tmp_path_factory, trained_people):
+    """The astronaut album (six copies), fitted, with a tiny model fine-tuned from scratch on it for 200
+    steps (conftest's TRAINED_PEOPLE): the module's own copy."""
+    return trained_people.home(tmp_path_factory.mktemp("edit"), "astro")
 
 
 @pytest.fixture(scope="module")

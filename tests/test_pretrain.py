@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from rigcli.cli import app
@@ -17,6 +18,7 @@ from rigcli.train.shards import prepare_shards
 from tests.conftest import home_with_model
 
 
+@pytest.mark.slow
 def test_two_process_pretrain_then_finetune_from_it(tmp_path, album, inputs):
     home = home_with_model(tmp_path)
     faces = tmp_path / "faces"

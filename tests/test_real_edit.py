@@ -9,31 +9,24 @@ import pytest
 from rigcli.edit.controls import Controls
 from rigcli.edit.editor import DEFAULT_STRENGTH, Editor, edit_photos
 from rigcli.edit.outputs import identity_distance, output_picture
-from rigcli.enroll import add_photos
 from rigcli.evaluate.metrics import detail_ratio, photo_mask
 from rigcli.image.photo import read_photo
 from rigcli.store import Store
-from rigcli.train.stages import finetune
-from tests.conftest import SHARED, home_with_model
+from tests.conftest import SHARED
 
 REAL = SHARED / "assets" / "real"
-ALBUM_A = ["obama-1.jpg", "obama-2.jpg", "obama-3.jpg"]
 HELD_OUT = "obama-4.jpg"  # A, not in the album: frontal, neutral, blue backdrop
 ALBUM_B = ["biden-1.jpg", "biden-2.jpg"]
 TWO_FACES = "obama-biden-two-faces.jpg"
 
 
 @pytest.fixture(scope="module")
-def real_home(tmp_path_factory):
-    """A store with A's album (three photos) and a tiny model trained briefly on it, and B's album."""
+def real_home(tmp_path_factory, trained_people):
+    """A store with A's album (three photos) and a tiny model trained briefly on it, and B's album
+    (conftest's TRAINED_PEOPLE "a" and "b"): the module's own copy."""
     if not REAL.is_dir():
         pytest.fail(f"the real test photos are needed at {REAL}")
-    home = home_with_model(tmp_path_factory.mktemp("real"))
-    store = Store(home)
-    add_photos(store, "a", [REAL / n for n in ALBUM_A])
-    add_photos(store, "b", [REAL / n for n in ALBUM_B])
-    finetune(store, "a", from_scratch=True, preset_name="tiny", steps=120, batch=3, lr=3e-4, checkpoint_every=120)
-    return home
+    return trained_people.home(tmp_path_factory.mktemp("real"), "a", "b")
 
 
 @pytest.fixture(scope="module")

@@ -80,6 +80,7 @@ def wait_for_pause(process: subprocess.Popen, timeout: float = 300) -> None:
     process.wait()
 
 
+@pytest.mark.slow
 def test_two_workers_write_the_shards_one_does_and_a_killed_preparation_resumes_to_them(tmp_path, home, faces):
     store = Store(home)
     one = prepare_shards(store, faces, tmp_path / "one", SIZE, workers=1, shard_size=10, chunk=10)
@@ -154,6 +155,7 @@ def test_when_process_0_cannot_plan_every_process_fails_with_its_reason_instead_
     assert "holds no images" in errors[0] and errors[1] == f"process 0: {errors[0]}"
 
 
+@pytest.mark.slow
 def test_rows_cover_every_epoch_once_and_two_gloo_processes_see_disjoint_halves(tmp_path, home, one_fit):
     synthetic_shards(tmp_path / "data", load_face_model(Store(home)), one_fit, photos=30, size=SIZE, shard_size=7)
     data = ShardData(tmp_path / "data", load_face_model(Store(home)))
@@ -254,6 +256,7 @@ def test_resume_after_sigkill_is_bit_identical_data_order_included(tmp_path, hom
     assert weights("killed") == weights("straight")  # a resumed run drawing other rows would differ
 
 
+@pytest.mark.slow
 def test_two_nodes_on_one_machine_train_identical_replicas(tmp_path, home, one_fit):
     synthetic_shards(tmp_path / "data", load_face_model(Store(home)), one_fit, photos=12, size=SIZE, shard_size=5)
     port = free_port()

@@ -22,12 +22,10 @@ from PIL import Image
 
 from rigcli import RigError
 from rigcli.edit.controls import EXPRESSION_CONTROLS
-from rigcli.enroll import add_photos
 from rigcli.image.photo import PhotoError
 from rigcli.store import Store
 from rigcli.studio import PREVIEW_SIZE, Settings, Studio
-from rigcli.train.stages import finetune
-from tests.conftest import SHARED, home_with_model
+from tests.conftest import SHARED
 
 REAL = SHARED / "assets" / "real"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -38,15 +36,10 @@ BROWSER_ARGS = [  # the machine's network is closed: no background connections
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory) -> Path:
+def home(tmp_path_factory, trained_people) -> Path:
     """A store with obama-1..3 fitted and a tiny model fine-tuned from scratch on them, and a
-    second person with photos but no model."""
-    home = home_with_model(tmp_path_factory.mktemp("studio"))
-    store = Store(home)
-    add_photos(store, "obama", [REAL / f"obama-{i}.jpg" for i in (1, 2, 3)])
-    finetune(store, "obama", from_scratch=True, preset_name="tiny", steps=30, batch=2, checkpoint_every=30)
-    add_photos(store, "biden", [REAL / "biden-2.jpg"])
-    return home
+    second person with photos but no model (conftest's TRAINED_PEOPLE): the module's own copy."""
+    return trained_people.home(tmp_path_factory.mktemp("studio"), "obama", "biden")
 
 
 @pytest.fixture

@@ -27,7 +27,8 @@ from rigcli.cli.common import (
     store_of,
     use_device,
 )
-from rigcli.diffusion.registry import export_diffusionrig, import_diffusionrig, model_info, register_model
+from rigcli.diffusion.checkpoints import model_info
+from rigcli.diffusion.registry import export_diffusionrig, import_diffusionrig, register_model
 from rigcli.diffusion.unet import PRESETS
 from rigcli.store import registered_models
 from rigcli.train.shards import MAX_LANDMARK_ERROR
