@@ -1,0 +1,167 @@
+"""What a retoucher sees in an edit, measured from dlib's 68 landmarks, never from rig's own fit: an
+edit that fools the fit must not pass.
+
+Per pair (input photo, output photo), each with the landmarks dlib finds in it:
+- ``light_balance``: the skin's mean luminance left of the nose line over right of it (image sides);
+- ``mouth_width``: mouth-corner distance over the outer eye-corner distance (the eye width);
+- ``eye_opening``: the eyelids' mean opening over each eye's own width (both eyes);
+- ``nose_offset``: the nose tip's offset from the eyes' midpoint along the eye line, in eye widths
+  (> 0: toward the image's right);
+- ``foreign_pixels``: output pixels in a band around the face (0.15 eye widths inside to 0.6 outside
+  the hull of the jaw and brow landmarks) whose colour lies, in some channel, more than 25 levels
+  outside the range the input shows around that pixel (a window a quarter of an eye width wide):
+  paint over hair, a halo on the wall;
+- ``colour_blotches``: the same test on chromaticity (r, g over r + g + b of 8-bit values + 8, tolerance
+  0.025) over the hull grown by 0.3 eye widths: a change of the light's strength keeps chromaticity,
+  speckle and blotches do not.
+The regions are drawn from the input's landmarks (where the photo's face, hair and wall were).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import ConvexHull
+from skimage.draw import polygon2mask
+
+JAW_AND_BROWS = slice(0, 27)
+NOSE_BRIDGE, NOSE_TIP = 27, 30
+RIGHT_EYE, LEFT_EYE = slice(36, 42), slice(42, 48)  # the subject's right eye is on the image's left
+OUTER_LIPS = slice(48, 60)
+MOUTH_CORNERS = (48, 54)
+OUTER_EYE_CORNERS = (36, 45)
+LUMA = np.array([0.299, 0.587, 0.114])
+
+BAND_INSIDE, BAND_OUTSIDE = 0.15, 0.6  # eye widths: the foreign-pixel band around the face's hull
+BLOTCH_GROWTH = 0.3  # eye widths: the colour-blotch region, the hull grown this much
+WINDOW = 0.25  # eye widths: the window the input's local colour range is taken over
+LEVELS = 25  # 8-bit levels outside that range: a foreign pixel
+CHROMA_OFFSET, CHROMA_TOLERANCE = 8.0, 0.025
+
+
+def eye_width(points: np.ndarray) -> float:
+    """The outer eye-corner distance: the unit every length here is measured in."""
+    a, b = OUTER_EYE_CORNERS
+    return float(np.linalg.norm(points[a] - points[b]))
+
+
+def _polygon(shape: tuple[int, int], xy: np.ndarray) -> np.ndarray:
+    """(H, W) bool: inside the polygon of (x, y) vertices."""
+    return polygon2mask(shape, np.asarray(xy, np.float64)[:, ::-1])
+
+
+def face_hull(shape: tuple[int, int], points: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the convex hull of the jaw and brow landmarks."""
+    outline = np.asarray(points[JAW_AND_BROWS], np.float64)
+    return _polygon(shape, outline[ConvexHull(outline).vertices])
+
+
+def signed_distance(mask: np.ndarray) -> np.ndarray:
+    """Pixels' distance to the mask's edge: negative inside, positive outside."""
+    return ndimage.distance_transform_edt(~mask) - ndimage.distance_transform_edt(mask)
+
+
+def skin_mask(shape: tuple[int, int], points: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the face's hull less the eyes and the lips (each grown by a tenth of an eye width)."""
+    grow = max(1, round(0.1 * eye_width(points)))
+    features = np.zeros(shape, bool)
+    for part in (RIGHT_EYE, LEFT_EYE, OUTER_LIPS):
+        features |= _polygon(shape, points[part])
+    return face_hull(shape, points) & ~ndimage.binary_dilation(features, iterations=grow)
+
+
+def light_balance(image: np.ndarray, points: np.ndarray) -> float:
+    """Mean luminance of the skin on the image's left of the nose line over that on its right."""
+    height, width = image.shape[:2]
+    skin = skin_mask((height, width), points)
+    top, tip = np.asarray(points[NOSE_BRIDGE], np.float64), np.asarray(points[NOSE_TIP], np.float64)
+    ys, xs = np.mgrid[0:height, 0:width]
+    along = tip - top
+    side = along[0] * (ys - top[1]) - along[1] * (xs - top[0])  # > 0: left of the line, seen down the nose
+    left = side > 0 if along[1] > 0 else side < 0
+    luma = np.asarray(image, np.float64) @ LUMA
+    return float(luma[skin & left].mean() / max(luma[skin & ~left].mean(), 1e-6))
+
+
+def mouth_width(points: np.ndarray) -> float:
+    a, b = MOUTH_CORNERS
+    return float(np.linalg.norm(points[a] - points[b])) / eye_width(points)
+
+
+def eye_opening(points: np.ndarray) -> float:
+    """Mean over both eyes of the two lid-to-lid distances over the eye's corner-to-corner width."""
+    openings = []
+    for part in (RIGHT_EYE, LEFT_EYE):
+        eye = np.asarray(points[part], np.float64)  # corner, upper, upper, corner, lower, lower
+        lids = np.linalg.norm(eye[1] - eye[5]) + np.linalg.norm(eye[2] - eye[4])
+        openings.append(lids / (2 * np.linalg.norm(eye[0] - eye[3])))
+    return float(np.mean(openings))
+
+
+def nose_offset(points: np.ndarray) -> float:
+    """The nose tip's offset from the eyes' midpoint along the eye line (image left to right), in eye widths."""
+    right_eye, left_eye = points[RIGHT_EYE].mean(0), points[LEFT_EYE].mean(0)
+    axis = (left_eye - right_eye) / np.linalg.norm(left_eye - right_eye)
+    return float((points[NOSE_TIP] - (left_eye + right_eye) / 2) @ axis) / eye_width(points)
+
+
+def _outside_local_range(before: np.ndarray, after: np.ndarray, window: int, tolerance: float) -> np.ndarray:
+    """(H, W) bool: where ``after`` lies, in some channel, more than ``tolerance`` outside the range
+    ``before`` shows in the ``window`` x ``window`` pixels around it."""
+    size = (window, window)
+    out = np.zeros(before.shape[:2], bool)
+    for c in range(before.shape[-1]):
+        low = ndimage.minimum_filter(before[..., c], size=size, mode="nearest")
+        high = ndimage.maximum_filter(before[..., c], size=size, mode="nearest")
+        out |= (after[..., c] < low - tolerance) | (after[..., c] > high + tolerance)
+    return out
+
+
+def chromaticity(image: np.ndarray) -> np.ndarray:
+    """(H, W, 2): r and g over r + g + b, of 8-bit values + CHROMA_OFFSET (dark pixels stay defined)."""
+    rgb = np.asarray(image, np.float64) + CHROMA_OFFSET
+    return rgb[..., :2] / rgb.sum(-1, keepdims=True)
+
+
+def foreign_pixels(before: np.ndarray, after: np.ndarray, points: np.ndarray) -> float:
+    """The share of the band around the face (``points``: the input's landmarks) whose output colour
+    the input does not show nearby."""
+    hull = face_hull(before.shape[:2], points)
+    width = eye_width(points)
+    distance = signed_distance(hull)
+    band = (distance >= -BAND_INSIDE * width) & (distance <= BAND_OUTSIDE * width)
+    window = max(3, round(WINDOW * width))
+    foreign = _outside_local_range(np.asarray(before, np.float64), np.asarray(after, np.float64), window, LEVELS)
+    return float(foreign[band].mean())
+
+
+def colour_blotches(before: np.ndarray, after: np.ndarray, points: np.ndarray) -> float:
+    """The share of the face (its hull grown by BLOTCH_GROWTH eye widths) whose output chromaticity
+    the input does not show nearby."""
+    hull = face_hull(before.shape[:2], points)
+    width = eye_width(points)
+    region = signed_distance(hull) <= BLOTCH_GROWTH * width
+    window = max(3, round(WINDOW * width))
+    blotched = _outside_local_range(chromaticity(before), chromaticity(after), window, CHROMA_TOLERANCE)
+    return float(blotched[region].mean())
+
+
+@dataclass(frozen=True)
+class Quality:
+    """An edit measured from dlib's landmarks on its input and on its output."""
+
+    light_balance: tuple[float, float]  # input, output
+    mouth_width: tuple[float, float]
+    eye_opening: tuple[float, float]
+    nose_offset: tuple[float, float]
+    foreign_pixels: float
+    colour_blotches: float
+
+
+def measure_quality(before: np.ndarray, before_points: np.ndarray, after: np.ndarray, after_points: np.ndarray):
+    """Every measure of one edit: the photo (H, W, 3) uint8 and its 68 landmarks, before and after."""
+    pairs = [(f(before, before_points), f(after, after_points)) for f in (light_balance,)]
+    pairs += [(f(before_points), f(after_points)) for f in (mouth_width, eye_opening, nose_offset)]
+    return Quality(*pairs, foreign_pixels(before, after, before_points), colour_blotches(before, after, before_points))

@@ -1,0 +1,91 @@
+"""The retoucher's measures (rigcli.evaluate.quality) on a real photo and its dlib landmarks: each one
+moves by what a known change of the picture or of the landmarks makes it move, and no more."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rigcli.evaluate import quality
+from rigcli.image.photo import read_photo
+from tests.conftest import SHARED
+
+
+@pytest.fixture(scope="module")
+def portrait(analyzer):
+    """obama-4 (frontal, neutral, blue backdrop) and dlib's 68 landmarks in it."""
+    pixels = read_photo(SHARED / "assets" / "real" / "obama-4.jpg").pixels
+    return pixels, analyzer.find_face(pixels).landmarks.astype(np.float64)
+
+
+def test_an_unchanged_photo_measures_nothing_foreign_and_the_same_both_ways(portrait):
+    pixels, points = portrait
+    got = quality.measure_quality(pixels, points, pixels.copy(), points.copy())
+    assert got.foreign_pixels == 0 and got.colour_blotches == 0
+    for before, after in (got.light_balance, got.mouth_width, got.eye_opening, got.nose_offset):
+        assert before == after
+    assert 0.7 < got.light_balance[0] < 1.4 and 0.6 < got.mouth_width[0] < 0.9  # a frontal, evenly lit face
+    assert 0.15 < got.eye_opening[0] < 0.45 and abs(got.nose_offset[0]) < 0.25  # turned a little
+
+
+def test_light_balance_is_the_ratio_of_the_two_sides_of_the_nose_line(portrait):
+    pixels, points = portrait
+    height, width = pixels.shape[:2]
+    top, tip = points[27], points[30]
+    ys, xs = np.mgrid[0:height, 0:width]
+    line_x = top[0] + (ys - top[1]) * (tip[0] - top[0]) / (tip[1] - top[1])  # the nose line at each row
+    flat = np.where((xs < line_x)[..., None], 150, 100).astype(np.uint8).repeat(3, -1)
+    assert quality.light_balance(flat, points) == pytest.approx(1.5, abs=1e-9)
+    # the photo brightened on its left by a smooth ramp: the balance rises, the chromaticity stays
+    gain = 1 + 0.3 * np.clip((line_x - xs) / quality.eye_width(points), 0, 1)
+    brighter = np.clip(pixels * gain[..., None], 0, 255).round().astype(np.uint8)
+    assert quality.light_balance(brighter, points) > quality.light_balance(pixels, points) * 1.15
+    assert quality.colour_blotches(pixels, brighter, points) < 0.005
+
+
+def test_shape_measures_follow_the_landmarks(portrait):
+    _, points = portrait
+    wider = points.copy()
+    middle = (points[48] + points[54]) / 2
+    wider[[48, 54]] = middle + (points[[48, 54]] - middle) * 1.1
+    assert quality.mouth_width(wider) / quality.mouth_width(points) == pytest.approx(1.1, rel=1e-9)
+    shut = points.copy()
+    for upper, lower in ((37, 41), (38, 40), (43, 47), (44, 46)):
+        shut[upper] = (points[upper] + points[lower]) / 2 + (points[upper] - points[lower]) / 4
+        shut[lower] = (points[upper] + points[lower]) / 2 - (points[upper] - points[lower]) / 4
+    assert quality.eye_opening(shut) / quality.eye_opening(points) == pytest.approx(0.5, rel=1e-9)
+    turned = points.copy()
+    eyes = points[42:48].mean(0) - points[36:42].mean(0)
+    turned[30] += 0.1 * quality.eye_width(points) * eyes / np.linalg.norm(eyes)  # toward the image's right
+    assert quality.nose_offset(turned) - quality.nose_offset(points) == pytest.approx(0.1, abs=1e-9)
+
+
+def test_paint_over_hair_and_colour_speckle_are_counted_where_they_are(portrait):
+    pixels, points = portrait
+    width = quality.eye_width(points)
+    distance = quality.signed_distance(quality.face_hull(pixels.shape[:2], points))
+    band = (distance >= -0.15 * width) & (distance <= 0.6 * width)
+    # a skin-coloured patch painted on the hair at the temple (image left, above the ear), 0.4 eye widths square
+    top = int(points[0, 1] - 0.67 * width)
+    left = int(points[0, 0] - 0.38 * width)
+    side = int(0.4 * width)
+    painted = pixels.copy()
+    patch = np.zeros(pixels.shape[:2], bool)
+    patch[top : top + side, left : left + side] = True
+    painted[patch] = (230, 170, 140)
+    assert pixels[patch].mean() < 100  # it lay on dark hair: the input shows no such colour near it
+    share = quality.foreign_pixels(pixels, painted, points)
+    inner = np.zeros_like(patch)  # the patch less a border of a window's half: all of it unlike its surroundings
+    margin = round(0.125 * width) + 1
+    inner[top + margin : top + side - margin, left + margin : left + side - margin] = True
+    assert (inner & band).sum() / band.sum() <= share <= (patch & band).sum() / band.sum()
+    # green and magenta speckle on the cheeks: colour blotches, not a change of brightness
+    rng = np.random.default_rng(0)
+    hull = quality.face_hull(pixels.shape[:2], points)
+    speckle = hull & (rng.random(hull.shape) < 0.05)
+    speckled = pixels.astype(np.int16)
+    speckled[speckle] += np.where(rng.random((int(speckle.sum()), 1)) < 0.5, [-40, 40, -40], [40, -40, 40])
+    speckled = np.clip(speckled, 0, 255).astype(np.uint8)
+    region = distance <= 0.3 * width
+    blotches = quality.colour_blotches(pixels, speckled, points)
+    assert 0.5 * speckle.sum() / region.sum() < blotches <= speckle.sum() / region.sum()
