@@ -22,9 +22,11 @@ from rigcli.image.align import compose_affine, resize_affine, warp
 from rigcli.image.metrics import psnr
 from rigcli.render.buffers import light_from_direction, rasterize_fit, sh_shading
 from rigcli.render.compose import (
+    Correspondence,
     correspondence,
     linear_to_srgb,
     paste_back_crop,
+    photo_fill,
     physical_edit,
     srgb_to_linear,
     working_size,
@@ -212,3 +214,26 @@ def test_the_relight_multiplies_linear_light_or_srgb_as_asked(face_model, base_f
     assert np.abs(want_srgb - want_linear).mean() > 2, "the two spaces differ"
     with pytest.raises(ValueError, match="relight"):
         physical_edit(image0, CROP_TO_PHOTO, CROP, face_model, base_fit, fit1, relight="log")
+
+
+def test_unseen_surface_is_inpainted_from_the_photo_and_openings_keep_the_render():
+    """A photo whose colours are linear in x and y: a harmonic fill of it is the photo itself, so the
+    unseen square must come back as the photo there (not the render's flat colour), while the mesh's
+    opening keeps the render's value."""
+    size = 96
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
+    photo = np.stack([40 + 1.5 * xs, 200 - xs - ys / 2, 60 + ys], -1).round().astype(np.uint8)
+    unseen = np.zeros((size, size), bool)
+    unseen[30:60, 40:70] = True
+    opening = np.zeros((size, size), bool)
+    opening[70:80, 10:30] = True
+    corr = Correspondence(
+        size, np.zeros((size, size, 2), np.float32), np.ones((size, size), bool), ~unseen, unseen,
+        np.zeros((size, size, 3), np.float32), np.ones((size, size), np.float32), opening,
+    )  # fmt: skip
+    render = np.full((size, size, 3), 0.8, np.float32)  # the flat colour that painted bands over hair
+    fill = photo_fill(photo, np.array([[1.0, 0, 0], [0, 1.0, 0]]), size, corr, render)
+    error = np.abs(fill[unseen] * 255 - photo[unseen]).max()
+    print(f"inpainted unseen square: largest error {error:.2f} levels")
+    assert error < 2.0
+    assert np.array_equal(fill[opening], render[opening])

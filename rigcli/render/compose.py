@@ -15,7 +15,8 @@ and after (θ1)) and the model's correction carried onto it.
    edge (the neck's cut) or the crop square's edge crosses the face, and harmonically extended a
    little past the silhouette. Surface θ1 shows and θ0 hid (a cheek turned into view, the opening
    of the mouth) is filled from ``fill`` (the model's output, crop frame, any size) or else from the
-   render of θ1 (its shaded buffer, taken as linear light).
+   photo's own warped pixels around it, inpainted (``photo_fill``; the mesh's openings, where θ1 has
+   no surface, from the render of θ1).
 3. Composition: a feathered mask over everything that changed; it fades to zero before the crop
    square's edge (where the crop reflects the photo), and outside it the photo is returned bit for bit.
    The per-photo-pixel work (sampling the fields, the warp, the relight, the fill, the blend) runs in
@@ -38,7 +39,7 @@ from scipy import ndimage
 
 from rigcli.face.model import FaceModel, vertex_normals
 from rigcli.face.params import FaceFit, rescale_fit
-from rigcli.image.align import apply_affine, compose_affine, invert_affine, resize_affine
+from rigcli.image.align import apply_affine, compose_affine, invert_affine, resize_affine, warp
 from rigcli.image.resample import Box, affine_grid, bands, channels, sample, support_box
 from rigcli.render.buffers import Geometry, rasterize_fit, render_buffers, sh_shading
 
@@ -65,6 +66,7 @@ class Correspondence:
     unseen: np.ndarray  # (S, S) bool: the photo never showed what θ1 shows here (to be filled)
     log_ratio: np.ndarray  # (S, S, 3) log of the shading ratio, smoothed, bounded, faded
     edge_weight: np.ndarray  # (S, S) 0 within the crop edge's margin, 1 inside
+    opening: np.ndarray  # (S, S) bool: inside the mesh's openings (the mouth's, the eyes'), no surface of θ1
 
 
 @dataclass
@@ -253,7 +255,9 @@ def _correspondence(
     zero_r = (outside > RATIO_BAND * size) | (edge == 0)
     log_ratio = harmonic_fill(log_ratio, (seen & ~zero_r) | zero_r)
     log_ratio[zero_r] = 0
-    corr = Correspondence(size, flow.astype(np.float32), covered, seen, unseen, log_ratio.astype(np.float32), edge)
+    corr = Correspondence(
+        size, flow.astype(np.float32), covered, seen, unseen, log_ratio.astype(np.float32), edge, hole
+    )
     return corr, g1
 
 
@@ -287,7 +291,7 @@ def _open_edge_weight(screen: np.ndarray, open_edges: np.ndarray, size: int) -> 
 def render_fill(
     model: FaceModel, fit1: FaceFit, crop_size: int, size: int, geometry: Geometry | None = None
 ) -> np.ndarray:
-    """The fill where no model output is given: θ1's shaded buffer (linear light) as sRGB in [0, 1];
+    """θ1's shaded buffer (linear light) as sRGB in [0, 1]: the fill of the mesh's openings (``photo_fill``);
     ``geometry``: θ1 already rasterized at ``size`` (saves rasterizing it again)."""
     with torch.no_grad():
         shaded = render_buffers(model, rescale_fit(fit1, crop_size, size), size, geometry)[0, :3]
@@ -382,8 +386,28 @@ def physical_edit(
     size = work_size or working_size(crop_to_photo, crop_size)
     corr, g1 = _correspondence(model, fit0, fit1, crop_size, size)
     if fill is None:
-        fill = render_fill(model, fit1, crop_size, size, g1)
+        fill = photo_fill(photo, crop_to_photo, crop_size, corr, render_fill(model, fit1, crop_size, size, g1))
     return compose_edit(photo, crop_to_photo, crop_size, corr, fill, relight)
+
+
+def photo_fill(
+    photo: np.ndarray, crop_to_photo: np.ndarray, crop_size: int, corr: Correspondence, render: np.ndarray
+) -> np.ndarray:
+    """The fill where no model output is given (crop frame, working size, sRGB in [0, 1]): surface the
+    photo never showed (a cheek a turn brings into view) inpainted from the photo's own warped pixels
+    around it (a harmonic fill), never painted in the render's flat colour, which lies on hair and
+    walls as a band; only the mesh's openings (the mouth's: no surface of θ1) keep the render's dark."""
+    size = corr.size
+    work_to_photo = compose_affine(np.asarray(crop_to_photo, np.float64), resize_affine(crop_size, size))
+    crop = warp(photo, work_to_photo, size).astype(np.float32) / 255.0
+    v, u = np.mgrid[0:size, 0:size].astype(np.float32)
+    rows, cols = v + corr.flow[..., 1], u + corr.flow[..., 0]  # output pixel p shows p + flow
+    moved = np.stack(
+        [ndimage.map_coordinates(crop[..., c], [rows, cols], order=1, mode="nearest") for c in range(3)], -1
+    )
+    around = ndimage.binary_dilation(corr.unseen, iterations=2)  # the warp smears the seam: not a source
+    inpainted = harmonic_fill(moved, ~around)
+    return np.where(corr.opening[..., None], render, inpainted).astype(np.float32)
 
 
 RELIGHT_SPACES = ("linear", "srgb")
