@@ -160,7 +160,9 @@ class Quality:
     colour_blotches: float
 
 
-def measure_quality(before: np.ndarray, before_points: np.ndarray, after: np.ndarray, after_points: np.ndarray):
+def measure_quality(
+    before: np.ndarray, before_points: np.ndarray, after: np.ndarray, after_points: np.ndarray
+) -> Quality:
     """Every measure of one edit: the photo (H, W, 3) uint8 and its 68 landmarks, before and after."""
     pairs = [(f(before, before_points), f(after, after_points)) for f in (light_balance,)]
     pairs += [(f(before_points), f(after_points)) for f in (mouth_width, eye_opening, nose_offset)]
