@@ -126,6 +126,7 @@ def sweep_frames(
     (``refine_photos``: its own physical edit and refinement), the picture ``rig edit`` writes
     (whole photo or ``crop``), scaled to GIF_SIDE at most. ``on_frame(done, total)`` before each frame."""
     photos = [result.prepared]
+    # rendered alone unless its batch was this photo alone: a batch's renders can differ in the last bits
     before = result.before if len(result.before) == 1 else editor.render(result.fit)
     reference = {path: fit_reference(editor, path) for path in base.needs_reference_fits}
     frames = []

@@ -325,13 +325,18 @@ class Sampled:
 
     photo: int
     edits: list[SuiteEdit]
-    asked: FaceFit  # the edited parameters, one per edit
+    before: Rendered  # the photo's fit
+    after: Rendered  # the edited parameters asked for, one per edit
     outputs: np.ndarray  # (N, S, S, 3) uint8
     buffers: torch.Tensor  # (N, 9, S, S) edited buffers
     target: np.ndarray  # (S, S, 3) the input at the model's size, 8-bit range float
     face_out: np.ndarray  # (N, S, S) the edited faces' masks
     seconds: float  # per edit: the photo's inversion and batched sampling over its edits
     detail: list[float] = field(default_factory=list)  # per edit: detail_ratio at the photo's size
+
+    @property
+    def asked(self) -> FaceFit:
+        return self.after.fit
 
     @property
     def shown(self) -> np.ndarray:
@@ -379,7 +384,7 @@ def sample_suite(
             for out, m in zip(outputs, masks, strict=True)
         ]
         results.append(
-            Sampled(i, edits, after.fit, outputs, after.buffers, _to_model_input(photo.crop, size),
+            Sampled(i, edits, before, after, outputs, after.buffers, _to_model_input(photo.crop, size),
                     _masks_at(masks, size), seconds, detail)
         )  # fmt: skip
     return results
@@ -431,7 +436,7 @@ def sample_suite_method(
         seconds = (time.perf_counter() - started) / len(edits)
         buffers = torch.nn.functional.interpolate(after.buffers, size=(size, size))  # one render, all edits
         results.append(
-            Sampled(i, edits, after.fit, np.stack(outputs), buffers, photo.crop.astype(np.float32),
+            Sampled(i, edits, before, after, np.stack(outputs), buffers, photo.crop.astype(np.float32),
                     after.faces, seconds, detail)
         )  # fmt: skip
     return results
@@ -444,14 +449,13 @@ def measure(
     fit: FaceFit,
     face_in: np.ndarray,
     label: str,
-    skin_normals: Callable[[FaceFit], list[torch.Tensor]],
 ) -> tuple[list[EditRecord], dict[str, float]]:
     """Metrics of one photo's edits, given the re-fit of [input, outputs...] at ``offset`` in ``refit``;
     also the input's own re-fit errors (the measurement's floor). Light directions are compared over
-    the visible skin of the face asked for (``skin_normals``: ``Rendered.skin_normals`` of a fit)."""
+    the visible skin of the face asked for (from the renders the suite was sampled with)."""
 
     one = fit.select([sampled.photo])
-    asked_normals, own_normals = skin_normals(sampled.asked), skin_normals(one)[0]
+    asked_normals, own_normals = sampled.after.skin_normals, sampled.before.skin_normals[0]
     records = []
     for k, edit in enumerate(sampled.edits):
         got = refit.fit.select([offset + 1 + k])
@@ -557,13 +561,9 @@ def evaluate(
     for spec, editor, per_model in zip(specs, editors, sampled, strict=True):
         measured_at = editor.size if spec.strength is None else editor.crop_size
         face_in = _masks_at(editor.render(fit).faces, measured_at)
-
-        def skin_normals(fit: FaceFit, editor: Editor = editor) -> list[torch.Tensor]:
-            return editor.render(fit).skin_normals
-
         records, floors = [], []
         for s in per_model:
-            got, floor = measure(s, refit, offset, fit, face_in[s.photo], photos[s.photo].label, skin_normals)
+            got, floor = measure(s, refit, offset, fit, face_in[s.photo], photos[s.photo].label)
             records += got
             floors.append(floor)
             offset += 1 + len(s.outputs)
