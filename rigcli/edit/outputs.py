@@ -20,6 +20,7 @@ from rigcli.edit.editor import (
     Editor,
     EditResult,
     PreparedPhoto,
+    check_strength,
     edit_photos,
     fit_reference,
     refine_photos,
@@ -183,6 +184,7 @@ def edit_to_files(
     one control (``sweep``, e.g. ``smile=0:1:8``) beside it. Outputs are planned and checked before the
     model loads; each file is written whole or not at all. In a photo with several faces the person's
     is edited (``person_face``), or the ``face``-th."""
+    check_strength(strength)  # before the model loads
     if compose not in COMPOSE_MODES:
         raise RigError(f"--compose {compose!r}: choose one of {', '.join(COMPOSE_MODES)}")
     if compose == "refined" and not invert:
