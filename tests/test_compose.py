@@ -22,12 +22,15 @@ from rigcli.image.align import compose_affine, resize_affine, warp
 from rigcli.image.metrics import psnr
 from rigcli.render.buffers import light_from_direction, rasterize_fit, sh_shading
 from rigcli.render.compose import (
+    SILHOUETTE_FADE,
     Correspondence,
     correspondence,
+    ears,
     linear_to_srgb,
     paste_back_crop,
     photo_fill,
     physical_edit,
+    relit_skin,
     srgb_to_linear,
     working_size,
 )
@@ -107,6 +110,17 @@ def both_see(model, s0: dict, s1: dict) -> np.ndarray:
     return ndimage.binary_erosion(region, iterations=MARGIN) & inner
 
 
+def relit_region(model, s1: dict) -> np.ndarray:
+    """Photo pixels of θ1's skin that the relight changes wholly: not the ears, not the scalp (its hair
+    is not relit as skin), and SILHOUETTE_FADE of the crop in from the outline and the ears, where the
+    shading ratio fades to 1 by design (no halo on the wall whatever the fit's outline is off by)."""
+    tri = s1["geo"].fragments.triangle[0].clamp_min(0)
+    skin = relit_skin(model)[model.triangles].all(-1)[tri].numpy() & s1["mask"]
+    ear = ears(model)[model.triangles].any(-1)[tri].numpy() & s1["mask"]
+    head = ndimage.binary_fill_holes(s1["mask"]) & ~ear
+    return skin & (ndimage.distance_transform_edt(head) > SILHOUETTE_FADE * CROP * K)
+
+
 def model_output(truth: np.ndarray, size: int = 64) -> np.ndarray:
     """The oracle model: the truth resampled into the crop at the model's size."""
     return warp(truth, compose_affine(CROP_TO_PHOTO, resize_affine(CROP, size)), size)
@@ -145,7 +159,8 @@ def test_physical_edit_matches_the_oracle(name, face_model, base_fit, background
     result = physical_edit(image0, CROP_TO_PHOTO, CROP, face_model, base_fit, fit1, fill=model64)
     mask1 = rasterize_fit(face_model, fit1, CROP).fragments.mask[0].numpy()
     plain = paste_back_crop(image0, model64, CROP_TO_PHOTO, mask1)
-    region = both_see(face_model, surf0, surf1)  # pixels θ0 never saw are left out of the comparison
+    # pixels θ0 never saw are left out of the comparison, and so is what the relight leaves by design
+    region = both_see(face_model, surf0, surf1) & relit_region(face_model, surf1)
     ours, theirs = psnr(result.image, truth, region), psnr(plain, truth, region)
     print(f"{name}: physical edit {ours:.2f} dB, plain blend {theirs:.2f} dB over {int(region.sum())} px")
     out = tmp_path_factory.mktemp("compose") / f"{name}.png"
@@ -214,6 +229,33 @@ def test_the_relight_multiplies_linear_light_or_srgb_as_asked(face_model, base_f
     assert np.abs(want_srgb - want_linear).mean() > 2, "the two spaces differ"
     with pytest.raises(ValueError, match="relight"):
         physical_edit(image0, CROP_TO_PHOTO, CROP, face_model, base_fit, fit1, relight="log")
+
+
+def test_the_relight_stays_on_the_skin_and_keeps_its_hue(face_model, base_fit, photo):
+    """Issue 26: the shading ratio is exactly 1 off the mesh (the wall: no halo) and on the ears, rises
+    inward from the outline, and under a white light asked for a photo fitted with a coloured one it
+    is grey (the skin keeps its hue); a light that is itself coloured (another photo's) keeps its colour."""
+    image0, surf0 = photo
+    fit1 = edited(base_fit, face_model, **EDITS["relight"])
+    result = physical_edit(image0, CROP_TO_PHOTO, CROP, face_model, base_fit, fit1)
+    tri = surf0["geo"].fragments.triangle[0].clamp_min(0)
+    ear = ears(face_model)[face_model.triangles].all(-1)[tri].numpy() & surf0["mask"]
+    # θ0 = θ1's pose: the same outline; a working pixel is 2 photo pixels, and sampling blends two
+    off_mesh = ~ndimage.binary_dilation(surf0["mask"], iterations=4)
+    assert ear.sum() > 200 and off_mesh.sum() > 0
+    print(f"largest ratio change: off the mesh {np.abs(result.ratio[off_mesh] - 1).max()}, on the ears "
+          f"{np.abs(result.ratio[ear] - 1).max():.4f}")  # fmt: skip
+    assert np.all(result.ratio[off_mesh] == 1) and np.abs(result.ratio[ear] - 1).max() < 0.005
+    inner = relit_region(face_model, surf0)
+    assert np.abs(np.log(result.ratio[inner])).max() > 0.3  # the skin itself is relit
+    tinted = copy.copy(base_fit)
+    tinted.light = base_fit.light * torch.tensor([1.2, 1.0, 0.8])  # the photo fitted under a warm light
+    grey = physical_edit(image0, CROP_TO_PHOTO, CROP, face_model, tinted, fit1).ratio[inner]
+    assert np.abs(grey - grey[:, :1]).max() < 1e-6 and np.abs(grey - 1).max() > 0.3
+    coloured = copy.copy(fit1)
+    coloured.light = fit1.light * torch.tensor([1.2, 1.0, 0.8])  # another photo's warm light, asked
+    warm = physical_edit(image0, CROP_TO_PHOTO, CROP, face_model, base_fit, coloured).ratio[inner]
+    assert np.median(warm[:, 0] / warm[:, 2]) > 1.4  # 1.2 / 0.8 where nothing clamps or fades
 
 
 def test_unseen_surface_is_inpainted_from_the_photo_and_openings_keep_the_render():

@@ -10,13 +10,15 @@ and after (θ1)) and the model's correction carried onto it.
    beyond a band around the face and near the crop square's edge; the full-resolution photo is
    warped by it (bilinear; a pixel whose flow is zero is copied).
 2. Quotient-image relight: the warped photo, in linear light, times the new shading over the old one
-   of the same surface point (θ1's normals under θ1's light over θ0's normals under θ0's light),
-   smoothed, clamped to [RATIO_MIN, RATIO_MAX], faded to 1 over a wide band where the mesh's open
-   edge (the neck's cut) or the crop square's edge crosses the face, and harmonically extended a
-   little past the silhouette. Surface θ1 shows and θ0 hid (a cheek turned into view, the opening
-   of the mouth) is filled from ``fill`` (the model's output, crop frame, any size) or else from the
-   photo's own warped pixels around it, inpainted (``photo_fill``; the mesh's openings, where θ1 has
-   no surface, from the render of θ1).
+   of the same surface point (θ1's normals under θ1's light over θ0's normals under θ0's light; the
+   channels' mean when a white light is asked, so the skin keeps its hue), smoothed, clamped to
+   [RATIO_MIN, RATIO_MAX], on the face's skin only: 1 on the ears and off the mesh (never a halo on
+   the wall), rising over SILHOUETTE_FADE inside the outline, fading over HAIR_FADE across the scalp
+   (no line at the hairline), and over a wide band where the mesh's open edge (the neck's cut) or
+   the crop square's edge crosses the face. Surface θ1 shows and θ0 hid (a cheek turned into view,
+   the opening of the mouth) is filled from ``fill`` (the model's output, crop frame, any size) or
+   else from the photo's own warped pixels around it, inpainted (``photo_fill``; the mesh's openings,
+   where θ1 has no surface, from the render of θ1).
 3. Composition: a feathered mask over everything that changed; it fades to zero before the crop
    square's edge (where the crop reflects the photo), and outside it the photo is returned bit for bit.
    The per-photo-pixel work (sampling the fields, the warp, the relight, the fill, the blend) runs in
@@ -48,7 +50,8 @@ RATIO_MIN, RATIO_MAX = 0.25, 4.0
 SHADE_FLOOR = 0.05  # of the mean shading: the least shading a surface point is taken to have
 DEPTH_TOLERANCE = 0.3  # model units (cm): a θ0 z-buffer this close in front still counts as the same surface
 FLOW_BAND = 0.10  # of the crop: the flow falls to zero this far outside the face
-RATIO_BAND = 0.03  # of the crop: the shading ratio falls to 1 this far outside the silhouette
+SILHOUETTE_FADE = 0.04  # of the crop: the shading ratio is 1 on the mesh's outline and the ears, full this far in
+HAIR_FADE = 0.08  # of the crop: off the skin (the scalp under the hair) the ratio falls to 1 over this
 OPEN_EDGE_BAND = 0.07  # of the crop: the ratio fades to 1 over this band inside the mesh's open edge
 EDGE_MARGIN, EDGE_RAMP = 0.02, 0.06  # of the crop: nothing changes within MARGIN of its edge, fully from +RAMP
 RATIO_SIGMA = 0.75 / 1024  # of the crop: smoothing of the log ratio (0.75 px of a 1024 px crop)
@@ -172,6 +175,32 @@ def mesh_boundaries(model: FaceModel) -> tuple[np.ndarray, np.ndarray]:
     return boundary[~in_face], boundary[in_face]
 
 
+def ears(model: FaceModel) -> torch.Tensor:
+    """(V,) bool: the ears, the mesh lateral of the jaw's ends (landmarks 0 and 16) and behind them;
+    a photo shows them half-hidden by hair, and a relight leaves them as they are."""
+    neutral, ends = model.neutral, model.neutral[model.landmark_vertices[[0, 16]]]
+    half_width, depth = float(ends[:, 0].abs().mean()), float(ends[:, 2].mean())
+    return (neutral[:, 0].abs() > 0.95 * half_width) & (neutral[:, 2] < depth)
+
+
+def relit_skin(model: FaceModel) -> torch.Tensor:
+    """(V,) bool: the skin a relight changes fully: the face region without the ears."""
+    return model.regions["face"] & ~ears(model)
+
+
+def _relight_weight(skin: np.ndarray, ears_px: np.ndarray, covered: np.ndarray, size: int) -> np.ndarray:
+    """(S, S) in [0, 1]: how much of the shading ratio a pixel of θ1's render takes. 1 on the skin
+    (its openings closed), falling to 0 over HAIR_FADE across the rest of the mesh (the scalp under
+    the hair: a forehead darkened by a side light does not stop at a line on the hairline), and
+    falling to 0 over SILHOUETTE_FADE before the mesh's outline and the ears: the wall behind the
+    head and the ears are never relit, whatever the fit's outline is off by."""
+    skin = ndimage.binary_fill_holes(skin)
+    head = ndimage.binary_fill_holes(covered)
+    tail = smoothstep(1 - ndimage.distance_transform_edt(~skin) / (HAIR_FADE * size))
+    inside = ndimage.distance_transform_edt(head & ~ears_px)
+    return np.where(skin, 1.0, tail) * smoothstep(inside / (SILHOUETTE_FADE * size))
+
+
 def _edge_weight(size: int) -> np.ndarray:
     idx = np.arange(size, dtype=np.float32)
     dist = np.minimum(idx, size - 1 - idx)
@@ -221,6 +250,11 @@ def _correspondence(
         n0 = n0 / n0.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         shade1 = sh_shading(g1.normals, fit1.light)[0].numpy()
         shade0 = sh_shading(n0, fit0.light)[0].numpy()
+        kinds = torch.stack([relit_skin(model), ears(model)], -1).to(torch.float32)[None]
+        kinds = g1.fragments.interpolate(kinds, model.triangles)[0].numpy()
+    relight_weight = _relight_weight(kinds[..., 0] > 0.999, kinds[..., 1] > 0.001, covered, size)
+    light1 = fit1.light[0]
+    coloured = not torch.equal(light1, fit0.light[0]) and not bool((light1 == light1[:, :1]).all())
     v, u = np.mgrid[0:size, 0:size].astype(np.float64)
     edge = _edge_weight(size)
     outside = ndimage.distance_transform_edt(~ndimage.binary_fill_holes(covered))
@@ -241,7 +275,10 @@ def _correspondence(
     unseen = (covered & ~seen) | (hole & covered0.numpy()[src_row, src_col])
     unseen = ndimage.binary_opening(unseen, iterations=max(1, round(SLIVER * size)))
 
-    # 2. the shading ratio, faded where the mesh ends on skin and at the crop's edge
+    # 2. the shading ratio, on the face model's skin only (never the scalp's hair, the ears or the
+    # wall), faded to 1 before the skin's edge, where the mesh ends on skin and at the crop's edge
+    if not coloured:  # a white light asked: the skin keeps its hue, the ratio is the shading's grey
+        shade0, shade1 = shade0.mean(-1, keepdims=True), shade1.mean(-1, keepdims=True)
     # second-order SH shading goes negative on the dark side: both are floored alike, so the ratio
     # of a surface point lit the same way is exactly 1 (a no-op edit is one), never a clamp's 1/4
     floor = SHADE_FLOOR * max(float(np.abs(shade0[seen]).mean()) if seen.any() else 1.0, 1e-6)
@@ -249,12 +286,10 @@ def _correspondence(
     log_ratio = np.log(np.clip(ratio, RATIO_MIN, RATIO_MAX)).astype(np.float32)
     sigma = RATIO_SIGMA * size
     weight = ndimage.gaussian_filter(seen.astype(np.float32), sigma)
-    smooth = np.stack([ndimage.gaussian_filter(log_ratio[..., c] * seen, sigma) for c in range(3)], -1)
-    log_ratio = np.where(seen[..., None], smooth / np.maximum(weight, 1e-6)[..., None], 0)
-    log_ratio *= (edge * _open_edge_weight(screen1, open_edges, size))[..., None]
-    zero_r = (outside > RATIO_BAND * size) | (edge == 0)
-    log_ratio = harmonic_fill(log_ratio, (seen & ~zero_r) | zero_r)
-    log_ratio[zero_r] = 0
+    smooth = [ndimage.gaussian_filter(log_ratio[..., c] * seen, sigma) for c in range(log_ratio.shape[-1])]
+    log_ratio = np.where(seen[..., None], np.stack(smooth, -1) / np.maximum(weight, 1e-6)[..., None], 0)
+    log_ratio *= (relight_weight * edge * _open_edge_weight(screen1, open_edges, size))[..., None]
+    log_ratio = np.broadcast_to(log_ratio, (size, size, 3))
     corr = Correspondence(
         size, flow.astype(np.float32), covered, seen, unseen, log_ratio.astype(np.float32), edge, hole
     )

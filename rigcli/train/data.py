@@ -83,7 +83,7 @@ class Augment:
                 self.relight, self.max_light_move]  # fmt: skip
 
 
-AUGMENT_VERSION = 3  # bump when the copies an Augment makes change (3: unseen surface inpainted from the photo)
+AUGMENT_VERSION = 4  # bump when the copies an Augment makes change (3: unseen surface inpainted; 4: skin-only relight)
 AUGMENT_LIGHTS = ("left", "right", "top", "bottom", "front")  # rig edit --light's sides, drawn half the time
 AUGMENT_EXPRESSIONS = {  # blendshapes moved together, and the largest weight drawn
     ("mouthSmile_L", "mouthSmile_R"): 0.8,
