@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import math
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
@@ -18,8 +22,10 @@ from typer.testing import CliRunner
 from rigcli import RigError
 from rigcli.cli import app
 from rigcli.edit.controls import LIGHT_DIRECTIONS, light_for
+from rigcli.edit.editor import refine_photos
 from rigcli.enroll import add_photos
 from rigcli.estimate.landmarks import fit_light
+from rigcli.evaluate import suite as suite_module
 from rigcli.evaluate.metrics import (
     DECIMALS,
     SAME_PERSON,
@@ -28,8 +34,21 @@ from rigcli.evaluate.metrics import (
     light_error_deg,
     yaw_error_deg,
 )
-from rigcli.evaluate.suite import METRICS, ModelSpec, edit_count, eval_photos, parse_spec
+from rigcli.evaluate.quality import BOUNDS, NO_FACE, Quality, measure_quality, misses
+from rigcli.evaluate.suite import (
+    METRICS,
+    QUALITY_METRICS,
+    ModelSpec,
+    closeup_box,
+    edit_count,
+    eval_photos,
+    face_near,
+    parse_spec,
+    quality_metrics,
+    suite,
+)
 from rigcli.face.params import FaceFit
+from rigcli.image.detect import FaceAnalyzer
 from rigcli.image.metrics import PSNR_CAP, psnr, ssim, ssim_map
 from rigcli.image.photo import read_photo
 from rigcli.render.buffers import (
@@ -194,6 +213,22 @@ def test_model_specs():
     assert edit_count(1) == 10 and edit_count(2) == 22  # 1 + 4 + 3 + 2, and one transfer each
 
 
+def test_suite_names_the_edits_issue_26_sets_bounds_for_as_rig_edit_writes_them():
+    labels = [e.label for e in suite([Path("a.jpg"), Path("b.jpg")], 0, ["a", "b"])]
+    assert set(BOUNDS) <= set(labels)  # light left/right, smile 0.8, blink 1, yaw 12 and -12
+    assert {e.controls.yaw for e in suite([Path("a.jpg")], 0, ["a"]) if e.kind == "pose"} == {12.0, -12.0}
+    good = Quality((1.0, 1.0), (0.7, 0.8), (0.3, 0.3), (0.0, 0.0), 0.0, 0.0)
+    row = quality_metrics("smile 0.8", good, 0.2, measured=True)
+    assert row["mouth_width_ratio"] == pytest.approx(0.8 / 0.7) and row["quality_misses"] == []
+    assert quality_metrics("smile 0.8", good, 0.5, measured=True)["quality_misses"] == ["identity > 0.40"]
+    assert quality_metrics("jaw open 0.6", good, 0.5, measured=True)["quality_misses"] is None  # no bounds set
+    lost = quality_metrics("blink 1", None, 0.2, measured=True)  # no face found in the output: it says so
+    assert lost["quality_misses"] == [NO_FACE] and lost["quality_face_found"] is False
+    assert lost["eye_opening_ratio"] is None and quality_metrics("light top", None, 0.2, True)["quality_misses"] is None
+    unmeasured = quality_metrics("blink 1", None, 0.2, measured=False)  # the model-size path
+    assert unmeasured["quality_face_found"] is None and unmeasured["quality_misses"] is None
+
+
 # ---------------------------------------------------------------- held-out photos, the command, the report
 
 
@@ -276,6 +311,9 @@ def test_eval_command_report_and_compare(held_out_home, tmp_path):
     recon = [e for e in first["edits"] if e["kind"] == "reconstruction"]
     assert all(e["psnr_face"] > 8 and 0 < e["ssim_face"] <= 1 for e in recon)
     assert all(e["psnr_face"] is None for e in first["edits"] if e["kind"] != "reconstruction")
+    # issue 26's measures are taken on the full-size outputs of rig edit's method only: none here
+    assert all(e[key] is None for e in first["edits"] for key in ("light_balance_after", "quality_misses"))
+    assert all(e["quality_face_found"] is None for e in first["edits"])
     # the inputs fitted again by the same pipeline: what the edit-accuracy numbers cannot resolve
     print(json.dumps(first["summary"]), json.dumps(first["measurement_floor"]))
     assert first["measurement_floor"]["yaw_error_deg"] < 5.0
@@ -302,12 +340,21 @@ def test_eval_command_report_and_compare(held_out_home, tmp_path):
             for key, _ in METRICS:
                 assert (cells[key] == "-") if row[key] is None else float(cells[key]) == row[key], (kind, key)
     assert dom.count("data:image/png;base64,") == edit_count(2) and "http" not in dom.replace("http-equiv", "")
+    assert "data:image/jpeg" not in dom and "class='sheet'" not in dom  # no contact sheet at the model's size
     # outputs are not overwritten without --force
     again = rig(held_out_home, "eval", "astro", "--holdout", "1", "--out", str(out))
     assert again.exit_code == 2 and "--force" in again.stderr
 
 
-def test_eval_at_strengths_measures_rig_edits_method_at_the_photos_size(held_out_home, tmp_path):
+def test_eval_at_strengths_measures_rig_edits_method_at_the_photos_size(held_out_home, tmp_path, monkeypatch):
+    made = []  # what refine_photos gave the suite: (strength, prepared photos, full-size results)
+
+    def spy(editor, photos, before, after, strength, steps, callback=None):
+        samples, refined = refine_photos(editor, photos, before, after, strength, steps, callback)
+        made.append((strength, photos, refined))
+        return samples, refined
+
+    monkeypatch.setattr(suite_module, "refine_photos", spy)
     out = tmp_path / "strengths"
     args = ["--holdout", "1", "--steps", "2", "--strength", "0,1", "--out", str(out)]
     result = rig(held_out_home, "eval", "astro", *args)
@@ -330,6 +377,61 @@ def test_eval_at_strengths_measures_rig_edits_method_at_the_photos_size(held_out
     print(json.dumps(zero["summary"]), json.dumps(one["summary"]))
     bad = rig(held_out_home, "eval", "astro", "--holdout", "1", "--strength", "0,2", "--out", str(tmp_path / "x"))
     assert bad.exit_code == 2 and "between 0 and 1" in bad.stderr
+    check_issue_26_measures(doc, made, out)
+
+
+def check_issue_26_measures(doc: dict, made: list, out) -> None:
+    """Each full-size output measured again, here, from the landmarks dlib finds in it: metrics.json
+    holds those values and the bounds they miss; report.html shows the pass or misses and a contact
+    sheet of the photo and every output at the photo's own pixels (not the model's 64)."""
+    analyzer = FaceAnalyzer("hog")
+    dom = (out / "report.html").read_text()
+    sheets = re.findall(r"<div class='sheet' data-model='([^']*)'[^>]*>(.*?)</div>", dom)
+    assert [label for label, _ in sheets] == [m["label"] for m in doc["models"]]
+    for model, (_, sheet) in zip(doc["models"], sheets, strict=True):
+        outputs = [(photo, r.image) for strength, photos, refined in made if strength == model["strength"]
+                   for photo, r in zip(photos, refined, strict=True)]  # fmt: skip
+        assert len(outputs) == len(model["edits"]) == 10
+        photo = outputs[0][0]
+        table = re.search(rf"<table class='quality' data-model='{re.escape(model['label'])}'>(.*?)</table>", dom)[1]
+        x0, y0, x1, y1 = closeup_box(photo.landmarks, photo.pixels.shape[:2])
+        tiles = [iio.imread(base64.b64decode(uri)) for uri in re.findall(r"data:image/jpeg;base64,([^']+)", sheet)]
+        assert len(tiles) == 1 + len(outputs)  # the photo first, then every edit
+        for tile, image in zip(tiles, [photo.pixels] + [image for _, image in outputs], strict=True):
+            assert tile.shape == (y1 - y0, x1 - x0, 3) and min(tile.shape[:2]) > 2 * 64
+            assert np.abs(tile.astype(float) - image[y0:y1, x0:x1]).mean() < 3  # that part of it, unresized
+        found = 0
+        for (photo, image), edit in zip(outputs, model["edits"], strict=True):
+            points = face_near(analyzer, image, photo.landmarks)
+            if points is None:
+                assert edit["quality_face_found"] is False and edit["light_balance_after"] is None
+                continue
+            found += 1
+            q = measure_quality(photo.pixels, photo.landmarks, image, points)
+            want = {
+                "light_balance_before": q.light_balance[0], "light_balance_after": q.light_balance[1],
+                "mouth_width_ratio": q.mouth_width[1] / q.mouth_width[0],
+                "eye_opening_ratio": q.eye_opening[1] / q.eye_opening[0],
+                "nose_offset_change": q.nose_offset[1] - q.nose_offset[0],
+                "foreign_pixels_pct": 100 * q.foreign_pixels, "colour_blotches_pct": 100 * q.colour_blotches,
+            }  # fmt: skip
+            assert {k for k, _ in QUALITY_METRICS} == set(want) and edit["quality_face_found"] is True
+            for key, value in want.items():
+                assert edit[key] == pytest.approx(value, abs=10**-DECIMALS), (edit["label"], key)
+            named = edit["label"] in BOUNDS
+            assert edit["quality_misses"] == (misses(edit["label"], q, edit["identity_euclidean"]) if named else None)
+            row = re.search(rf"<tr data-photo='[^']*' data-label='{re.escape(edit['label'])}'>(.*?)</tr>", table)[1]
+            css, words = re.search(r"<td class='(\w+)' data-key='quality_misses'>([^<]*)</td>", row).groups()
+            verdict = css, html.unescape(words)
+            if named:
+                missed = edit["quality_misses"]
+                assert verdict == (("miss", "miss: " + "; ".join(missed)) if missed else ("pass", "pass"))
+            else:
+                assert verdict == ("none", "-")
+        assert found >= 8  # dlib finds the face in (nearly) every output
+        recon = model["edits"][0]
+        assert recon["label"] == "reconstruction" and recon["foreign_pixels_pct"] == recon["colour_blotches_pct"] == 0
+    print(json.dumps([{e["label"]: e["quality_misses"] for e in m["edits"]} for m in doc["models"]]))
 
 
 def test_eval_errors(held_out_home, album, tmp_path):

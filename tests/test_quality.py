@@ -89,3 +89,88 @@ def test_paint_over_hair_and_colour_speckle_are_counted_where_they_are(portrait)
     region = distance <= 0.3 * width
     blotches = quality.colour_blotches(pixels, speckled, points)
     assert 0.5 * speckle.sum() / region.sum() < blotches <= speckle.sum() / region.sum()
+
+
+def test_measured_on_the_face_window_as_over_the_whole_photo(portrait):
+    """measure_quality reads only ``face_window`` of the photos: the values are those of the whole photo."""
+    pixels, points = portrait
+    rng = np.random.default_rng(1)
+    changed = np.clip(pixels * rng.uniform(0.7, 1.3, pixels.shape), 0, 255).astype(np.uint8)  # noise everywhere
+    moved = points + np.array([9.0, -4.0])
+    x0, y0, x1, y1 = quality.face_window(pixels.shape[:2], points, moved)
+    assert 0 < x1 - x0 < pixels.shape[1] and 0 < y1 - y0 < pixels.shape[0]  # a part of the photo, not all of it
+    got = quality.measure_quality(pixels, points, changed, moved)
+    assert got.light_balance == (quality.light_balance(pixels, points), quality.light_balance(changed, moved))
+    assert got.foreign_pixels == quality.foreign_pixels(pixels, changed, points) > 0
+    assert got.colour_blotches == quality.colour_blotches(pixels, changed, points) > 0
+
+
+PASSING = {  # per named edit: a Quality that meets its bounds, and changes that each miss exactly one of them
+    "light left": (
+        quality.Quality((1.0, 1.3), (0.7, 0.7), (0.3, 0.3), (0.0, 0.0), 0.5, 0.004),
+        {"left/right rises >= 0.25 to > 1.2": [{"light_balance": (1.0, 1.24)}, {"light_balance": (0.8, 1.15)}],
+         "colour blotches <= 0.5 %": [{"colour_blotches": 0.006}]},
+    ),
+    "light right": (
+        quality.Quality((1.1, 0.8), (0.7, 0.7), (0.3, 0.3), (0.0, 0.0), 0.5, 0.004),
+        {"left/right falls >= 0.25 to < 0.85": [{"light_balance": (1.1, 0.86)}, {"light_balance": (1.0, 0.8)}],
+         "colour blotches <= 0.5 %": [{"colour_blotches": 0.006}]},
+    ),
+    "smile 0.8": (
+        quality.Quality((1.0, 1.0), (0.7, 0.76), (0.3, 0.3), (0.0, 0.0), 0.004, 0.5),
+        {"mouth >= 8 % wider": [{"mouth_width": (0.7, 0.75)}], "foreign pixels <= 0.5 %": [{"foreign_pixels": 0.006}]},
+    ),
+    "blink 1": (
+        quality.Quality((1.0, 1.0), (0.7, 0.7), (0.3, 0.14), (0.0, 0.0), 0.004, 0.5),
+        {"eyelids <= half open": [{"eye_opening": (0.3, 0.16)}],
+         "foreign pixels <= 0.5 %": [{"foreign_pixels": 0.006}]},
+    ),
+    "yaw 12": (
+        quality.Quality((1.0, 1.0), (0.7, 0.7), (0.3, 0.3), (-0.02, 0.07), 0.004, 0.5),
+        {"nose tip >= 0.08 eye widths to the right": [{"nose_offset": (-0.02, 0.05)}, {"nose_offset": (0.0, -0.1)}],
+         "foreign pixels <= 0.5 %": [{"foreign_pixels": 0.006}]},
+    ),
+    "yaw -12": (
+        quality.Quality((1.0, 1.0), (0.7, 0.7), (0.3, 0.3), (0.02, -0.07), 0.004, 0.5),
+        {"nose tip >= 0.08 eye widths to the left": [{"nose_offset": (0.02, -0.05)}, {"nose_offset": (0.0, 0.1)}],
+         "foreign pixels <= 0.5 %": [{"foreign_pixels": 0.006}]},
+    ),
+}  # fmt: skip
+
+
+def test_misses_names_each_bound_an_edit_misses_and_no_other():
+    from dataclasses import replace
+
+    assert PASSING.keys() == quality.BOUNDS.keys()
+    for label, (good, failing) in PASSING.items():
+        assert quality.misses(label, good, 0.39) == [], label
+        assert quality.misses(label, good, 0.41) == ["identity > 0.40"]
+        assert quality.misses(label, good, None) == ["identity > 0.40"]  # no distance: no pass
+        assert {b.text for b in quality.BOUNDS[label]} == set(failing)
+        for text, changes in failing.items():
+            for change in changes:
+                assert quality.misses(label, replace(good, **change), 0.2) == [text], (label, change)
+        everything = replace(good, **{k: v for change in failing.values() for k, v in change[0].items()})
+        assert quality.misses(label, everything, 0.5) == ["identity > 0.40", *failing]
+        assert quality.misses(label, None, 0.1) == [quality.NO_FACE]
+    # the light's bound on foreign pixels, and the other edits' on blotches, are not the issue's
+    assert quality.misses("light left", replace(PASSING["light left"][0], foreign_pixels=0.5), 0.1) == []
+    assert quality.misses("smile 0.8", replace(PASSING["smile 0.8"][0], colour_blotches=0.5), 0.1) == []
+
+
+def test_the_face_in_an_output_is_the_one_where_the_photos_was(analyzer):
+    """In a photo of two people, each face's landmarks find that face again, not the larger one; a
+    photo with no face there gives None."""
+    from rigcli.evaluate.suite import closeup_box, face_near
+
+    pixels = read_photo(SHARED / "assets" / "real" / "obama-biden-two-faces.jpg").pixels
+    faces = analyzer.find_faces(pixels)
+    assert len(faces) == 2
+    for face in faces:
+        assert np.array_equal(face_near(analyzer, pixels, face.landmarks), face.landmarks)
+        x0, y0, x1, y1 = closeup_box(face.landmarks, pixels.shape[:2])
+        side = 1.7 * np.ptp(face.landmarks, axis=0).max()
+        assert abs((x1 - x0) - side) <= 1 and (y1 - y0) <= side + 1 and y0 >= 0  # square, clipped at the top
+        assert (x0 <= face.landmarks.min(0)[0]) and (x1 >= face.landmarks.max(0)[0])
+    blank = np.full_like(pixels, 128)
+    assert face_near(analyzer, blank, faces[0].landmarks) is None

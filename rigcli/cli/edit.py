@@ -305,9 +305,12 @@ def eval_command(
     """Measure identity, fidelity and edit accuracy on photos the model did not train on.
 
     Per photo a fixed suite: reconstruction (no edit), light from left, right, top and bottom, smile
-    0.8, jaw open 0.6, blink 1.0, yaw +15 and -15 degrees, and a transfer of light, expression and pose
-    from each other photo. Writes metrics.json (every edit, and means per edit type, rounded to 4
-    decimals) and report.html (self-contained: the same summary and one image grid per edit type).
+    0.8, jaw open 0.6, blink 1, yaw 12 and -12 degrees, and a transfer of light, expression and pose
+    from each other photo. At a --strength, also issue 26's measures from dlib's landmarks (light
+    balance, mouth, eyelids, nose, foreign pixels, colour blotches) and the bounds each edit misses.
+    Writes metrics.json (every edit, and means per edit type, rounded to 4 decimals) and report.html
+    (self-contained: the same summary, the measures with a contact sheet at the photo's size, and
+    one image grid per edit type).
     """
 
     strengths = _parse_strengths(strength)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,7 +15,20 @@ from PIL import Image
 
 from rigcli import RigError, __version__
 from rigcli.evaluate.metrics import DECIMALS, SAME_PERSON
-from rigcli.evaluate.suite import KINDS, METRICS, SUITE_DOC, Evaluation, ModelSpec, eval_photos, evaluate, parse_spec
+from rigcli.evaluate.quality import BOUNDS, IDENTITY_BOUND, NO_FACE
+from rigcli.evaluate.suite import (
+    CLOSEUP_GROWTH,
+    KINDS,
+    METRICS,
+    QUALITY_METRICS,
+    SUITE_DOC,
+    Evaluation,
+    ModelRun,
+    ModelSpec,
+    eval_photos,
+    evaluate,
+    parse_spec,
+)
 from rigcli.files import atomic_write_bytes, atomic_write_json, now_iso
 from rigcli.image.grid import grid
 from rigcli.image.photo import encode_png
@@ -32,6 +46,8 @@ def metrics_json(evaluation: Evaluation) -> dict:
         "suite": SUITE_DOC,
         "same_person_threshold": SAME_PERSON,
         "rounding": f"every number is round(value, {DECIMALS}); report.html shows the same values",
+        "quality": QUALITY_DOC,
+        "quality_bounds": doc_bounds(),
         "photos": [
             {"label": p.label, "path": str(p.path), "sha256": hashlib.sha256(p.path.read_bytes()).hexdigest()}
             for p in evaluation.photos
@@ -65,9 +81,39 @@ def format_value(value) -> str:
     return f"{value:.{DECIMALS}f}"
 
 
+QUALITY_DOC = (
+    "Issue 26's measures, for a model run at a strength (rig edit's method), of the full-size output against "
+    "the photo, from the 68 landmarks dlib finds in each (not from rig's fit): light_balance_before/after, "
+    "the skin's mean luminance left of the nose line over right of it (image sides); mouth_width_ratio, "
+    "mouth-corner distance over eye width, output over input; eye_opening_ratio, the eyelids' opening, output "
+    "over input; nose_offset_change, how far the nose tip moved from the eyes' midpoint along the eye line "
+    "(eye widths, > 0: toward the image's right); foreign_pixels_pct, the share of a band around the face whose "
+    "colour the input does not show nearby (paint over hair, a halo on the wall); colour_blotches_pct, the "
+    "same on chromaticity over the face (speckle, blotches). quality_face_found: false where dlib finds no face "
+    "in the output (the measures are then null); quality_misses: the bounds of quality_bounds the edit misses "
+    "(empty: it meets them all; null for an edit the issue does not name). All null at the model's size."
+)
+
+
 def _png_uri(image: np.ndarray) -> str:
 
     return "data:image/png;base64," + base64.b64encode(encode_png(image)).decode("ascii")
+
+
+def _jpeg_uri(image: np.ndarray, quality: int = 90) -> str:
+    """A photo-size close-up as a JPEG (several times smaller than a PNG of a photo), its chroma kept
+    at full resolution so colour speckle shows as it is."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "JPEG", quality=quality, subsampling=0)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def verdict(metrics: dict) -> tuple[str, str]:
+    """An edit against issue 26's bounds: (CSS class, words): pass, the bounds missed, or none set."""
+    missed = metrics.get("quality_misses")
+    if missed is None:
+        return "none", NO_FACE if metrics.get("quality_face_found") is False else "-"
+    return ("miss", "miss: " + "; ".join(missed)) if missed else ("pass", "pass")
 
 
 CSS = """
@@ -77,7 +123,15 @@ table { border-collapse: collapse; margin: 8px 0; background: #fff; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; font-size: 13px; text-align: right; }
 th { background: #eee; } td.name { text-align: left; }
 img.row { height: 128px; image-rendering: pixelated; }
-p.note { color: #555; font-size: 13px; max-width: 960px; }
+p.note, ul.note { color: #555; font-size: 13px; max-width: 960px; }
+td.pass { background: #dff3e0; color: #14532d; text-align: left; }
+td.miss { background: #fde2e1; color: #7f1d1d; text-align: left; }
+td.none { color: #888; text-align: left; }
+div.sheet { display: flex; flex-wrap: wrap; gap: 8px; align-items: flex-start; }
+div.sheet figure { margin: 0; width: min-content; background: #fff; border: 3px solid #ccc; }
+div.sheet figure.pass { border-color: #2e7d32; } div.sheet figure.miss { border-color: #c62828; }
+div.sheet img { display: block; max-width: none; }
+div.sheet figcaption { font-size: 13px; padding: 2px 6px; max-width: 100%; }
 """
 
 
@@ -119,6 +173,9 @@ def report_html(evaluation: Evaluation, doc: dict) -> str:
             f"same way, are off by {floor['light_error_deg']} deg in light, {floor['blendshape_error']} in "
             f"blendshape weight and {floor['yaw_error_deg']} deg in yaw.</p>"
         )
+    for run, model in zip(evaluation.runs, doc["models"], strict=True):
+        if any(e.closeup is not None for e in run.edits):
+            parts += quality_section(evaluation, run, model)
     first = evaluation.runs[0]
     size = first.size
     for kind in KINDS:
@@ -148,6 +205,61 @@ def report_html(evaluation: Evaluation, doc: dict) -> str:
         parts.append("</tbody></table>")
     parts.append("</body></html>")
     return "".join(parts)
+
+
+def quality_section(evaluation: Evaluation, run: ModelRun, model: dict) -> list[str]:
+    """One strength run's issue-26 measures: a table, one row per edit, with its pass or misses
+    against the bounds; then per photo a contact sheet of the input and every output, cut around the
+    face at the photo's own pixels (not resized), each framed green (pass), red (miss) or grey."""
+    esc = html.escape
+    label = model["label"]
+    bounds = "".join(f"<li><b>{esc(name)}</b>: {esc(', '.join(texts))}</li>" for name, texts in doc_bounds().items())
+    parts = [
+        f"<h2 id='quality-{esc(label)}'>Issue 26's measures: {esc(label)}</h2>",
+        f"<p class='note'>{esc(QUALITY_DOC)}</p><p class='note'>The bounds, per edit the issue names (identity: "
+        f"id dist, dlib's descriptor distance, at the crop size):</p><ul class='note'>{bounds}</ul>",
+        f"<table class='quality' data-model='{esc(label)}'><thead><tr><th>photo</th><th>edit</th>"
+        "<th data-key='identity_euclidean'>id dist</th>",
+    ]
+    parts += [f"<th data-key='{key}'>{esc(title)}</th>" for key, title in QUALITY_METRICS]
+    parts.append("<th data-key='quality_misses'>issue 26's bounds</th></tr></thead><tbody>")
+    for edit in model["edits"]:
+        css, words = verdict(edit)
+        parts.append(
+            f"<tr data-photo='{esc(edit['photo'])}' data-label='{esc(edit['label'])}'><td class='name'>"
+            f"{esc(edit['photo'])}</td><td class='name'>{esc(edit['label'])}</td>"
+            f"<td data-key='identity_euclidean'>{format_value(edit['identity_euclidean'])}</td>"
+        )
+        parts += [f"<td data-key='{key}'>{format_value(edit[key])}</td>" for key, _ in QUALITY_METRICS]
+        parts.append(f"<td class='{css}' data-key='quality_misses'>{esc(words)}</td></tr>")
+    parts.append("</tbody></table>")
+    for photo in evaluation.photos:
+        edits = [e for e in run.edits if e.photo == photo.label and e.closeup is not None]
+        if not edits:
+            continue
+        height, width = edits[0].closeup.shape[:2]
+        parts.append(
+            f"<h3>Contact sheet: {esc(photo.label)}, {esc(label)}</h3><p class='note'>Input first, then every "
+            f"edit, each {width} x {height} px of the photo itself (the landmarks' box grown "
+            f"{CLOSEUP_GROWTH:g} times; not resized: view the page at 100 % to see each pixel), framed green "
+            "where the edit meets issue 26's bounds and red where it misses one.</p>"
+            f"<div class='sheet' data-model='{esc(label)}' data-photo='{esc(photo.label)}'>"
+        )
+        tiles = [("input", "none", "the photo", evaluation.closeups[photo.label])]
+        tiles += [(e.label, *verdict(e.metrics), e.closeup) for e in edits]
+        for name, css, words, image in tiles:
+            words = "" if words == "-" else words
+            parts.append(
+                f"<figure class='{css}'><img alt='{esc(name)}' width='{image.shape[1]}' height='{image.shape[0]}' "
+                f"src='{_jpeg_uri(image)}'><figcaption><b>{esc(name)}</b> {esc(words)}</figcaption></figure>"
+            )
+        parts.append("</div>")
+    return parts
+
+
+def doc_bounds() -> dict[str, list[str]]:
+    """Issue 26's bounds per named edit, in words (metrics.json's ``quality_bounds``)."""
+    return {label: [f"identity <= {IDENTITY_BOUND}", *(b.text for b in bounds)] for label, bounds in BOUNDS.items()}
 
 
 def output_paths(out_dir: Path) -> tuple[Path, Path]:

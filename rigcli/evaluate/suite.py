@@ -47,6 +47,7 @@ from rigcli.evaluate.metrics import (
     photo_mask,
     yaw_error_deg,
 )
+from rigcli.evaluate.quality import BOUNDS, Quality, measure_quality, misses
 from rigcli.face.params import FaceFit
 from rigcli.image.align import warp
 from rigcli.image.detect import FaceBox, choose_face
@@ -63,7 +64,7 @@ LIGHT_SIDES = ("left", "right", "top", "bottom")
 EXPRESSIONS = {"smile": 0.8, "jaw_open": 0.6, "blink": 1.0}
 
 
-YAWS = (15.0, -15.0)
+YAWS = (12.0, -12.0)  # issue 26's bounds are set at +-12 deg
 
 
 KINDS = ("reconstruction", "light", "expression", "pose", "transfer")
@@ -72,8 +73,8 @@ KINDS = ("reconstruction", "light", "expression", "pose", "transfer")
 SUITE_DOC = {
     "reconstruction": "no edit, inversion on: the output should be the input",
     "light": f"light from {', '.join(LIGHT_SIDES)} (rig edit --light SIDE)",
-    "expression": ", ".join(f"{k} {v}" for k, v in EXPRESSIONS.items()),
-    "pose": ", ".join(f"yaw {y:+.0f} deg" for y in YAWS),
+    "expression": ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in EXPRESSIONS.items()),
+    "pose": ", ".join(f"yaw {y:+g} deg" for y in YAWS),
     "transfer": "light, expression and head pose of each other evaluated photo",
 }
 
@@ -89,14 +90,15 @@ class SuiteEdit:
 
 def suite(sources: Sequence[Path], index: int, labels: Sequence[str]) -> list[SuiteEdit]:
     """The fixed suite for photo ``index`` of ``sources``: reconstruction, 4 lights, 3 expressions,
-    yaw +-15 deg, and a transfer from every other photo (its light, expression and pose)."""
+    yaw +-12 deg, and a transfer from every other photo (its light, expression and pose). The labels
+    are written as ``rig edit``'s options (``smile 0.8``, ``blink 1``, ``yaw -12``): quality.BOUNDS's keys."""
     edits = [SuiteEdit("reconstruction", "reconstruction", Controls())]
     edits += [SuiteEdit("light", f"light {side}", Controls(light=side)) for side in LIGHT_SIDES]
     edits += [
-        SuiteEdit("expression", f"{name.replace('_', ' ')} {weight}", Controls(expression={name: weight}))
+        SuiteEdit("expression", f"{name.replace('_', ' ')} {weight:g}", Controls(expression={name: weight}))
         for name, weight in EXPRESSIONS.items()
     ]
-    edits += [SuiteEdit("pose", f"yaw {yaw:+.0f}", Controls(yaw=yaw)) for yaw in YAWS]
+    edits += [SuiteEdit("pose", f"yaw {yaw:g}", Controls(yaw=yaw)) for yaw in YAWS]
     for j, source in enumerate(sources):
         if j != index:
             copy = Controls(light_from=source, expression_from=source, pose_from=source)
@@ -258,8 +260,9 @@ class EditRecord:
     photo: str
     kind: str
     label: str
-    metrics: dict[str, float | bool | None]
+    metrics: dict[str, float | bool | list[str] | None]
     tiles: list[np.ndarray] = field(default_factory=list)  # input, edited shaded, edited normal, output
+    closeup: np.ndarray | None = None  # the full-size output around the face (``closeup_box``); None at model size
 
 
 @dataclass
@@ -289,6 +292,16 @@ METRICS = (  # key, column title in the tables
     ("yaw_error_deg", "yaw err deg"),
     ("detail_ratio", "detail kept"),
     ("seconds", "s/edit"),
+)
+
+QUALITY_METRICS = (  # key, column title: issue 26's measures of one edit (quality.py), at the photo's size
+    ("light_balance_before", "L/R before"),
+    ("light_balance_after", "L/R after"),
+    ("mouth_width_ratio", "mouth after/before"),
+    ("eye_opening_ratio", "eyelids after/before"),
+    ("nose_offset_change", "nose moved (eye widths)"),
+    ("foreign_pixels_pct", "foreign %"),
+    ("colour_blotches_pct", "blotches %"),
 )
 
 
@@ -333,6 +346,8 @@ class Sampled:
     face_out: np.ndarray  # (N, S, S) the edited faces' masks
     seconds: float  # per edit: the photo's inversion and batched sampling over its edits
     detail: list[float] = field(default_factory=list)  # per edit: detail_ratio at the photo's size
+    quality: list[Quality | None] = field(default_factory=list)  # per edit at the photo's size (None: no face)
+    closeups: list[np.ndarray] = field(default_factory=list)  # per edit: the output around the face, full size
 
     @property
     def asked(self) -> FaceFit:
@@ -414,14 +429,16 @@ def sample_suite_method(
 ) -> list[Sampled]:
     """Each photo's suite made as ``rig edit`` makes it (``refine_photos`` at ``spec.strength``, at the
     photo's size), ``batch`` edits at a time; measured on the aligned crops of the full-size outputs
-    at the crop size (the photo's own pixels, not the model's size), and for detail at full size."""
+    at the crop size (the photo's own pixels, not the model's size), and for detail and issue 26's
+    measures (``measure_output``) at full size, where the output's close-up for the report is cut too."""
     size = editor.crop_size
     results = []
     for i, photo in enumerate(prepared):
         edits, before, after = suite_edits(editor, photos, prepared, fit, i)
         face = photo_mask(before.faces[0], photo.crop_to_photo, photo.pixels.shape[:2])
-        outputs, detail = [], []
-        started = time.perf_counter()
+        x0, y0, x1, y1 = closeup_box(photo.landmarks, photo.pixels.shape[:2])
+        outputs, detail, quality, closeups = [], [], [], []
+        started, measuring = time.perf_counter(), 0.0
         for lo in range(0, len(edits), batch):
             chunk = list(range(lo, min(lo + batch, len(edits))))
             _, refined = refine_photos(
@@ -430,16 +447,78 @@ def sample_suite_method(
             )  # fmt: skip
             for k, result in zip(chunk, refined, strict=True):
                 outputs.append(warp(result.image, photo.crop_to_photo, size))
+                since = time.perf_counter()
                 detail.append(detail_ratio(photo.pixels, result.image, face))
+                quality.append(measure_output(editor.analyzer, photo, result.image))
+                closeups.append(result.image[y0:y1, x0:x1].copy())
+                measuring += time.perf_counter() - since
                 if on_edit:
                     on_edit(edits[k].label)
-        seconds = (time.perf_counter() - started) / len(edits)
+        seconds = (time.perf_counter() - started - measuring) / len(edits)
         buffers = torch.nn.functional.interpolate(after.buffers, size=(size, size))  # one render, all edits
         results.append(
             Sampled(i, edits, before, after, np.stack(outputs), buffers, photo.crop.astype(np.float32),
-                    after.faces, seconds, detail)
+                    after.faces, seconds, detail, quality, closeups)
         )  # fmt: skip
     return results
+
+
+CLOSEUP_GROWTH = 1.7  # the close-up's side over the larger side of the landmarks' bounding box
+
+
+def closeup_box(points: np.ndarray, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): where the report's contact sheet looks at a photo and its outputs, at the
+    photo's own pixels: a square CLOSEUP_GROWTH times the larger side of the 68 landmarks' bounding
+    box, raised by an eighth of its side (the landmarks stop at the brows; the hair above is where paint
+    shows), clipped to the photo."""
+    low, high = np.asarray(points, np.float64).min(0), np.asarray(points, np.float64).max(0)
+    side = CLOSEUP_GROWTH * float((high - low).max())
+    cx, cy = (low + high) / 2 - np.array([0.0, side / 8])
+    height, width = shape
+    x0, y0 = max(0, round(cx - side / 2)), max(0, round(cy - side / 2))
+    return x0, y0, min(width, round(cx + side / 2)), min(height, round(cy + side / 2))
+
+
+def face_near(analyzer, image: np.ndarray, points: np.ndarray) -> np.ndarray | None:
+    """dlib's 68 landmarks in ``image`` of the face it detects nearest the input's face (``points``:
+    the landmarks' means within half the face's width of each other), not rig's fit: an edit that
+    fools the fit must not pass. None where dlib finds no face there (another face of a group photo
+    is not taken for it)."""
+    points = np.asarray(points, np.float64)
+    width = float(np.ptp(points[:, 0]))
+    found = [analyzer.landmarks(image, hit) for hit in analyzer.detect(image)]
+    gaps = [float(np.linalg.norm(f.mean(0) - points.mean(0))) for f in found]
+    best = int(np.argmin(gaps)) if gaps else None
+    return found[best] if best is not None and gaps[best] < width / 2 else None
+
+
+def measure_output(analyzer, photo: PreparedPhoto, image: np.ndarray) -> Quality | None:
+    """Issue 26's measures of one full-size output against the prepared photo, from dlib's landmarks
+    found in each (the photo's: those it was prepared with); None where no face is found in the output."""
+    points = face_near(analyzer, image, photo.landmarks)
+    return None if points is None else measure_quality(photo.pixels, photo.landmarks, image, points)
+
+
+def quality_metrics(label: str, quality: Quality | None, identity: float, measured: bool) -> dict:
+    """An edit's issue-26 keys for metrics.json: the measures (None where not ``measured``, the
+    model-size path, or where no face was found in the output: ``quality_face_found`` says which)
+    and ``quality_misses``, the bounds missed for an edit BOUNDS names (None for the others)."""
+    named = measured and label in BOUNDS
+    row = {key: None for key, _ in QUALITY_METRICS}
+    row["quality_face_found"] = (quality is not None) if measured else None
+    row["quality_misses"] = misses(label, quality, identity) if named else None
+    if quality is None:
+        return row
+    mouth, eyes, nose = quality.mouth_width, quality.eye_opening, quality.nose_offset
+    return row | {
+        "light_balance_before": quality.light_balance[0],
+        "light_balance_after": quality.light_balance[1],
+        "mouth_width_ratio": mouth[1] / mouth[0],
+        "eye_opening_ratio": eyes[1] / max(eyes[0], 1e-9),
+        "nose_offset_change": nose[1] - nose[0],
+        "foreign_pixels_pct": 100 * quality.foreign_pixels,
+        "colour_blotches_pct": 100 * quality.colour_blotches,
+    }
 
 
 def measure(
@@ -478,9 +557,12 @@ def measure(
             "seconds": sampled.seconds,
             "face_detected": refit.detected[offset + 1 + k],
         }
+        quality = sampled.quality[k] if sampled.quality else None
+        metrics |= quality_metrics(edit.label, quality, euclidean, measured=bool(sampled.quality))
         metrics = {key: round(v, DECIMALS) if isinstance(v, float) else v for key, v in metrics.items()}
         tiles = [sampled.shown, *buffer_tiles(sampled.buffers[k]), output]
-        records.append(EditRecord(label, edit.kind, edit.label, metrics, tiles))
+        closeup = sampled.closeups[k] if sampled.closeups else None
+        records.append(EditRecord(label, edit.kind, edit.label, metrics, tiles, closeup))
     itself = refit.fit.select([offset])
     floor = {
         "light_error_deg": light_error_deg(itself.light[0], one.light[0], own_normals),
@@ -498,6 +580,7 @@ class Evaluation:
     photos: list[EvalPhoto]
     seed: int
     runs: list[ModelRun]
+    closeups: dict[str, np.ndarray] = field(default_factory=dict)  # per photo label: the input at closeup_box
 
 
 def edit_count(count: int) -> int:
@@ -569,4 +652,8 @@ def evaluate(
             offset += 1 + len(s.outputs)
         floor = {k: round(float(np.mean([f[k] for f in floors])), DECIMALS) for k in floors[0]}
         runs.append(ModelRun(spec, model_folder(store, name, spec.model), measured_at, records, floor))
-    return Evaluation(name, list(photos), seed, runs)
+    closeups = {}
+    for photo, ready in zip(photos, prepared, strict=True):
+        x0, y0, x1, y1 = closeup_box(ready.landmarks, ready.pixels.shape[:2])
+        closeups[photo.label] = ready.pixels[y0:y1, x0:x1].copy()
+    return Evaluation(name, list(photos), seed, runs, closeups)
