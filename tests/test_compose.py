@@ -17,13 +17,14 @@ import pytest
 import torch
 from scipy import ndimage
 
-from rigcli.face.params import FaceFit
+from rigcli.face.params import FaceFit, rescale_fit
 from rigcli.image.align import compose_affine, resize_affine, warp
 from rigcli.image.metrics import psnr
 from rigcli.render.buffers import light_from_direction, rasterize_fit, sh_shading
 from rigcli.render.compose import (
     SILHOUETTE_FADE,
     Correspondence,
+    _source_area,
     correspondence,
     ears,
     linear_to_srgb,
@@ -256,6 +257,29 @@ def test_the_relight_stays_on_the_skin_and_keeps_its_hue(face_model, base_fit, p
     coloured.light = fit1.light * torch.tensor([1.2, 1.0, 0.8])  # another photo's warm light, asked
     warm = physical_edit(image0, CROP_TO_PHOTO, CROP, face_model, base_fit, coloured).ratio[inner]
     assert np.median(warm[:, 0] / warm[:, 2]) > 1.4  # 1.2 / 0.8 where nothing clamps or fades
+
+
+def test_a_blink_fills_the_lid_the_warp_would_stretch(face_model, base_fit):
+    """A closed eye's upper lid is a sliver of the open one: warping it would smear the lashes and the
+    iris down over the eye, so that surface is marked unseen (and inpainted); a smile stretches
+    nothing that much. The stretch is the backward map's Jacobian determinant (checked on a shear
+    and a squeeze, whose determinants are known)."""
+    size = working_size(CROP_TO_PHOTO, CROP)
+    blink = edited(base_fit, face_model, blend={"eyeBlink_L": 1.0, "eyeBlink_R": 1.0})
+    smile = edited(base_fit, face_model, **EDITS["smile"])
+    lids = correspondence(face_model, base_fit, blink, CROP, size)
+    eyes = face_model.landmark_vertices[36:48]
+    fitted = rasterize_fit(face_model, rescale_fit(blink, CROP, size), size).screen[0, eyes, :2].numpy()
+    lo, hi = fitted.min(0) - 2, fitted.max(0) + 2
+    rows, cols = np.nonzero(lids.unseen)
+    print(f"blink: {len(rows)} unseen working pixels")
+    assert len(rows) > 50
+    assert np.all((cols >= lo[0]) & (cols <= hi[0]) & (rows >= lo[1] - 0.1 * size) & (rows <= hi[1]))
+    assert not correspondence(face_model, base_fit, smile, CROP, size).unseen[lo[1].astype(int) : int(hi[1])].any()
+    v = np.mgrid[0:32, 0:32][0].astype(np.float32)
+    shear = np.stack([0.5 * v, np.zeros_like(v)], -1)
+    squeeze = np.stack([np.zeros_like(v), -0.7 * v], -1)
+    assert np.allclose(_source_area(shear), 1) and np.allclose(_source_area(squeeze), 0.3)
 
 
 def test_unseen_surface_is_inpainted_from_the_photo_and_openings_keep_the_render():

@@ -55,6 +55,7 @@ HAIR_FADE = 0.08  # of the crop: off the skin (the scalp under the hair) the rat
 OPEN_EDGE_BAND = 0.07  # of the crop: the ratio fades to 1 over this band inside the mesh's open edge
 EDGE_MARGIN, EDGE_RAMP = 0.02, 0.06  # of the crop: nothing changes within MARGIN of its edge, fully from +RAMP
 RATIO_SIGMA = 0.75 / 1024  # of the crop: smoothing of the log ratio (0.75 px of a 1024 px crop)
+STRETCH_MIN = 0.4  # a surface the warp stretches to more than 1 / this of its area in the photo is filled
 SLIVER = 0.008  # of the crop: unseen surface thinner than about twice this is warped, not filled
 
 
@@ -273,6 +274,9 @@ def _correspondence(
     src_col = np.clip(np.round(u + flow[..., 0]), 0, size - 1).astype(int)
     src_row = np.clip(np.round(v + flow[..., 1]), 0, size - 1).astype(int)
     unseen = (covered & ~seen) | (hole & covered0.numpy()[src_row, src_col])
+    # surface θ0 shows foreshortened to a sliver (an upper lid folded under the brow that a blink
+    # spreads over the eye) would be smeared by the warp: the photo has too few pixels of it
+    unseen |= covered & (_source_area(flow) < STRETCH_MIN)
     unseen = ndimage.binary_opening(unseen, iterations=max(1, round(SLIVER * size)))
 
     # 2. the shading ratio, on the face model's skin only (never the scalp's hair, the ears or the
@@ -294,6 +298,14 @@ def _correspondence(
         size, flow.astype(np.float32), covered, seen, unseen, log_ratio.astype(np.float32), edge, hole
     )
     return corr, g1
+
+
+def _source_area(flow: np.ndarray) -> np.ndarray:
+    """(S, S): the photo area (in pixels) that the backward ``flow`` maps onto each output pixel, the
+    Jacobian determinant of p -> p + flow; 1 for a still or moved surface, under 1 where it is stretched."""
+    dxu, dxv = np.gradient(flow[..., 0], axis=1), np.gradient(flow[..., 0], axis=0)
+    dyu, dyv = np.gradient(flow[..., 1], axis=1), np.gradient(flow[..., 1], axis=0)
+    return (1 + dxu) * (1 + dyv) - dxv * dyu
 
 
 def _draw_edges(screen: np.ndarray, edges: np.ndarray, size: int) -> np.ndarray:
@@ -430,8 +442,10 @@ def photo_fill(
 ) -> np.ndarray:
     """The fill where no model output is given (crop frame, working size, sRGB in [0, 1]): surface the
     photo never showed (a cheek a turn brings into view) inpainted from the photo's own warped pixels
-    around it (a harmonic fill), never painted in the render's flat colour, which lies on hair and
-    walls as a band; only the mesh's openings (the mouth's: no surface of θ1) keep the render's dark."""
+    of the head around it (a harmonic fill; the wall beyond the outline is not a source), never painted
+    in the render's flat colour, which lies on hair and walls as a band; only the mesh's openings (the
+    mouth's: no surface of θ1) keep the render's dark. Surface the warp would stretch (``STRETCH_MIN``:
+    a blink's upper lid) is filled so too."""
     size = corr.size
     work_to_photo = compose_affine(np.asarray(crop_to_photo, np.float64), resize_affine(crop_size, size))
     crop = warp(photo, work_to_photo, size).astype(np.float32) / 255.0
@@ -441,7 +455,8 @@ def photo_fill(
         [ndimage.map_coordinates(crop[..., c], [rows, cols], order=1, mode="nearest") for c in range(3)], -1
     )
     around = ndimage.binary_dilation(corr.unseen, iterations=2)  # the warp smears the seam: not a source
-    inpainted = harmonic_fill(moved, ~around)
+    # from the head's own pixels only: a cheek turned into view at the outline is skin, not the wall
+    inpainted = harmonic_fill(moved, ~around & ndimage.binary_fill_holes(corr.covered))
     return np.where(corr.opening[..., None], render, inpainted).astype(np.float32)
 
 
