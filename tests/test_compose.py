@@ -27,7 +27,9 @@ from rigcli.render.compose import (
     _source_area,
     correspondence,
     ears,
+    lid_cover,
     linear_to_srgb,
+    model_correction,
     paste_back_crop,
     photo_fill,
     physical_edit,
@@ -280,6 +282,54 @@ def test_a_blink_fills_the_lid_the_warp_would_stretch(face_model, base_fit):
     shear = np.stack([0.5 * v, np.zeros_like(v)], -1)
     squeeze = np.stack([np.zeros_like(v), -0.7 * v], -1)
     assert np.allclose(_source_area(shear), 1) and np.allclose(_source_area(squeeze), 0.3)
+
+
+def test_closing_lids_cover_the_photos_own_eyes_and_draw_a_lash_line():
+    """The photo's eye (its landmarks, larger than the mesh's) is covered where the lids close over it,
+    with a dark line along the lower lid; a still or opening eye is left alone."""
+    size = 96
+    eye = np.array([[20, 40], [28, 34], [38, 34], [46, 40], [38, 45], [28, 45]], np.float64)
+    eyes = np.concatenate([eye, eye + np.array([40.0, 0.0])])
+    shut = np.zeros((12, 2))
+    shut[[1, 2, 7, 8], 1] = 10.5  # the upper lid (37, 38 and 43, 44) down onto the lower one
+    still = np.zeros((size, size, 2), np.float32)
+    cover, lashes = lid_cover(eyes, shut, still)
+    inside = _polygon_mask(eye, size)
+    assert cover[inside].mean() > 0.95 and cover[:, 48:].any()  # both eyes
+    line_row = int(np.argmax(lashes[:, 33]))
+    print(f"lash line at row {line_row}, strength {lashes.max():.2f}; {int(cover.sum())} px covered")
+    assert 43 <= line_row <= 46 and lashes.max() > 0.8 and lashes[36, 33] < 0.1
+    for moved in (np.zeros((12, 2)), -shut):  # a still eye, an eye opening wider
+        cover, lashes = lid_cover(eyes, moved, still)
+        assert not cover.any() and not lashes.any()
+
+
+def _polygon_mask(points: np.ndarray, size: int) -> np.ndarray:
+    """Inside a convex polygon (clockwise on screen, as the landmarks run): on one side of every edge."""
+    rows, cols = np.mgrid[0:size, 0:size].astype(np.float64)
+    inside = np.ones((size, size), bool)
+    for a, b in zip(points, np.roll(points, -1, 0), strict=True):
+        inside &= (b[0] - a[0]) * (rows - a[1]) - (b[1] - a[1]) * (cols - a[0]) >= 0
+    return inside
+
+
+def test_the_models_correction_keeps_brightness_whole_and_colour_coarse():
+    """What the model adds: its brightness (the channels' mean) is carried pixel for pixel; its colour
+    only at a coarse scale, so per-pixel colour speckle is mostly dropped while a broad warm tint stays."""
+    size = 64
+    g = torch.Generator().manual_seed(0)
+    zero = torch.zeros(1, 3, size, size)
+    grey = torch.randn(1, 1, size, size, generator=g).expand(1, 3, size, size) * 0.1
+    speckle = torch.randn(1, 3, size, size, generator=g) * 0.1
+    speckle = speckle - speckle.mean(1, keepdim=True)
+    tint = torch.tensor([0.05, 0.0, -0.05]).view(1, 3, 1, 1).expand(1, 3, size, size)
+    out = model_correction(grey + speckle + tint, zero, zero, zero)
+    assert torch.allclose(out.mean(1), (grey * 127.5).mean(1), atol=1e-3)  # brightness whole
+    colour = out - out.mean(1, keepdim=True)
+    kept = (colour - tint * 127.5).std() / (speckle * 127.5).std()
+    print(f"speckle kept: {float(kept):.3f} of its spread")
+    assert kept < 0.2  # 1 without the smoothing
+    assert torch.allclose(colour[..., 16:48, 16:48], tint[..., 16:48, 16:48] * 127.5, atol=1.0)
 
 
 def test_unseen_surface_is_inpainted_from_the_photo_and_openings_keep_the_render():

@@ -357,7 +357,7 @@ def refine_photos(
     if strength < 1:
         physical = [
             physical_edit(p.pixels, p.crop_to_photo, size, editor.face_model, before.fit.select([k]),
-                          after.fit.select([k]))
+                          after.fit.select([k]), landmarks=p.landmarks)
             for k, p in enumerate(photos)
         ]  # fmt: skip
         crops = np.stack([warp(e.image, p.crop_to_photo, size) for e, p in zip(physical, photos, strict=True)])

@@ -33,10 +33,12 @@ frame) to photo pixels (x = column, y = row); flows are backward: output pixel p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from rigcli.face.model import FaceModel, vertex_normals
@@ -56,6 +58,8 @@ OPEN_EDGE_BAND = 0.07  # of the crop: the ratio fades to 1 over this band inside
 EDGE_MARGIN, EDGE_RAMP = 0.02, 0.06  # of the crop: nothing changes within MARGIN of its edge, fully from +RAMP
 RATIO_SIGMA = 0.75 / 1024  # of the crop: smoothing of the log ratio (0.75 px of a 1024 px crop)
 STRETCH_MIN = 0.4  # a surface the warp stretches to more than 1 / this of its area in the photo is filled
+LASH_WIDTH = 0.045  # of the eye's width: the spread (sigma) of a closed eye's lash line
+LASH_REACH = 0.1  # of the eye's width: how far round the landmarks' eye the lids cover (the lashes)
 SLIVER = 0.008  # of the crop: unseen surface thinner than about twice this is warped, not filled
 
 
@@ -71,6 +75,7 @@ class Correspondence:
     log_ratio: np.ndarray  # (S, S, 3) log of the shading ratio, smoothed, bounded, faded
     edge_weight: np.ndarray  # (S, S) 0 within the crop edge's margin, 1 inside
     opening: np.ndarray  # (S, S) bool: inside the mesh's openings (the mouth's, the eyes'), no surface of θ1
+    lashes: np.ndarray | None = None  # (S, S) in [0, 1]: the lash line where closing lids meet (``lid_cover``)
 
 
 @dataclass
@@ -238,9 +243,10 @@ def correspondence(model: FaceModel, fit0: FaceFit, fit1: FaceFit, crop_size: in
 
 
 def _correspondence(
-    model: FaceModel, fit0: FaceFit, fit1: FaceFit, crop_size: int, size: int
+    model: FaceModel, fit0: FaceFit, fit1: FaceFit, crop_size: int, size: int, eyes: np.ndarray | None = None
 ) -> tuple[Correspondence, Geometry]:
-    """``correspondence`` and θ1's rasterization at the working size (for the render fill)."""
+    """``correspondence`` and θ1's rasterization at the working size (for the render fill); ``eyes``:
+    the photo's own eye contours (landmarks 36-47, working pixels), which closing lids cover (``lid_cover``)."""
     with torch.no_grad():
         w0, w1 = rescale_fit(fit0, crop_size, size), rescale_fit(fit1, crop_size, size)
         g0, g1 = rasterize_fit(model, w0, size), rasterize_fit(model, w1, size)
@@ -277,6 +283,11 @@ def _correspondence(
     # surface θ0 shows foreshortened to a sliver (an upper lid folded under the brow that a blink
     # spreads over the eye) would be smeared by the warp: the photo has too few pixels of it
     unseen |= covered & (_source_area(flow) < STRETCH_MIN)
+    lashes = None
+    if eyes is not None:
+        lm = model.landmark_vertices[36:48]
+        lids, lashes = lid_cover(eyes, (g1.screen[0, lm, :2] - g0.screen[0, lm, :2]).numpy(), flow)
+        unseen |= lids
     unseen = ndimage.binary_opening(unseen, iterations=max(1, round(SLIVER * size)))
 
     # 2. the shading ratio, on the face model's skin only (never the scalp's hair, the ears or the
@@ -295,9 +306,51 @@ def _correspondence(
     log_ratio *= (relight_weight * edge * _open_edge_weight(screen1, open_edges, size))[..., None]
     log_ratio = np.broadcast_to(log_ratio, (size, size, 3))
     corr = Correspondence(
-        size, flow.astype(np.float32), covered, seen, unseen, log_ratio.astype(np.float32), edge, hole
+        size, flow.astype(np.float32), covered, seen, unseen, log_ratio.astype(np.float32), edge, hole, lashes
     )
     return corr, g1
+
+
+def lid_cover(eyes: np.ndarray, moved: np.ndarray, flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where closing lids cover the photo's eyes: (S, S) bool, and the lash line where they meet, (S, S)
+    in [0, 1]. ``eyes``: the photo's eye contours (its landmarks 36-47, (12, 2) working pixels: the
+    mesh's eyes are smaller than a real eye, and its corners would stay open); ``moved``: how θ0 -> θ1
+    moves the mesh's points for those landmarks; ``flow``: the backward flow (S, S, 2). Per eye whose
+    opening shrinks: its opening before (grown by LASH_REACH, to take the lashes in), and every pixel
+    the warp would fill from it (the lashes the lid brings down), less its opening with the lids
+    moved; the lash line is
+    a soft dark curve along the moved lower lid (a parabola through 36, 41, 40, 39), LASH_WIDTH of the
+    eye's width, as wide as the lids close."""
+    size = flow.shape[0]
+    cover, lashes = np.zeros((size, size), bool), np.zeros((size, size), np.float32)
+    v, u = np.mgrid[0:size, 0:size]
+    src_col = np.clip(np.round(u + flow[..., 0]), 0, size - 1).astype(int)
+    src_row = np.clip(np.round(v + flow[..., 1]), 0, size - 1).astype(int)
+    for eye in (slice(0, 6), slice(6, 12)):
+        # PIL draws a polygon's outline too: the openings are compared by their interiors (none when shut)
+        before, after = _polygon(eyes[eye], size), ndimage.binary_erosion(_polygon(eyes[eye] + moved[eye], size))
+        shut = 1 - after.sum() / max(ndimage.binary_erosion(before).sum(), 1)
+        if shut <= 0.05:
+            continue
+        lower = (eyes[eye] + moved[eye])[[0, 5, 4, 3]]
+        width = float(np.linalg.norm(lower[3] - lower[0]))
+        grown = ndimage.binary_dilation(before, iterations=max(2, round(LASH_REACH * width)))
+        lids = (grown | grown[src_row, src_col]) & ~after
+        cover |= lids
+        a, b, c = np.polyfit(lower[:, 0], lower[:, 1], 2)
+        rows, cols = np.nonzero(ndimage.binary_dilation(lids, iterations=3))
+        x = np.clip(cols, lower[0, 0], lower[3, 0])
+        dist = np.hypot(cols - x, rows - (a * x * x + b * x + c))  # vertical distance, past the corners radial
+        sigma = LASH_WIDTH * width
+        lashes[rows, cols] = np.maximum(lashes[rows, cols], shut * np.exp(-0.5 * (dist / sigma) ** 2))
+    return cover, lashes
+
+
+def _polygon(points: np.ndarray, size: int) -> np.ndarray:
+    """(S, S) bool: the pixels inside a closed polygon of (x, y) points."""
+    canvas = Image.new("1", (size, size))
+    ImageDraw.Draw(canvas).polygon([tuple(p) for p in np.asarray(points, float).tolist()], fill=1)
+    return np.asarray(canvas, bool)
 
 
 def _source_area(flow: np.ndarray) -> np.ndarray:
@@ -419,6 +472,7 @@ def physical_edit(
     fill: np.ndarray | None = None,
     work_size: int | None = None,
     relight: str = "linear",
+    landmarks: np.ndarray | None = None,
 ) -> PhysicalEdit:
     """The model-free edit θ0 -> θ1 of one photo (H, W, 3) uint8 at its own size.
 
@@ -427,11 +481,16 @@ def physical_edit(
     floats) for the surface the photo never showed, else θ1's render is used. ``relight``: the space
     the shading ratio multiplies, "linear" light (physical) or "srgb" (the space the light is fitted
     in: ``fit_light`` models sRGB pixels as albedo x shading); benchmarks/bench_relight_space.py.
+    ``landmarks``: the photo's 68 (photo pixels), whose eyes closing lids cover (``lid_cover``).
     """
     if relight not in RELIGHT_SPACES:
         raise ValueError(f"relight {relight!r}: one of {RELIGHT_SPACES}")
     size = work_size or working_size(crop_to_photo, crop_size)
-    corr, g1 = _correspondence(model, fit0, fit1, crop_size, size)
+    eyes = None
+    if landmarks is not None:
+        work_to_photo = compose_affine(np.asarray(crop_to_photo, np.float64), resize_affine(crop_size, size))
+        eyes = apply_affine(invert_affine(work_to_photo), np.asarray(landmarks, np.float64)[36:48])
+    corr, g1 = _correspondence(model, fit0, fit1, crop_size, size, eyes)
     if fill is None:
         fill = photo_fill(photo, crop_to_photo, crop_size, corr, render_fill(model, fit1, crop_size, size, g1))
     return compose_edit(photo, crop_to_photo, crop_size, corr, fill, relight)
@@ -457,7 +516,26 @@ def photo_fill(
     around = ndimage.binary_dilation(corr.unseen, iterations=2)  # the warp smears the seam: not a source
     # from the head's own pixels only: a cheek turned into view at the outline is skin, not the wall
     inpainted = harmonic_fill(moved, ~around & ndimage.binary_fill_holes(corr.covered))
+    if corr.lashes is not None and corr.lashes.any():
+        inpainted = _closed_lids(inpainted, moved, corr.unseen, corr.lashes)
     return np.where(corr.opening[..., None], render, inpainted).astype(np.float32)
+
+
+def _closed_lids(filled: np.ndarray, moved: np.ndarray, unseen: np.ndarray, lashes: np.ndarray) -> np.ndarray:
+    """The inpainted lids given the skin's grain and a lash line: the fine detail (the image less its
+    blur) of the skin just above the lids, moved down onto them, and the lash line in the darkest
+    colour of the photo's own lashes (under the lids)."""
+    rows = np.nonzero(unseen.any(1))[0]
+    shift = int(rows.max() - rows.min() + 1) if len(rows) else 0
+    blur = np.stack([ndimage.gaussian_filter(moved[..., c], 1.5) for c in range(3)], -1)
+    grain = np.roll(moved - blur, shift, axis=0)
+    out = np.where(unseen[..., None], filled + grain, filled)
+    if unseen.any():  # what the lids cover held the photo's lashes (and the iris): their darkest tenth
+        shade = moved[unseen].mean(-1)
+        dark = moved[unseen][shade <= np.quantile(shade, 0.1)].mean(0)
+        alpha = (lashes * unseen)[..., None]
+        out = out * (1 - alpha) + dark * alpha
+    return np.clip(out, 0, 1)
 
 
 RELIGHT_SPACES = ("linear", "srgb")
@@ -525,6 +603,7 @@ def compose_edit(
     return PhysicalEdit(image, *full)
 
 
+CHROMA_SIGMA = 0.04  # of the model's size: the scale below which the model's colour change is dropped
 TRANSFER_FEATHER = 0.015  # of the crop: the face mask the model's correction is composed through is feathered this much
 
 
@@ -591,9 +670,26 @@ def model_correction(
 
     (edited sample - its input) - (reconstruction - unedited crop), all in [-1, 1]: what the model does
     to an unedited photo (its reconstruction error) cancels, and so does the physical edit it started
-    from; ``transfer`` carries the rest onto the photo at its own size.
+    from; ``transfer`` carries the rest onto the photo at its own size. Its colour (each channel less
+    the channels' mean) is blurred by CHROMA_SIGMA of the model's size; its brightness is kept whole.
     """
-    return ((samples - start) - (recon - unedited)) * 127.5
+    delta = ((samples - start) - (recon - unedited)) * 127.5
+    # its colour is kept only at a coarse scale: a small model's per-pixel colour is speckle (green and
+    # magenta flecks on the skin), while what an edit changes in colour (a lit cheek warmer) is broad
+    grey = delta.mean(1, keepdim=True)
+    return grey + _gaussian_blur(delta - grey, CHROMA_SIGMA * delta.shape[-1])
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, C, H, W) blurred by a separable Gaussian of ``sigma`` pixels (the edges reflected)."""
+    radius = max(1, math.ceil(3 * sigma))
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=x.dtype) / sigma) ** 2)
+    taps = (taps / taps.sum()).to(x.device)
+    channels = x.shape[1]
+    out = torch.nn.functional.pad(x, (radius, radius, 0, 0), mode="reflect")
+    out = torch.nn.functional.conv2d(out, taps.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    out = torch.nn.functional.pad(out, (0, 0, radius, radius), mode="reflect")
+    return torch.nn.functional.conv2d(out, taps.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
 
 
 def paste_back_crop(
