@@ -329,7 +329,8 @@ def test_the_models_correction_keeps_brightness_whole_and_colour_coarse():
     kept = (colour - tint * 127.5).std() / (speckle * 127.5).std()
     print(f"speckle kept: {float(kept):.3f} of its spread")
     assert kept < 0.2  # 1 without the smoothing
-    assert torch.allclose(colour[..., 16:48, 16:48], tint[..., 16:48, 16:48] * 127.5, atol=1.0)
+    tint_kept = colour[..., 16:48, 16:48].mean((0, 2, 3))
+    assert torch.allclose(tint_kept, torch.tensor([0.05, 0.0, -0.05]) * 127.5, atol=0.5), tint_kept
 
 
 def test_unseen_surface_is_inpainted_from_the_photo_and_openings_keep_the_render():
