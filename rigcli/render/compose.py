@@ -327,11 +327,13 @@ def lid_cover(eyes: np.ndarray, moved: np.ndarray, flow: np.ndarray) -> tuple[np
     src_col = np.clip(np.round(u + flow[..., 0]), 0, size - 1).astype(int)
     src_row = np.clip(np.round(v + flow[..., 1]), 0, size - 1).astype(int)
     for eye in (slice(0, 6), slice(6, 12)):
-        # PIL draws a polygon's outline too: the openings are compared by their interiors (none when shut)
-        before, after = _polygon(eyes[eye], size), ndimage.binary_erosion(_polygon(eyes[eye] + moved[eye], size))
-        shut = 1 - after.sum() / max(ndimage.binary_erosion(before).sum(), 1)
+        # how far the lids close: the opening's height over the eye's width, before and after (a turn
+        # narrows an eye as much as it lowers it, and closes nothing)
+        shut = 1 - _eye_aspect(eyes[eye] + moved[eye]) / max(_eye_aspect(eyes[eye]), 1e-6)
         if shut <= 0.05:
             continue
+        # PIL draws a polygon's outline too: the opening left is the interior (none when shut)
+        before, after = _polygon(eyes[eye], size), ndimage.binary_erosion(_polygon(eyes[eye] + moved[eye], size))
         lower = (eyes[eye] + moved[eye])[[0, 5, 4, 3]]
         width = float(np.linalg.norm(lower[3] - lower[0]))
         grown = ndimage.binary_dilation(before, iterations=max(2, round(LASH_REACH * width)))
@@ -344,6 +346,12 @@ def lid_cover(eyes: np.ndarray, moved: np.ndarray, flow: np.ndarray) -> tuple[np
         sigma = LASH_WIDTH * width
         lashes[rows, cols] = np.maximum(lashes[rows, cols], shut * np.exp(-0.5 * (dist / sigma) ** 2))
     return cover, lashes
+
+
+def _eye_aspect(eye: np.ndarray) -> float:
+    """An eye's opening (landmarks 37-41 and 38-40, apart) over its width (36-39): 6 points in order."""
+    height = np.linalg.norm(eye[1] - eye[5]) + np.linalg.norm(eye[2] - eye[4])
+    return float(height / (2 * max(np.linalg.norm(eye[3] - eye[0]), 1e-6)))
 
 
 def _polygon(points: np.ndarray, size: int) -> np.ndarray:
