@@ -248,7 +248,8 @@ def test_the_relight_stays_on_the_skin_and_keeps_its_hue(face_model, base_fit, p
     assert ear.sum() > 200 and off_mesh.sum() > 0
     print(f"largest ratio change: off the mesh {np.abs(result.ratio[off_mesh] - 1).max()}, on the ears "
           f"{np.abs(result.ratio[ear] - 1).max():.4f}")  # fmt: skip
-    assert np.all(result.ratio[off_mesh] == 1) and np.abs(result.ratio[ear] - 1).max() < 0.005
+    # on the ears at most 1 % (under 3 levels), where bilinear sampling meets the fade at their edge
+    assert np.all(result.ratio[off_mesh] == 1) and np.abs(result.ratio[ear] - 1).max() < 0.01
     inner = relit_region(face_model, surf0)
     assert np.abs(np.log(result.ratio[inner])).max() > 0.3  # the skin itself is relit
     tinted = copy.copy(base_fit)

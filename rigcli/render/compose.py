@@ -52,7 +52,7 @@ RATIO_MIN, RATIO_MAX = 0.25, 4.0
 SHADE_FLOOR = 0.05  # of the mean shading: the least shading a surface point is taken to have
 DEPTH_TOLERANCE = 0.3  # model units (cm): a θ0 z-buffer this close in front still counts as the same surface
 FLOW_BAND = 0.10  # of the crop: the flow falls to zero this far outside the face
-SILHOUETTE_FADE = 0.04  # of the crop: the shading ratio is 1 on the mesh's outline and the ears, full this far in
+SILHOUETTE_FADE = 0.025  # of the crop: the shading ratio is 1 on the mesh's outline and the ears, full this far in
 HAIR_FADE = 0.08  # of the crop: off the skin (the scalp under the hair) the ratio falls to 1 over this
 OPEN_EDGE_BAND = 0.07  # of the crop: the ratio fades to 1 over this band inside the mesh's open edge
 EDGE_MARGIN, EDGE_RAMP = 0.02, 0.06  # of the crop: nothing changes within MARGIN of its edge, fully from +RAMP
@@ -611,6 +611,7 @@ def compose_edit(
     return PhysicalEdit(image, *full)
 
 
+TRUST_LEVELS = 16.0  # 8-bit levels: where the model's reconstruction is off by this much, it adds nothing
 CHROMA_SIGMA = 0.04  # of the model's size: the scale below which the model's colour change is dropped
 TRANSFER_FEATHER = 0.015  # of the crop: the face mask the model's correction is composed through is feathered this much
 
@@ -685,7 +686,10 @@ def model_correction(
     # its colour is kept only at a coarse scale: a small model's per-pixel colour is speckle (green and
     # magenta flecks on the skin), while what an edit changes in colour (a lit cheek warmer) is broad
     grey = delta.mean(1, keepdim=True)
-    return grey + _gaussian_blur(delta - grey, CHROMA_SIGMA * delta.shape[-1])
+    delta = grey + _gaussian_blur(delta - grey, CHROMA_SIGMA * delta.shape[-1])
+    # trusted where the model knows the photo: faded out where its reconstruction is off by TRUST_LEVELS
+    error = _gaussian_blur((recon - unedited).abs().mean(1, keepdim=True) * 127.5, CHROMA_SIGMA * delta.shape[-1])
+    return delta * (1 - error / TRUST_LEVELS).clamp(0, 1)
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
