@@ -287,7 +287,8 @@ def test_a_blink_fills_the_lid_the_warp_would_stretch(face_model, base_fit):
 
 def test_closing_lids_cover_the_photos_own_eyes_and_draw_a_lash_line():
     """The photo's eye (its landmarks, larger than the mesh's) is covered where the lids close over it,
-    with a dark line along the lower lid; a still eye, an opening one and one a turn narrows are left
+    down to the lowered lid's edge, with a dark line along that edge (shut: on the lower lid; half
+    shut: halfway, the lower lashes kept); a still eye, an opening one and one a turn narrows are left
     alone."""
     size = 96
     eye = np.array([[20, 40], [28, 34], [38, 34], [46, 40], [38, 45], [28, 45]], np.float64)
@@ -301,6 +302,8 @@ def test_closing_lids_cover_the_photos_own_eyes_and_draw_a_lash_line():
     line_row = int(np.argmax(lashes[:, 33]))
     print(f"lash line at row {line_row}, strength {lashes.max():.2f}; {int(cover.sum())} px covered")
     assert 43 <= line_row <= 46 and lashes.max() > 0.8 and lashes[36, 33] < 0.1
+    cover, lashes = lid_cover(eyes, shut / 2, still)  # half shut: the lid and its lashes come halfway down
+    assert cover[33:38, 33].all() and not cover[43:, :].any() and 38 <= int(np.argmax(lashes[:, 33])) <= 40
     narrowed = np.zeros((12, 2))  # a turn: the far eye narrower by 30 %, and as much lower, not closed
     narrowed[:6] = (eye - eye.mean(0)) * -0.3
     for moved in (np.zeros((12, 2)), -shut, narrowed):  # a still eye, an eye opening wider, a turn

@@ -60,6 +60,7 @@ RATIO_SIGMA = 0.75 / 1024  # of the crop: smoothing of the log ratio (0.75 px of
 STRETCH_MIN = 0.4  # a surface the warp stretches to more than 1 / this of its area in the photo is filled
 LASH_WIDTH = 0.045  # of the eye's width: the spread (sigma) of a closed eye's lash line
 LASH_REACH = 0.1  # of the eye's width: how far round the landmarks' eye the lids cover (the lashes)
+LID_SHUT = 0.25  # an eye whose opening (over its width) shrinks less than this is left to the warp
 SLIVER = 0.008  # of the crop: unseen surface thinner than about twice this is warped, not filled
 
 
@@ -75,6 +76,7 @@ class Correspondence:
     log_ratio: np.ndarray  # (S, S, 3) log of the shading ratio, smoothed, bounded, faded
     edge_weight: np.ndarray  # (S, S) 0 within the crop edge's margin, 1 inside
     opening: np.ndarray  # (S, S) bool: inside the mesh's openings (the mouth's, the eyes'), no surface of θ1
+    lids: np.ndarray | None = None  # (S, S) bool: the closing lids over the photo's eyes (``lid_cover``), in ``unseen``
     lashes: np.ndarray | None = None  # (S, S) in [0, 1]: the lash line where closing lids meet (``lid_cover``)
 
 
@@ -283,12 +285,13 @@ def _correspondence(
     # surface θ0 shows foreshortened to a sliver (an upper lid folded under the brow that a blink
     # spreads over the eye) would be smeared by the warp: the photo has too few pixels of it
     unseen |= covered & (_source_area(flow) < STRETCH_MIN)
-    lashes = None
+    lids = lashes = None
     if eyes is not None:
         lm = model.landmark_vertices[36:48]
         lids, lashes = lid_cover(eyes, (g1.screen[0, lm, :2] - g0.screen[0, lm, :2]).numpy(), flow)
-        unseen |= lids
     unseen = ndimage.binary_opening(unseen, iterations=max(1, round(SLIVER * size)))
+    if lids is not None:
+        unseen |= lids
 
     # 2. the shading ratio, on the face model's skin only (never the scalp's hair, the ears or the
     # wall), faded to 1 before the skin's edge, where the mesh ends on skin and at the crop's edge
@@ -306,21 +309,21 @@ def _correspondence(
     log_ratio *= (relight_weight * edge * _open_edge_weight(screen1, open_edges, size))[..., None]
     log_ratio = np.broadcast_to(log_ratio, (size, size, 3))
     corr = Correspondence(
-        size, flow.astype(np.float32), covered, seen, unseen, log_ratio.astype(np.float32), edge, hole, lashes
+        size, flow.astype(np.float32), covered, seen, unseen, log_ratio.astype(np.float32), edge, hole, lids, lashes
     )
     return corr, g1
 
 
 def lid_cover(eyes: np.ndarray, moved: np.ndarray, flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Where closing lids cover the photo's eyes: (S, S) bool, and the lash line where they meet, (S, S)
-    in [0, 1]. ``eyes``: the photo's eye contours (its landmarks 36-47, (12, 2) working pixels: the
-    mesh's eyes are smaller than a real eye, and its corners would stay open); ``moved``: how θ0 -> θ1
-    moves the mesh's points for those landmarks; ``flow``: the backward flow (S, S, 2). Per eye whose
-    opening shrinks: its opening before (grown by LASH_REACH, to take the lashes in), and every pixel
-    the warp would fill from it (the lashes the lid brings down), less its opening with the lids
-    moved; the lash line is
-    a soft dark curve along the moved lower lid (a parabola through 36, 41, 40, 39), LASH_WIDTH of the
-    eye's width, as wide as the lids close."""
+    """Where closing lids cover the photo's eyes: (S, S) bool, and the lash line of the lowered lid,
+    (S, S) in [0, 1]. ``eyes``: the photo's eye contours (its landmarks 36-47, (12, 2) working pixels:
+    the mesh's eyes are smaller than a real eye, and its corners would stay open); ``moved``: how
+    θ0 -> θ1 moves the mesh's points for those landmarks; ``flow``: the backward flow (S, S, 2).
+
+    Per eye whose opening (height over width) shrinks by more than LID_SHUT: the eye grown by
+    LASH_REACH of its width (its lashes), and every pixel the warp fills from there, above the lowered
+    upper lid (a parabola through the moved 36, 37, 38, 39; the lower lid's lashes stay). The lash line
+    is a soft dark curve along that lid, LASH_WIDTH of the eye's width; shut, it lies on the lower lid."""
     size = flow.shape[0]
     cover, lashes = np.zeros((size, size), bool), np.zeros((size, size), np.float32)
     v, u = np.mgrid[0:size, 0:size]
@@ -328,23 +331,22 @@ def lid_cover(eyes: np.ndarray, moved: np.ndarray, flow: np.ndarray) -> tuple[np
     src_row = np.clip(np.round(v + flow[..., 1]), 0, size - 1).astype(int)
     for eye in (slice(0, 6), slice(6, 12)):
         # how far the lids close: the opening's height over the eye's width, before and after (a turn
-        # narrows an eye as much as it lowers it, and closes nothing)
-        shut = 1 - _eye_aspect(eyes[eye] + moved[eye]) / max(_eye_aspect(eyes[eye]), 1e-6)
-        if shut <= 0.05:
+        # narrows an eye as much as it lowers it and closes nothing; a smile's squint is left to the warp)
+        after = eyes[eye] + moved[eye]
+        if 1 - _eye_aspect(after) / max(_eye_aspect(eyes[eye]), 1e-6) <= LID_SHUT:
             continue
-        # PIL draws a polygon's outline too: the opening left is the interior (none when shut)
-        before, after = _polygon(eyes[eye], size), ndimage.binary_erosion(_polygon(eyes[eye] + moved[eye], size))
-        lower = (eyes[eye] + moved[eye])[[0, 5, 4, 3]]
-        width = float(np.linalg.norm(lower[3] - lower[0]))
-        grown = ndimage.binary_dilation(before, iterations=max(2, round(LASH_REACH * width)))
-        lids = (grown | grown[src_row, src_col]) & ~after
+        upper = after[[0, 1, 2, 3]]
+        width = float(np.linalg.norm(upper[3] - upper[0]))
+        grown = ndimage.binary_dilation(_polygon(eyes[eye], size), iterations=max(2, round(LASH_REACH * width)))
+        a, b, c = np.polyfit(upper[:, 0], upper[:, 1], 2)
+        x = np.clip(u, upper[0, 0], upper[3, 0])
+        lid_edge = a * x * x + b * x + c
+        lids = (grown | grown[src_row, src_col]) & (v <= lid_edge + 2 * LASH_WIDTH * width)  # the lashes' width below
         cover |= lids
-        a, b, c = np.polyfit(lower[:, 0], lower[:, 1], 2)
-        rows, cols = np.nonzero(ndimage.binary_dilation(lids, iterations=3))
-        x = np.clip(cols, lower[0, 0], lower[3, 0])
-        dist = np.hypot(cols - x, rows - (a * x * x + b * x + c))  # vertical distance, past the corners radial
-        sigma = LASH_WIDTH * width
-        lashes[rows, cols] = np.maximum(lashes[rows, cols], shut * np.exp(-0.5 * (dist / sigma) ** 2))
+        near = ndimage.binary_dilation(lids, iterations=3)
+        dist = np.hypot(u - x, v - lid_edge)[near]  # from the lid's edge, past the corners from its ends
+        line = np.exp(-0.5 * (dist / (LASH_WIDTH * width)) ** 2)
+        lashes[near] = np.maximum(lashes[near], line)
     return cover, lashes
 
 
@@ -524,26 +526,24 @@ def photo_fill(
     around = ndimage.binary_dilation(corr.unseen, iterations=2)  # the warp smears the seam: not a source
     # from the head's own pixels only: a cheek turned into view at the outline is skin, not the wall
     inpainted = harmonic_fill(moved, ~around & ndimage.binary_fill_holes(corr.covered))
-    if corr.lashes is not None and corr.lashes.any():
-        inpainted = _closed_lids(inpainted, moved, corr.unseen, corr.lashes)
+    if corr.lids is not None and corr.lids.any():
+        inpainted = _closed_lids(inpainted, moved, corr.lids, corr.lashes)
     return np.where(corr.opening[..., None], render, inpainted).astype(np.float32)
 
 
-def _closed_lids(filled: np.ndarray, moved: np.ndarray, unseen: np.ndarray, lashes: np.ndarray) -> np.ndarray:
-    """The inpainted lids given the skin's grain and a lash line: the fine detail (the image less its
+def _closed_lids(filled: np.ndarray, moved: np.ndarray, lids: np.ndarray, lashes: np.ndarray) -> np.ndarray:
+    """The inpainted ``lids`` given the skin's grain and a lash line: the fine detail (the image less its
     blur) of the skin just above the lids, moved down onto them, and the lash line in the darkest
-    colour of the photo's own lashes (under the lids)."""
-    rows = np.nonzero(unseen.any(1))[0]
-    shift = int(rows.max() - rows.min() + 1) if len(rows) else 0
+    colour of the photo's own lashes (which the lids now cover)."""
+    rows = np.nonzero(lids.any(1))[0]
+    shift = int(rows.max() - rows.min() + 1)
     blur = np.stack([ndimage.gaussian_filter(moved[..., c], 1.5) for c in range(3)], -1)
     grain = np.roll(moved - blur, shift, axis=0)
-    out = np.where(unseen[..., None], filled + grain, filled)
-    if unseen.any():  # what the lids cover held the photo's lashes (and the iris): their darkest tenth
-        shade = moved[unseen].mean(-1)
-        dark = moved[unseen][shade <= np.quantile(shade, 0.1)].mean(0)
-        alpha = (lashes * unseen)[..., None]
-        out = out * (1 - alpha) + dark * alpha
-    return np.clip(out, 0, 1)
+    out = np.where(lids[..., None], filled + grain, filled)
+    shade = moved[lids].mean(-1)  # what the lids cover held the lashes (and the iris): their darkest tenth
+    dark = moved[lids][shade <= np.quantile(shade, 0.1)].mean(0)
+    alpha = (lashes * lids)[..., None]
+    return np.clip(out * (1 - alpha) + dark * alpha, 0, 1)
 
 
 RELIGHT_SPACES = ("linear", "srgb")
@@ -680,7 +680,8 @@ def model_correction(
     (edited sample - its input) - (reconstruction - unedited crop), all in [-1, 1]: what the model does
     to an unedited photo (its reconstruction error) cancels, and so does the physical edit it started
     from; ``transfer`` carries the rest onto the photo at its own size. Its colour (each channel less
-    the channels' mean) is blurred by CHROMA_SIGMA of the model's size; its brightness is kept whole.
+    the channels' mean) is blurred by CHROMA_SIGMA of the model's size; its brightness is kept whole;
+    all of it fades out where the model's reconstruction is TRUST_LEVELS off the photo.
     """
     delta = ((samples - start) - (recon - unedited)) * 127.5
     # its colour is kept only at a coarse scale: a small model's per-pixel colour is speckle (green and
