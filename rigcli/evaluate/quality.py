@@ -30,6 +30,8 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull
 from skimage.draw import polygon2mask
 
+from rigcli.image.align import eye_aspect
+
 JAW_AND_BROWS = slice(0, 27)
 NOSE_BRIDGE, NOSE_TIP = 27, 30
 RIGHT_EYE, LEFT_EYE = slice(36, 42), slice(42, 48)  # the subject's right eye is on the image's left
@@ -96,12 +98,7 @@ def mouth_width(points: np.ndarray) -> float:
 
 def eye_opening(points: np.ndarray) -> float:
     """Mean over both eyes of the two lid-to-lid distances over the eye's corner-to-corner width."""
-    openings = []
-    for part in (RIGHT_EYE, LEFT_EYE):
-        eye = np.asarray(points[part], np.float64)  # corner, upper, upper, corner, lower, lower
-        lids = np.linalg.norm(eye[1] - eye[5]) + np.linalg.norm(eye[2] - eye[4])
-        openings.append(lids / (2 * np.linalg.norm(eye[0] - eye[3])))
-    return float(np.mean(openings))
+    return float(np.mean([eye_aspect(points[part]) for part in (RIGHT_EYE, LEFT_EYE)]))
 
 
 def nose_offset(points: np.ndarray) -> float:

@@ -75,6 +75,14 @@ def crop_transform(landmarks: np.ndarray, size: int = DEFAULT_SIZE) -> np.ndarra
     return np.concatenate([linear, offset[:, None]], axis=1)
 
 
+def eye_aspect(eye: np.ndarray) -> float:
+    """An eye's opening over its width from its 6 iBUG landmarks in order (corner, upper, upper, corner,
+    lower, lower): the two lid-to-lid distances' mean over the corner-to-corner distance."""
+    eye = np.asarray(eye, np.float64)
+    lids = np.linalg.norm(eye[1] - eye[5]) + np.linalg.norm(eye[2] - eye[4])
+    return float(lids / (2 * max(np.linalg.norm(eye[3] - eye[0]), 1e-6)))
+
+
 def invert_affine(matrix: np.ndarray) -> np.ndarray:
     """Inverse of a 2x3 affine transform."""
     linear, offset = matrix[:, :2], matrix[:, 2]

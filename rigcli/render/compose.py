@@ -43,7 +43,7 @@ from scipy import ndimage
 
 from rigcli.face.model import FaceModel, vertex_normals
 from rigcli.face.params import FaceFit, rescale_fit
-from rigcli.image.align import apply_affine, compose_affine, invert_affine, resize_affine, warp
+from rigcli.image.align import apply_affine, compose_affine, eye_aspect, invert_affine, resize_affine, warp
 from rigcli.image.resample import Box, affine_grid, bands, channels, sample, support_box
 from rigcli.render.buffers import Geometry, rasterize_fit, render_buffers, sh_shading
 
@@ -333,7 +333,7 @@ def lid_cover(eyes: np.ndarray, moved: np.ndarray, flow: np.ndarray) -> tuple[np
         # how far the lids close: the opening's height over the eye's width, before and after (a turn
         # narrows an eye as much as it lowers it and closes nothing; a smile's squint is left to the warp)
         after = eyes[eye] + moved[eye]
-        if 1 - _eye_aspect(after) / max(_eye_aspect(eyes[eye]), 1e-6) <= LID_SHUT:
+        if 1 - eye_aspect(after) / max(eye_aspect(eyes[eye]), 1e-6) <= LID_SHUT:
             continue
         upper = after[[0, 1, 2, 3]]
         width = float(np.linalg.norm(upper[3] - upper[0]))
@@ -348,12 +348,6 @@ def lid_cover(eyes: np.ndarray, moved: np.ndarray, flow: np.ndarray) -> tuple[np
         line = np.exp(-0.5 * (dist / (LASH_WIDTH * width)) ** 2)
         lashes[near] = np.maximum(lashes[near], line)
     return cover, lashes
-
-
-def _eye_aspect(eye: np.ndarray) -> float:
-    """An eye's opening (landmarks 37-41 and 38-40, apart) over its width (36-39): 6 points in order."""
-    height = np.linalg.norm(eye[1] - eye[5]) + np.linalg.norm(eye[2] - eye[4])
-    return float(height / (2 * max(np.linalg.norm(eye[3] - eye[0]), 1e-6)))
 
 
 def _polygon(points: np.ndarray, size: int) -> np.ndarray:
