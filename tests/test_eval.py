@@ -42,7 +42,6 @@ from rigcli.evaluate.suite import (
     closeup_box,
     edit_count,
     eval_photos,
-    face_near,
     parse_spec,
     quality_metrics,
     suite,
@@ -402,7 +401,7 @@ def check_issue_26_measures(doc: dict, made: list, out) -> None:
             assert np.abs(tile.astype(float) - image[y0:y1, x0:x1]).mean() < 3  # that part of it, unresized
         found = 0
         for (photo, image), edit in zip(outputs, model["edits"], strict=True):
-            points = face_near(analyzer, image, photo.landmarks)
+            points = analyzer.face_near(image, photo.landmarks)
             if points is None:
                 assert edit["quality_face_found"] is False and edit["light_balance_after"] is None
                 continue

@@ -161,16 +161,24 @@ def test_misses_names_each_bound_an_edit_misses_and_no_other():
 def test_the_face_in_an_output_is_the_one_where_the_photos_was(analyzer):
     """In a photo of two people, each face's landmarks find that face again, not the larger one; a
     photo with no face there gives None."""
-    from rigcli.evaluate.suite import closeup_box, face_near
+    from rigcli.evaluate.suite import closeup_box
 
     pixels = read_photo(SHARED / "assets" / "real" / "obama-biden-two-faces.jpg").pixels
     faces = analyzer.find_faces(pixels)
     assert len(faces) == 2
     for face in faces:
-        assert np.array_equal(face_near(analyzer, pixels, face.landmarks), face.landmarks)
+        assert np.array_equal(analyzer.face_near(pixels, face.landmarks), face.landmarks)
         x0, y0, x1, y1 = closeup_box(face.landmarks, pixels.shape[:2])
         side = 1.7 * np.ptp(face.landmarks, axis=0).max()
         assert abs((x1 - x0) - side) <= 1 and (y1 - y0) <= side + 1 and y0 >= 0  # square, clipped at the top
         assert (x0 <= face.landmarks.min(0)[0]) and (x1 >= face.landmarks.max(0)[0])
     blank = np.full_like(pixels, 128)
-    assert face_near(analyzer, blank, faces[0].landmarks) is None
+    assert analyzer.face_near(blank, faces[0].landmarks) is None
+    # rig edit's identity distance of an unchanged group photo: 0 for either face, never the other's
+    from types import SimpleNamespace
+
+    from rigcli.edit.outputs import identity_distance
+
+    for face in faces:
+        prepared = SimpleNamespace(pixels=pixels, landmarks=face.landmarks)
+        assert identity_distance(analyzer, prepared, pixels) == pytest.approx(0.0, abs=1e-6)

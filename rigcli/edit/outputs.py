@@ -98,12 +98,13 @@ def output_picture(result: EditResult, compose: str, crop: bool, crop_size: int)
 
 
 def identity_distance(analyzer: FaceAnalyzer, prepared: PreparedPhoto, picture: np.ndarray) -> float | None:
-    """dlib's descriptor distance from the input's face to the face found in ``picture`` (None: none found)."""
-    face = analyzer.find_face(picture)
-    if face is None:
+    """dlib's descriptor distance from the input's face to the same face in ``picture`` (the one found
+    nearest it: in a group photo not the largest, which may be someone else; None: none found)."""
+    points = analyzer.face_near(picture, prepared.landmarks)
+    if points is None:
         return None
     before = analyzer.embed(prepared.pixels, prepared.landmarks)
-    return float(np.linalg.norm(before - analyzer.embed(picture, face.landmarks)))
+    return float(np.linalg.norm(before - analyzer.embed(picture, points)))
 
 
 def sweep_frames(

@@ -479,23 +479,10 @@ def closeup_box(points: np.ndarray, shape: tuple[int, int]) -> tuple[int, int, i
     return x0, y0, min(width, round(cx + side / 2)), min(height, round(cy + side / 2))
 
 
-def face_near(analyzer, image: np.ndarray, points: np.ndarray) -> np.ndarray | None:
-    """dlib's 68 landmarks in ``image`` of the face it detects nearest the input's face (``points``:
-    the landmarks' means within half the face's width of each other), not rig's fit: an edit that
-    fools the fit must not pass. None where dlib finds no face there (another face of a group photo
-    is not taken for it)."""
-    points = np.asarray(points, np.float64)
-    width = float(np.ptp(points[:, 0]))
-    found = [analyzer.landmarks(image, hit) for hit in analyzer.detect(image)]
-    gaps = [float(np.linalg.norm(f.mean(0) - points.mean(0))) for f in found]
-    best = int(np.argmin(gaps)) if gaps else None
-    return found[best] if best is not None and gaps[best] < width / 2 else None
-
-
 def measure_output(analyzer, photo: PreparedPhoto, image: np.ndarray) -> Quality | None:
     """Issue 26's measures of one full-size output against the prepared photo, from dlib's landmarks
     found in each (the photo's: those it was prepared with); None where no face is found in the output."""
-    points = face_near(analyzer, image, photo.landmarks)
+    points = analyzer.face_near(image, photo.landmarks)
     return None if points is None else measure_quality(photo.pixels, photo.landmarks, image, points)
 
 

@@ -212,6 +212,17 @@ class FaceAnalyzer:
         pool = sorted(candidate_hits(hits), key=lambda h: h.box[0] + h.box[2]) if hits else []
         return [Face(h, self.landmarks(rgb, h), [o for o in pool if o is not h]) for h in pool]
 
+    def face_near(self, rgb: np.ndarray, points: np.ndarray) -> np.ndarray | None:
+        """dlib's 68 landmarks in ``rgb`` of the face it detects nearest a known face (``points``: its
+        landmarks; the landmarks' means within half that face's width of each other): the same face
+        after an edit, never another face of a group photo. None where dlib finds no face there."""
+        points = np.asarray(points, np.float64)
+        width = float(np.ptp(points[:, 0]))
+        found = [self.landmarks(rgb, hit) for hit in self.detect(rgb)]
+        gaps = [float(np.linalg.norm(f.mean(0) - points.mean(0))) for f in found]
+        best = int(np.argmin(gaps)) if gaps else None
+        return found[best] if best is not None and gaps[best] < width / 2 else None
+
     def find_face(self, rgb: np.ndarray) -> Face | None:
         """The face to use in a photo (see choose_face), with its landmarks; None if there is none."""
         hits = self.detect(rgb)
