@@ -22,8 +22,11 @@ from rigcli.image.align import compose_affine, resize_affine, warp
 from rigcli.image.metrics import psnr
 from rigcli.render.buffers import light_from_direction, rasterize_fit, sh_shading
 from rigcli.render.compose import (
+    LID_LIFT_MAX,
+    MESH_SHUT_GAP,
     SILHOUETTE_FADE,
     Correspondence,
+    _closed_lids,
     _source_area,
     correspondence,
     ears,
@@ -35,6 +38,7 @@ from rigcli.render.compose import (
     physical_edit,
     relit_skin,
     srgb_to_linear,
+    transfer,
     working_size,
 )
 
@@ -286,29 +290,74 @@ def test_a_blink_fills_the_lid_the_warp_would_stretch(face_model, base_fit):
 
 
 def test_closing_lids_cover_the_photos_own_eyes_and_draw_a_lash_line():
-    """The photo's eye (its landmarks, larger than the mesh's) is covered where the lids close over it,
-    down to the lowered lid's edge, with a dark line along that edge (shut: on the lower lid; half
-    shut: halfway, the lower lashes kept); a still eye, an opening one and one a turn narrows are left
-    alone."""
+    """The photo's eye (its landmarks, larger than the mesh's) closes by the fraction of the mesh's
+    opening that closes: covered down to the lowered lid's edge, with a dark line along that edge
+    (shut: on the photo's own lower lid, not where the smaller mesh's lids meet; half shut: halfway,
+    the lower lashes kept). Mesh lids pushed past each other (a blink on a squint) read as shut; a
+    still eye, an opening one and one a turn narrows are left alone."""
     size = 96
-    eye = np.array([[20, 40], [28, 34], [38, 34], [46, 40], [38, 45], [28, 45]], np.float64)
+    eye = np.array([[20, 40], [28, 34], [38, 34], [46, 40], [38, 45], [28, 45]], np.float64)  # opening 11 px
     eyes = np.concatenate([eye, eye + np.array([40.0, 0.0])])
-    shut = np.zeros((12, 2))
-    shut[[1, 2, 7, 8], 1] = 10.5  # the upper lid (37, 38 and 43, 44) down onto the lower one
+    mesh = (eyes - eyes.mean(0)) * 0.6 + eyes.mean(0)  # the mesh's eyes: smaller, opening 6.6 px
+    gap = mesh[5, 1] - mesh[1, 1]
     still = np.zeros((size, size, 2), np.float32)
-    cover, lashes = lid_cover(eyes, shut, still)
-    inside = _polygon_mask(eye, size)
-    assert cover[inside].mean() > 0.95 and cover[:, 48:].any()  # both eyes
-    line_row = int(np.argmax(lashes[:, 33]))
-    print(f"lash line at row {line_row}, strength {lashes.max():.2f}; {int(cover.sum())} px covered")
-    assert 43 <= line_row <= 46 and lashes.max() > 0.8 and lashes[36, 33] < 0.1
-    cover, lashes = lid_cover(eyes, shut / 2, still)  # half shut: the lid and its lashes come halfway down
-    assert cover[33:38, 33].all() and not cover[43:, :].any() and 38 <= int(np.argmax(lashes[:, 33])) <= 40
-    narrowed = np.zeros((12, 2))  # a turn: the far eye narrower by 30 %, and as much lower, not closed
-    narrowed[:6] = (eye - eye.mean(0)) * -0.3
-    for moved in (np.zeros((12, 2)), -shut, narrowed):  # a still eye, an eye opening wider, a turn
-        cover, lashes = lid_cover(eyes, moved, still)
+
+    def lowered(by: float) -> np.ndarray:  # the mesh's upper lids (37, 38 and 43, 44) moved down
+        after = mesh.copy()
+        after[[1, 2, 7, 8], 1] += by
+        return after
+
+    for by in (gap, 1.4 * gap):  # shut, and pushed past the lower lid (its distances read 40 % open)
+        cover, lashes = lid_cover(eyes, mesh, lowered(by), still)
+        inside = _polygon_mask(eye, size)
+        assert cover[inside].mean() > 0.95 and cover[:, 48:].any()  # both eyes
+        line_row = int(np.argmax(lashes[:, 33]))
+        print(f"lash line at row {line_row}, strength {lashes.max():.2f}; {int(cover.sum())} px covered")
+        assert 44 <= line_row <= 46 and lashes.max() > 0.8 and lashes[36, 33] < 0.1
+    half = (gap - MESH_SHUT_GAP * 26 * 0.6) / 2  # half the way to the mesh's lids meeting
+    cover, lashes = lid_cover(eyes, mesh, lowered(half), still)  # the photo's lid comes halfway (5.5 px)
+    assert cover[33:38, 33].all() and not cover[44:, :].any() and 39 <= int(np.argmax(lashes[:, 33])) <= 40
+    narrowed = mesh.copy()  # a turn: the far eye narrower by 30 %, and as much lower, not closed
+    narrowed[:6] = (mesh[:6] - mesh[:6].mean(0)) * 0.7 + mesh[:6].mean(0)
+    for after in (mesh, lowered(-gap), narrowed):  # a still eye, an eye opening wider, a turn
+        cover, lashes = lid_cover(eyes, mesh, after, still)
         assert not cover.any() and not lashes.any()
+
+
+def test_a_shut_lid_is_lit_like_the_skin_around_it():
+    """The lid's fill takes the dark of the lashes at its border; it is raised toward the median of
+    the skin around it (never lowered, at most LID_LIFT_MAX), away from the lash line."""
+    size = 64
+    skin = np.full((size, size, 3), 0.6, np.float32)
+    lids = np.zeros((size, size), bool)
+    lids[24:36, 16:48] = True
+    no_lashes = np.zeros((size, size), np.float32)
+    for fill, lifted in ((0.4, 0.6), (0.3, 0.3 * LID_LIFT_MAX)):  # to the ring's 0.6; capped
+        dark = np.where(lids[..., None], fill, skin).astype(np.float32)  # the harmonic fill's dark lid
+        out = _closed_lids(dark, skin, lids, no_lashes)
+        assert abs(out[28:32, 28:36].mean() - lifted) < 0.01 and out[~lids].tolist() == dark[~lids].tolist()
+        assert out[lids].min() >= fill - 1e-6  # rising from the border inward
+    bright = np.where(lids[..., None], 0.8, skin).astype(np.float32)  # brighter than the ring: kept
+    assert np.allclose(_closed_lids(bright, skin, lids, no_lashes)[lids], 0.8, atol=0.02)
+
+
+def test_the_models_correction_is_carried_inside_the_face_and_held_off_the_shut_lids():
+    """``transfer`` adds the correction (8-bit levels) inside the face, leaves every pixel outside its
+    feathered mask bit for bit, and holds it off where ``hold`` says (fully at 1, half at 0.5)."""
+    rng = np.random.default_rng(0)
+    photo = rng.integers(40, 200, (PHOTO, PHOTO, 3), dtype=np.uint8)
+    face = np.zeros((64, 64), bool)
+    face[16:48, 16:48] = True
+    correction = np.full((32, 32, 3), 10.0, np.float32)
+    hold = np.zeros((PHOTO, PHOTO), np.float32)
+    hold[400:440, 400:440], hold[500:540, 500:540] = 1.0, 0.5
+    image, mask = transfer(photo, np.zeros((PHOTO, PHOTO), np.float32), correction, CROP_TO_PHOTO, CROP, face, hold)
+    change = image.astype(int) - photo
+    centre = (K * CROP / 2 + OFFSET[1], K * CROP / 2 + OFFSET[0])  # the crop's centre, rows then columns
+    r, c = int(centre[0]), int(centre[1])
+    assert (change[r - 20 : r + 20, c + 60 : c + 100] == 10).all()  # inside the face, no hold
+    assert (change[400:440, 400:440] == 0).all() and (change[500:540, 500:540] == 5).all()
+    assert (image[mask == 0] == photo[mask == 0]).all() and (change[:40] == 0).all()
 
 
 def _polygon_mask(points: np.ndarray, size: int) -> np.ndarray:

@@ -346,8 +346,9 @@ def refine_photos(
 
     Per photo: the physical edit (``compose.physical_edit``; skipped at strength 1, where the model
     starts from the photo itself); the model's two branches (``Editor.refine``); and what the model
-    added (``compose.model_correction``) carried onto the physical edit (at strength 1: onto the photo)
-    inside the feathered faces of θ0 and θ1 (``compose.transfer``). Returns the edited samples
+    added (``compose.model_correction``) carried onto the physical edit (at strength 1: onto the photo;
+    held off the lids a blink shut) inside the feathered faces of θ0 and θ1 (``compose.transfer``).
+    Returns the edited samples
     (B, 3, s, s) in [-1, 1] and each photo's result, with a warning where the model reconstructs the
     photo under POOR_RECONSTRUCTION_DB.
     """
@@ -371,7 +372,8 @@ def refine_photos(
         base = photo.pixels if edit is None else edit.image
         base_mask = np.zeros(base.shape[:2], np.float32) if edit is None else edit.mask
         delta = correction[k].permute(1, 2, 0).numpy()
-        image, mask = transfer(base, base_mask, delta, photo.crop_to_photo, size, faces[k])
+        hold = None if edit is None else edit.lids
+        image, mask = transfer(base, base_mask, delta, photo.crop_to_photo, size, faces[k], hold)
         db, warning = None, None
         if strength > 0:
             db = psnr(recon[k], unedited[k], value_range=(-1, 1))

@@ -43,7 +43,7 @@ from scipy import ndimage
 
 from rigcli.face.model import FaceModel, vertex_normals
 from rigcli.face.params import FaceFit, rescale_fit
-from rigcli.image.align import apply_affine, compose_affine, eye_aspect, invert_affine, resize_affine, warp
+from rigcli.image.align import apply_affine, compose_affine, invert_affine, resize_affine, warp
 from rigcli.image.resample import Box, affine_grid, bands, channels, sample, support_box
 from rigcli.render.buffers import Geometry, rasterize_fit, render_buffers, sh_shading
 
@@ -58,8 +58,11 @@ OPEN_EDGE_BAND = 0.07  # of the crop: the ratio fades to 1 over this band inside
 EDGE_MARGIN, EDGE_RAMP = 0.02, 0.06  # of the crop: nothing changes within MARGIN of its edge, fully from +RAMP
 RATIO_SIGMA = 0.75 / 1024  # of the crop: smoothing of the log ratio (0.75 px of a 1024 px crop)
 STRETCH_MIN = 0.4  # a surface the warp stretches to more than 1 / this of its area in the photo is filled
-LASH_WIDTH = 0.045  # of the eye's width: the spread (sigma) of a closed eye's lash line
+LASH_WIDTH = 0.05  # of the eye's width: the spread (sigma) of a closed eye's lash line
 LASH_REACH = 0.1  # of the eye's width: how far round the landmarks' eye the lids cover (the lashes)
+LID_LIFT_MAX = 1.6  # the most a shut lid's fill is brightened toward the skin around it
+MESH_SHUT_GAP = 0.04  # of the eye's width: the face model's lid landmarks' gap when its lids meet (ICT's blink)
+LID_MEET = 0.85  # a lid that closes this much of the mesh's opening meets the lower one (the rest is lashes)
 LID_SHUT = 0.25  # an eye whose opening (over its width) shrinks less than this is left to the warp
 SLIVER = 0.008  # of the crop: unseen surface thinner than about twice this is warped, not filled
 
@@ -89,6 +92,7 @@ class PhysicalEdit:
     ratio: np.ndarray  # (H, W, 3) shading ratio, applied in linear light or sRGB (1 outside the face)
     mask: np.ndarray  # (H, W) float32 in [0, 1]: where the edit is composed in; 0: the input's pixel
     fill: np.ndarray  # (H, W) float32: how much of the pixel comes from the fill (unseen surface)
+    lids: np.ndarray  # (H, W) float32: the shut lids drawn over the photo's eyes (``lid_cover``), feathered
 
 
 def srgb_to_linear(x: np.ndarray) -> np.ndarray:
@@ -288,7 +292,7 @@ def _correspondence(
     lids = lashes = None
     if eyes is not None:
         lm = model.landmark_vertices[36:48]
-        lids, lashes = lid_cover(eyes, (g1.screen[0, lm, :2] - g0.screen[0, lm, :2]).numpy(), flow)
+        lids, lashes = lid_cover(eyes, g0.screen[0, lm, :2].numpy(), g1.screen[0, lm, :2].numpy(), flow)
     unseen = ndimage.binary_opening(unseen, iterations=max(1, round(SLIVER * size)))
     if lids is not None:
         unseen |= lids
@@ -314,40 +318,60 @@ def _correspondence(
     return corr, g1
 
 
-def lid_cover(eyes: np.ndarray, moved: np.ndarray, flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def lid_cover(
+    eyes: np.ndarray, before: np.ndarray, after: np.ndarray, flow: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Where closing lids cover the photo's eyes: (S, S) bool, and the lash line of the lowered lid,
-    (S, S) in [0, 1]. ``eyes``: the photo's eye contours (its landmarks 36-47, (12, 2) working pixels:
-    the mesh's eyes are smaller than a real eye, and its corners would stay open); ``moved``: how
-    θ0 -> θ1 moves the mesh's points for those landmarks; ``flow``: the backward flow (S, S, 2).
+    (S, S) in [0, 1]. ``eyes``: the photo's eye contours (its landmarks 36-47, (12, 2) working pixels);
+    ``before``, ``after``: the mesh's points for those landmarks at θ0 and θ1; ``flow``: the backward
+    flow (S, S, 2).
 
-    Per eye whose opening (height over width) shrinks by more than LID_SHUT: the eye grown by
-    LASH_REACH of its width (its lashes), and every pixel the warp fills from there, above the lowered
-    upper lid (a parabola through the moved 36, 37, 38, 39; the lower lid's lashes stay). The lash line
-    is a soft dark curve along that lid, LASH_WIDTH of the eye's width; shut, it lies on the lower lid."""
+    The mesh's eyes are smaller than a real eye: its lids shut leave the photo's open by the
+    difference. So per eye, the fraction of the mesh's opening (``_lid_gap``, down to MESH_SHUT_GAP
+    where its lids meet) that closes is applied to the photo's own opening: its upper lid comes down
+    that fraction of the way onto its lower lid, both carried by the mesh's movement, and all the way
+    from LID_MEET. An eye closing by no more than LID_SHUT (a smile's squint; a turn narrows an eye as
+    much as it lowers it) is left to the warp. Covered: the photo's
+    eye grown by LASH_REACH of its width (its lashes), and every pixel the warp fills from there, above
+    the lowered lid's edge (a parabola through its points; a half-closed eye keeps its lower lashes).
+    The lash line is a soft dark curve along that edge, LASH_WIDTH of the eye's width; shut, it lies
+    on the photo's lower lid."""
     size = flow.shape[0]
     cover, lashes = np.zeros((size, size), bool), np.zeros((size, size), np.float32)
     v, u = np.mgrid[0:size, 0:size]
     src_col = np.clip(np.round(u + flow[..., 0]), 0, size - 1).astype(int)
     src_row = np.clip(np.round(v + flow[..., 1]), 0, size - 1).astype(int)
     for eye in (slice(0, 6), slice(6, 12)):
-        # how far the lids close: the opening's height over the eye's width, before and after (a turn
-        # narrows an eye as much as it lowers it and closes nothing; a smile's squint is left to the warp)
-        after = eyes[eye] + moved[eye]
-        if 1 - eye_aspect(after) / max(eye_aspect(eyes[eye]), 1e-6) <= LID_SHUT:
+        opening = _lid_gap(before[eye])
+        shut = (opening - _lid_gap(after[eye])) / max(opening - MESH_SHUT_GAP, 1e-6)
+        if shut <= LID_SHUT:
             continue
-        upper = after[[0, 1, 2, 3]]
+        shut = 1.0 if shut >= LID_MEET else shut
+        carried = eyes[eye] + after[eye] - before[eye]
+        lower = carried[[0, 5, 4, 3]]  # 36, 41, 40, 39: the lower lid, corners included
+        upper = lower + (1 - shut) * (eyes[eye][[0, 1, 2, 3]] - eyes[eye][[0, 5, 4, 3]])
         width = float(np.linalg.norm(upper[3] - upper[0]))
         grown = ndimage.binary_dilation(_polygon(eyes[eye], size), iterations=max(2, round(LASH_REACH * width)))
         a, b, c = np.polyfit(upper[:, 0], upper[:, 1], 2)
         x = np.clip(u, upper[0, 0], upper[3, 0])
         lid_edge = a * x * x + b * x + c
         lids = (grown | grown[src_row, src_col]) & (v <= lid_edge + 2 * LASH_WIDTH * width)  # the lashes' width below
-        cover |= lids
-        near = ndimage.binary_dilation(lids, iterations=3)
+        near = ndimage.binary_dilation(lids, iterations=max(3, math.ceil(3 * LASH_WIDTH * width)))
         dist = np.hypot(u - x, v - lid_edge)[near]  # from the lid's edge, past the corners from its ends
         line = np.exp(-0.5 * (dist / (LASH_WIDTH * width)) ** 2)
         lashes[near] = np.maximum(lashes[near], line)
+        cover |= lids | (lashes > 0.05)  # the lash line whole: no cut along its lower side
     return cover, lashes
+
+
+def _lid_gap(eye: np.ndarray) -> float:
+    """An eye's opening over its width from its 6 landmarks (36-41 order): the lower lid's points'
+    distance below the upper lid's across the corners' line, negative where a mesh's lids cross (as
+    lids pushed shut by a blink on top of a squint do; ``eye_aspect``'s distances would read open)."""
+    axis = eye[3] - eye[0]
+    width = max(float(np.linalg.norm(axis)), 1e-6)
+    down = np.array([-axis[1], axis[0]]) / width  # screen y points down
+    return float(((eye[5] - eye[1]) @ down + (eye[4] - eye[2]) @ down) / (2 * width))
 
 
 def _polygon(points: np.ndarray, size: int) -> np.ndarray:
@@ -422,7 +446,7 @@ class _PixelEdit:
     pixels, the photo warped, relit, filled and blended, for one box of photo pixels at a time."""
 
     photo: np.ndarray  # (H, W, 3) uint8
-    fields: torch.Tensor  # (7, S, S): mask, flow (2), log ratio (3), fill weight, in working pixels
+    fields: torch.Tensor  # (8, S, S): mask, flow (2), log ratio (3), fill weight, lids, in working pixels
     photo_to_work: np.ndarray  # 2x3
     work_to_photo: torch.Tensor  # (2, 2): working-pixel flow -> photo-pixel flow
     fill: torch.Tensor  # (3, F, F) sRGB in [0, 1]
@@ -430,10 +454,10 @@ class _PixelEdit:
     relight: str = "linear"  # the space the shading ratio multiplies (RELIGHT_SPACES)
 
     def __call__(self, box: Box) -> tuple[np.ndarray, ...]:
-        """(image (h, w, 3) uint8, flow (h, w, 2), ratio (h, w, 3), mask (h, w), fill (h, w)) of the box."""
+        """(image (h, w, 3) uint8, flow (h, w, 2), ratio (h, w, 3), mask, fill, lids (h, w)) of the box."""
         size = self.fields.shape[-1]
         sampled = sample(self.fields, affine_grid(self.photo_to_work, box, size, size))
-        alpha, flow_w, log_ratio, f_alpha = sampled[0], sampled[1:3], sampled[3:6], sampled[6]
+        alpha, flow_w, log_ratio, f_alpha, lids = sampled[0], sampled[1:3], sampled[3:6], sampled[6], sampled[7]
         alpha.masked_fill_(alpha < 1e-4, 0)
         off = alpha == 0
         f_alpha.masked_fill_(off, 0)
@@ -463,7 +487,7 @@ class _PixelEdit:
         # alpha 0 gives ``before`` exactly (lerp's start): the photo's own pixel, bit for bit
         out = torch.lerp(before, edited.mul_(255.0), alpha).clamp_(0, 255).round_().to(torch.uint8)
         channels_last = (t.permute(1, 2, 0).numpy() for t in (out, flow_p, ratio))
-        return (*channels_last, alpha.numpy(), f_alpha.numpy())
+        return (*channels_last, alpha.numpy(), f_alpha.numpy(), lids.masked_fill_(off, 0).numpy())
 
 
 def physical_edit(
@@ -526,13 +550,21 @@ def photo_fill(
 
 
 def _closed_lids(filled: np.ndarray, moved: np.ndarray, lids: np.ndarray, lashes: np.ndarray) -> np.ndarray:
-    """The inpainted ``lids`` given the skin's grain and a lash line: the fine detail (the image less its
-    blur) of the skin just above the lids, moved down onto them, and the lash line in the darkest
-    colour of the photo's own lashes (which the lids now cover)."""
+    """The inpainted ``lids`` made a shut lid: brightened toward the skin around them (the median of a
+    ring, at most LID_LIFT_MAX), given the skin's grain (the fine detail, the image less its blur, of
+    the skin just above, moved down onto them) and a lash line in the darkest colour of the photo's
+    own lashes (which the lids now cover)."""
     rows = np.nonzero(lids.any(1))[0]
     shift = int(rows.max() - rows.min() + 1)
     blur = np.stack([ndimage.gaussian_filter(moved[..., c], 1.5) for c in range(3)], -1)
     grain = np.roll(moved - blur, shift, axis=0)
+    # a shut lid is stretched over the eyeball and lit like the skin around it; the fill takes the
+    # dark of the lashes and the crease at its border: raised (never lowered) to the ring's median
+    ring = ndimage.binary_dilation(lids, iterations=max(2, shift // 2)) & ~lids
+    target = float(np.median(moved[ring].mean(-1)))
+    gain = np.clip(target / np.maximum(ndimage.gaussian_filter(filled.mean(-1), 2), 1e-3), 1, LID_LIFT_MAX)
+    inside = smoothstep(ndimage.distance_transform_edt(lids) / max(2, shift / 4))
+    filled = filled * (1 + inside * (gain - 1))[..., None]
     out = np.where(lids[..., None], filled + grain, filled)
     shade = moved[lids].mean(-1)  # what the lids cover held the lashes (and the iris): their darkest tenth
     dark = moved[lids][shade <= np.quantile(shade, 0.1)].mean(0)
@@ -574,12 +606,15 @@ def compose_edit(
     mask_w[corr.edge_weight == 0] = 0
     around = ndimage.binary_dilation(corr.unseen).astype(np.float32)
     fill_w = np.maximum(corr.unseen, np.clip(ndimage.gaussian_filter(around, 0.5 * feather) * 2, 0, 1))
+    lids = np.zeros((size, size), np.float32) if corr.lids is None else corr.lids.astype(np.float32)
+    lids = np.maximum(lids, np.clip(ndimage.gaussian_filter(lids, feather) * 2, 0, 1))
 
     # the photo pixels the mask can reach (its support, a working pixel wider, placed in the photo),
     # composed in bands of rows so that every intermediate stays small
     full = (
         np.zeros((height, width, 2), np.float32),
         np.ones((height, width, 3), np.float32),
+        np.zeros((height, width), np.float32),
         np.zeros((height, width), np.float32),
         np.zeros((height, width), np.float32),
     )
@@ -589,7 +624,9 @@ def compose_edit(
         return PhysicalEdit(image, *full)
     edit = _PixelEdit(
         photo,
-        channels(np.concatenate([mask_w[..., None], corr.flow, corr.log_ratio, fill_w[..., None]], -1)),
+        channels(
+            np.concatenate([mask_w[..., None], corr.flow, corr.log_ratio, fill_w[..., None], lids[..., None]], -1)
+        ),
         photo_to_work,
         torch.from_numpy(work_to_photo[:, :2]).float(),
         channels(fill_img),
@@ -628,6 +665,7 @@ def transfer(
     crop_to_photo: np.ndarray,
     crop_size: int,
     face_mask: np.ndarray,
+    hold: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The model's correction carried to the photo's size: (image uint8, mask float) at the photo's size.
 
@@ -636,6 +674,8 @@ def transfer(
     ``transfer_mask(face_mask)``, added in 8-bit levels (``model_correction``). The mask returned is
     ``mask`` (the physical edit's)
     joined with that one. Where both are zero the pixels of ``image`` are returned bit for bit.
+    ``hold`` (H, W) in [0, 1]: where the correction is held off (the physical edit's shut lids: a
+    model that learnt the person's open eyes blurs their lash line back toward an open eye).
     """
     image = np.array(image, copy=True)
     mask = np.array(mask, np.float32, copy=True)
@@ -653,6 +693,8 @@ def transfer(
     with torch.no_grad():
         for part in bands(box):
             alpha = sample(soft_t, affine_grid(photo_to_mask, part, *soft.shape))[0]
+            if hold is not None:
+                alpha = alpha * (1 - torch.from_numpy(np.ascontiguousarray(hold[part.rows, part.cols])))
             alpha = torch.where(alpha < 1e-4, 0.0, alpha)
             on = alpha > 0
             if not bool(on.any()):
