@@ -309,6 +309,18 @@ class AttentionBlock(nn.Module):
         return (flat + h.transpose(1, 2)).unflatten(2, spatial)
 
 
+class NormSiLUConv(nn.Sequential):
+    """GroupNorm32, SiLU, convolution (the UNet's output head; ``out.0``, ``out.2`` as in guided-diffusion),
+    with the norm and SiLU as one scale-shift pass when fused."""
+
+    fused: bool = True  # see UNet.set_fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return super().forward(x)
+        return self[2](apply_scale_shift(x, *self[0].scale_shift(x), silu=True))
+
+
 class Step(nn.ModuleList):
     """A sequence of layers; ResBlocks and attention receive the embeddings, convolutions do not."""
 
@@ -324,7 +336,7 @@ class UNet(nn.Module):
     Its elementwise work is fused by default (``set_fused``): each GroupNorm with the FiLMs and SiLU
     after it is one scale-shift pass over the activation, with float32 statistics."""
 
-    fused: bool = True
+    fused: bool = True  # the mode set_fused last put every block in
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -361,7 +373,7 @@ class UNet(nn.Module):
                     layers.append(ResBlock(cfg, ch, emb_dim, ch, up=True))
                     size *= 2
                 self.output_blocks.append(Step(layers))
-        self.out = nn.Sequential(
+        self.out = NormSiLUConv(
             GroupNorm32(cfg.groups, ch), nn.SiLU(), zeroed(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
         )
 
@@ -377,8 +389,6 @@ class UNet(nn.Module):
         h = self.middle_block(h, emb, latent)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, latent)
-        if self.fused:
-            return self.out[2](apply_scale_shift(h, *self.out[0].scale_shift(h), silu=True))
         return self.out(h)
 
     def set_fused(self, on: bool = True) -> UNet:
@@ -387,7 +397,7 @@ class UNet(nn.Module):
         The same parameters either way; the unfused path is kept to measure and test the fused one
         against (``rig bench`` compares them in one run)."""
         for module in self.modules():
-            if isinstance(module, UNet | ResBlock | AttentionBlock | GroupNorm32):
+            if isinstance(module, UNet | ResBlock | AttentionBlock | GroupNorm32 | NormSiLUConv):
                 module.fused = on
         return self
 
