@@ -182,8 +182,10 @@ def apply_scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
 
     One multiply-add pass (``addcmul`` computes in float32 for half inputs on CUDA, and rounds once) and
     an in-place SiLU; in ``x``'s dtype and memory layout. torch.compile fuses the two into one kernel."""
-    view = (*scale.shape, *([1] * (x.dim() - 2)))
-    out = torch.addcmul(shift.to(x.dtype).view(view), x, scale.to(x.dtype).view(view))
+    scale, shift = scale.to(x.dtype), shift.to(x.dtype)
+    for _ in range(x.dim() - 2):  # (B, C, 1, ...): unsqueezed, not viewed to a shape, so that an ONNX
+        scale, shift = scale.unsqueeze(-1), shift.unsqueeze(-1)  # export keeps its batch axis dynamic
+    out = torch.addcmul(shift, x, scale)
     return F.silu(out, inplace=True) if silu else out
 
 
