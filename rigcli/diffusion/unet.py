@@ -144,12 +144,14 @@ class GroupNorm32(nn.GroupNorm):
         With mean m and 1/std r of x's group and the affine (gamma, beta): norm(x) = x*r*gamma + beta - m*r*gamma;
         then (norm(x))*A + B = x*(r*gamma*A) + ((beta - m*r*gamma)*A + B)."""
         mean, rstd = group_statistics(x, self.num_groups, self.eps)  # (B, G) float32
-        per_group = x.shape[1] // self.num_groups
-        scale = rstd.repeat_interleave(per_group, dim=1)  # (B, C)
-        shift = -mean.repeat_interleave(per_group, dim=1) * scale
-        if self.affine:
-            scale = scale * self.weight.float()
-            shift = shift * self.weight.float() + self.bias.float()
+        scale = rstd[:, :, None]  # (B, G, 1), spread over each group's channels below
+        shift = -mean[:, :, None] * scale
+        if self.affine:  # (G, C/G) per channel: (B, G, C/G) results, (B, C) as views
+            weight = self.weight.float().unflatten(0, (self.num_groups, -1))
+            scale, shift = scale * weight, shift * weight + self.bias.float().unflatten(0, (self.num_groups, -1))
+        else:
+            scale, shift = (v.expand(-1, -1, x.shape[1] // self.num_groups) for v in (scale, shift))
+        scale, shift = scale.flatten(1), shift.flatten(1)  # (B, C)
         if film is not None:
             a, b = film
             scale, shift = scale * a, shift * a + b
@@ -160,32 +162,45 @@ def group_statistics(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Te
     """Mean and 1/sqrt(var + eps) of each (sample, group) of ``x`` (B, C, ...), float32, (B, groups).
 
     Two reductions over the spatial positions give each channel's sum and sum of squares in float32
-    (``sum(..., dtype=float32)``, ``linalg.vector_norm(..., dtype=float32)``); the groups' moments
-    follow from those (B, C) sums, and var = E[x^2] - mean^2. No float32 copy of ``x`` is made: on
-    CUDA both kernels read half or bfloat16 values, accumulate in float32 and write float32 (ATen's
-    "cast and reduction in a single kernel" branches of its sum and norm reductions); a per-channel
-    reduction over (H, W) is fast in either memory layout, on the CPU as well (torch.var_mean, Welford's
-    update, measured 10x slower than GroupNorm there). The variance from the moments loses about
-    1e-7 * (mean/std)^2 of itself to float32 rounding: 1e-5 at a group mean ten times its std, far
-    below what half-precision activations resolve. Under torch.compile both reductions become one kernel."""
+    (``sum(..., dtype=float32)``, ``linalg.vector_norm(..., dtype=float32)``). No float32 copy of ``x``
+    is made: on CUDA both kernels read half or bfloat16 values, accumulate in float32 and write float32
+    (ATen's "cast and reduction in a single kernel" branches of its sum and norm reductions); a
+    per-channel reduction over (H, W) is fast in either memory layout, on the CPU as well (torch.var_mean,
+    Welford's update, measured 10x slower than GroupNorm there). A group's variance is the mean of its
+    channels' variances plus the variance of their means (exact), each channel's E[x^2] - mean^2 losing
+    about 1e-7 * (mean/std)^2 of itself to float32 rounding, where mean/std is within one channel (the
+    spread between channels, a group's larger part, is not cancelled). Under torch.compile both
+    reductions become one kernel."""
     dims = tuple(range(2, x.dim()))
-    count = x[0].numel() // groups
-    total = x.sum(dim=dims, dtype=torch.float32).unflatten(1, (groups, -1)).sum(-1)
-    squares = torch.linalg.vector_norm(x, 2, dim=dims, dtype=torch.float32).square()
-    mean = total / count
-    var = (squares.unflatten(1, (groups, -1)).sum(-1) / count - mean.square()).clamp_min(0)
+    count = x[0, 0].numel()
+    channel_mean = x.sum(dim=dims, dtype=torch.float32).unflatten(1, (groups, -1)) / count  # (B, G, C/G)
+    channel_square = torch.linalg.vector_norm(x, 2, dim=dims, dtype=torch.float32).square().unflatten(1, (groups, -1))
+    channel_var = (channel_square / count - channel_mean.square()).clamp_min(0)
+    mean = channel_mean.mean(-1)
+    var = channel_var.mean(-1) + (channel_mean - mean[..., None]).square().mean(-1)
     return mean, torch.rsqrt(var + eps)
 
 
 def apply_scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: bool = False) -> torch.Tensor:
-    """``x * scale + shift`` with per (batch, channel) ``scale`` and ``shift`` (B, C), then SiLU if asked.
+    """``x * scale + shift`` with per (batch, channel) float32 ``scale`` and ``shift`` (B, C), then SiLU if
+    asked: one multiply-add pass and an in-place SiLU, in ``x``'s dtype and memory layout.
 
-    One multiply-add pass (``addcmul`` computes in float32 for half inputs on CUDA, and rounds once) and
-    an in-place SiLU; in ``x``'s dtype and memory layout. torch.compile fuses the two into one kernel."""
-    scale, shift = scale.to(x.dtype), shift.to(x.dtype)
+    The multiply-add is computed in float32 with the float32 scale and shift, and rounded to ``x``'s
+    dtype once: rounding the shift to bf16 first would cost a group whose mean is m standard deviations
+    a bf16 rounding of m, where the separate passes lose only the output's. For a half-precision ``x``
+    without autograd it writes into a tensor of ``x``'s dtype (``out=``; on CUDA the kernel reads the
+    half and float32 operands as they are, no float32 copy); with autograd or in an ONNX export it goes
+    through float32 and casts back. torch.compile fuses all of it into one kernel."""
     for _ in range(x.dim() - 2):  # (B, C, 1, ...): unsqueezed, not viewed to a shape, so that an ONNX
         scale, shift = scale.unsqueeze(-1), shift.unsqueeze(-1)  # export keeps its batch axis dynamic
-    out = torch.addcmul(shift, x, scale)
+    if x.dtype == scale.dtype:
+        out = torch.addcmul(shift, x, scale)
+    elif torch.onnx.is_in_onnx_export() or (
+        torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad)
+    ):  # an export records plain ops; autograd cannot go through out=
+        out = torch.addcmul(shift, x, scale).to(x.dtype)
+    else:
+        out = torch.addcmul(shift, x, scale, out=torch.empty_like(x))
     return F.silu(out, inplace=True) if silu else out
 
 
