@@ -145,6 +145,21 @@ def test_fused_bf16_unet_is_no_further_from_fp32_than_the_unfused_one():
     assert errors[True] < 1.1 * errors[False]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_unet_is_one_graph_for_torch_compile(dtype):
+    """No graph breaks (dynamo's trace, no code generated), channels-last as the compiled engines run
+    it: a break splits the UNet into many small graphs, each recompiled per shape until dynamo's limit
+    sends them back to eager (the eager bf16 path's ``out=`` into a channels-last tensor made 32)."""
+    cl = torch.channels_last
+    unet = cast_unet(random_unet(), dtype).to(memory_format=cl)
+    x, t, b, z = inputs(batch=2)
+    x, b = (v.to(dtype).contiguous(memory_format=cl) for v in (x, b))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(unet)(x, t[:2], b, z.to(dtype))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_half_unet_on_cuda_is_no_further_from_fp32_than_the_unfused_one(dtype):

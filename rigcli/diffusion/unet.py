@@ -189,15 +189,17 @@ def apply_scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     dtype once: rounding the shift to bf16 first would cost a group whose mean is m standard deviations
     a bf16 rounding of m, where the separate passes lose only the output's. For a half-precision ``x``
     without autograd it writes into a tensor of ``x``'s dtype (``out=``; on CUDA the kernel reads the
-    half and float32 operands as they are, no float32 copy); with autograd or in an ONNX export it goes
-    through float32 and casts back. torch.compile fuses all of it into one kernel."""
+    half and float32 operands as they are, no float32 copy); with autograd, in an ONNX export or under
+    torch.compile it goes through float32 and casts back, and inductor fuses all of it into one kernel."""
     for _ in range(x.dim() - 2):  # (B, C, 1, ...): unsqueezed, not viewed to a shape, so that an ONNX
         scale, shift = scale.unsqueeze(-1), shift.unsqueeze(-1)  # export keeps its batch axis dynamic
     if x.dtype == scale.dtype:
         out = torch.addcmul(shift, x, scale)
-    elif torch.onnx.is_in_onnx_export() or (
-        torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad)
-    ):  # an export records plain ops; autograd cannot go through out=
+    elif (
+        torch.compiler.is_compiling()  # first: inductor fuses this into one kernel, and nothing below breaks its graph
+        or torch.onnx.is_in_onnx_export()
+        or (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad))
+    ):  # compiled, exported (plain ops recorded) or differentiated (autograd cannot go through out=)
         out = torch.addcmul(shift, x, scale).to(x.dtype)
     else:
         out = torch.addcmul(shift, x, scale, out=torch.empty_like(x))
