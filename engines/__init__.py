@@ -127,10 +127,10 @@ def missing_compiler(cuda: bool) -> str | None:
 
 
 def default_engine(device: str | torch.device) -> str:
-    """What ``auto`` means on ``device``: on CUDA the compiled bf16 channels-last UNet (the issue 28
-    measurement: 66.8 ms per paper-UNet call at batch 32 against 188 ms for the best eager row); on a
-    CPU the eager fp32 UNet (compiling the tiny preset took 75 s here and saved less than that in a
-    whole edit, see benchmarks/RESULTS.md, issue 28)."""
+    """What ``auto`` means on ``device``: on CUDA the compiled bf16 channels-last UNet (issue 28's
+    measurement on an H200: 66.8 ms per paper-UNet call at batch 32 against 188 ms for the best eager
+    row); on a CPU the eager fp32 UNet (compiled, the tiny preset ran no faster on the 2-core CPU
+    machine, 27.8 against 26.9 ms per call, after a 49 s first compile: benchmarks/RESULTS.md, issue 28)."""
     return "torch-bf16-cl-compile" if torch.device(device).type == "cuda" else "torch"
 
 
