@@ -140,9 +140,11 @@ def edit_command(
         str,
         typer.Option(
             help="Runtime for the UNet: torch, onnx (ONNX Runtime) or trt (TensorRT, fp16), exported once and kept; "
-            "options after dashes, e.g. torch-fp16-cl-graphs, onnx-fp16, trt-fp32 (see README, Engines)."
+            "options after dashes, e.g. torch-bf16-cl-compile, torch-fp16-cl-graphs, onnx-fp16, trt-fp32 (see README, "
+            "Engines). auto: on CUDA torch-bf16-cl-compile (compiled once, cached in the store; eager if compiling "
+            "fails), on a CPU torch (fp32, eager)."
         ),
-    ] = "torch",
+    ] = "auto",
     no_invert: Annotated[
         bool, typer.Option("--no-invert", help="Start from seeded noise instead of inverting the photo.")
     ] = False,

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from engines.bench import BenchPlan, run_bench
+from engines.bench import BenchPlan, default_engines, run_bench
 from rigcli import RigError
 from rigcli.cli.common import (
     DEVICE_HELP,
@@ -27,6 +27,8 @@ from rigcli.cli.common import (
 )
 from rigcli.edit.export import export_onnx, export_trt, list_artifacts, remove_artifacts
 from rigcli.files import atomic_write_json
+from rigcli.train.data import blob_data
+from rigcli.train.stages import train_on_blobs
 
 
 @app.command("export-onnx")
@@ -140,8 +142,10 @@ def _int_list(text: str, option: str) -> list[int]:
 @app.command("bench")
 @handles_errors
 def bench_command(
+    ctx: typer.Context,
     preset: Annotated[
-        Preset, typer.Option(help="Model configuration (random weights: speed does not need training).")
+        Preset,
+        typer.Option(help="Model configuration (random weights unless --train-steps: speed does not need training)."),
     ] = (Preset.paper),
     model: Annotated[
         Path | None,
@@ -151,15 +155,31 @@ def bench_command(
             show_default=False,
         ),
     ] = None,
+    train_steps: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Train the preset's model from scratch for this many steps on synthetic blobs first (the "
+            "training loop of rig finetune), and measure every engine's accuracy on it, editing held-out blobs: "
+            "accuracy on random weights says nothing of a trained model's edits. A few hundred steps: about a "
+            "minute for --preset tiny on a CPU.",
+        ),
+    ] = 0,
     batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,8,32",
     steps: Annotated[str, typer.Option(help="DDIM step counts, comma-separated.")] = "20,10",
     engines: Annotated[
         str,
         typer.Option(
             help="Engine specs, comma-separated: torch-fp32, torch-fp16, torch-bf16, with -cl (channels-last), "
-            "-compile (torch.compile), -graphs (CUDA graphs); onnx, onnx-fp16; trt (fp16), trt-fp32."
+            "-compile (torch.compile), -graphs (CUDA graphs), -unfused (the UNet's separate elementwise passes); "
+            "onnx, onnx-fp16; trt (fp16), trt-fp32. Default: on CUDA "
+            + ",".join(default_engines("cuda"))
+            + "; on a CPU "
+            + ",".join(default_engines("cpu"))
+            + ".",
+            show_default=False,
         ),
-    ] = "torch-fp32,torch-fp16,onnx,trt",
+    ] = "auto",
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     no_invert: Annotated[
         bool, typer.Option("--no-invert", help="Edits without DDIM inversion (sampling calls only).")
@@ -169,9 +189,8 @@ def bench_command(
     peak_tflops: Annotated[
         float | None,
         typer.Option(
-            help="The GPU's peak in TFLOP/s for the fraction-of-peak column. Default: a table of dense (no "
-            "sparsity) fp16/bf16 tensor-core peaks: H100 SXM 989, H100 PCIe 756, H200 989, A100 312, V100 125, "
-            "L4 121, RTX 4090 165; n/a for CPUs and other GPUs.",
+            help="The device's peak in TFLOP/s for the %-of-peak column, for every run. Default: measured in the "
+            "run, a dense matmul per precision the runs use (bf16, fp16, fp32, and TF32 for fp32 on a GPU).",
             show_default=False,
         ),
     ] = None,
@@ -179,34 +198,59 @@ def bench_command(
         "rig-bench.json"
     ),
 ) -> None:
-    """Time the paper's configuration (fp32, eager, 20 DDIM steps, batch 1, with inversion) and each
-    engine x batch x steps in one run: ms per UNet call, edits/s, speed-up, peak memory, % of GPU peak,
-    and each one's accuracy against fp32 (one UNet call's relative error, the whole edit's PSNR)."""
+    """Time the paper's configuration (fp32 without TF32, eager, unfused, 20 DDIM steps, batch 1, with
+    inversion) and each engine x batch x steps in one run: ms per UNet call, edits/s, speed-up, peak
+    memory, % of the device's measured peak, and each one's accuracy against fp32 (one UNet call's
+    relative error, the whole edit's PSNR)."""
+    chosen = use_device(device)
     specs = [e.strip() for e in engines.split(",") if e.strip()]
+    if specs == ["auto"]:
+        specs = list(default_engines(chosen))
+    if train_steps and model is not None:
+        raise RigError("--train-steps trains the preset's model; --model measures a saved one: give one of them")
     plan = BenchPlan(
         preset=preset.value, batches=_int_list(batch, "--batch"), steps=_int_list(steps, "--steps"), engines=specs,
-        device=use_device(device), invert=not no_invert, repeats=repeats, calls=calls, peak_tflops=peak_tflops,
-        model_dir=model,
+        device=chosen, invert=not no_invert, repeats=repeats, calls=calls, peak_tflops=peak_tflops,
+        model_dir=model, compile_cache=store_of(ctx).root / "cache" / "inductor",
     )  # fmt: skip
     with progress_bar() as progress:
+        trained = inputs = weights = None
+        losses: list[float] = []
+        if train_steps:
+            task = progress.add_task(f"training the {preset.value} model on blobs", total=train_steps)
+
+            def stepped(step: int, loss: float) -> None:
+                losses.append(loss)
+                progress.update(task, completed=step)
+
+            trained = train_on_blobs(preset.value, train_steps, chosen, on_step=stepped)
+            held_out = blob_data(max(plan.batches), trained.cfg.image_size, seed=1)  # blobs it never saw
+            inputs, weights = (held_out.images, held_out.buffers), f"trained {train_steps} steps on synthetic blobs"
+            progress.remove_task(task)
         task = progress.add_task("benchmark", total=1)
 
         def moved(label: str, done: int, total: int) -> None:
-            progress.update(task, description=label, completed=done, total=total)
+            progress.update(task, description=escape(label), completed=done, total=total)
 
-        report = run_bench(plan, on_progress=moved)
+        report = run_bench(plan, on_progress=moved, model=trained, inputs=inputs, weights=weights)
+    if train_steps:  # the mean loss of the first and last tenth of the steps: did it learn
+        tenth = max(1, len(losses) // 10)
+        report["train_steps"] = train_steps
+        report["train_loss"] = {"first": sum(losses[:tenth]) / tenth, "last": sum(losses[-tenth:]) / tenth}
     atomic_write_json(json_path, report)
     base = report["baseline"]
     what = escape(report["preset"] or report["model"])
+    peaks = ", ".join(f"{k} {v:.3g}" for k, v in report["peak_tflops"].items()) or "none measured"
     table = Table(
         title=f"rig bench: {what} ({report['image_size']} px, {report['unet_gflops_per_call']:.1f} "
-        f"GFLOPs/call) on {escape(report['device_name'])}",
+        f"GFLOPs/call, weights {escape(report['weights'])}) on {escape(report['device_name'])}",
         title_justify="left",
-        caption="baseline: the paper's configuration (torch fp32 eager, 20 DDIM steps, batch 1"
-        + (", with inversion)" if plan.invert else ")")
-        + ". error / call: relative error of one UNet call against fp32; edit dB: PSNR of the whole edit against "
-        "the fp32 edit of the same inputs",
-    )
+        caption="baseline: the paper's configuration (torch fp32 without TF32, eager, unfused, 20 DDIM steps, "
+        "batch 1" + (", with inversion)" if plan.invert else ")") + ". % of peak: of the dense matmul peak of "
+        f"the run's precision, TFLOP/s: {peaks} (" + ("given" if peak_tflops else "measured in this run")
+        + "). error / call: relative error of one UNet call against fp32; edit dB: PSNR of the whole edit "
+        "against the fp32 edit of the same inputs",
+    )  # fmt: skip
     columns = ("engine", "batch", "steps", "ms / UNet call", "edits/s", "speed-up", "peak MB", "% of peak",
                "error / call", "edit dB")  # fmt: skip
     for column in columns:
@@ -224,11 +268,10 @@ def bench_command(
             note = f"[red]{row['status']}[/]: {escape(row['reason'])}"
             table.add_row(label, str(row["batch"]), str(row["steps"]), *[""] * 7, note)
             continue
-        fraction = row["fraction_of_peak"]
         table.add_row(
             label, str(row["batch"]), str(row["steps"]), f"{row['ms_per_unet_call']:.1f}",
             f"{row['edits_per_s']:.2f}", f"{row['speedup']:.2f}x" if row["speedup"] is not None else "n/a",
-            f"{row['peak_memory_mb']:.0f}", f"{100 * fraction:.0f}%" if fraction is not None else "n/a",
+            f"{row['peak_memory_mb']:.0f}", f"{100 * row['fraction_of_peak']:.1f}% {row['peak_precision']}",
             f"{row['call_error_vs_fp32']:.1e}",
             "ref" if row["edit_is_reference"] else f"{row['edit_psnr_vs_fp32']:.1f}", "",
         )  # fmt: skip

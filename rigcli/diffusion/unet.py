@@ -121,10 +121,95 @@ def paper_arguments(cfg: ModelConfig) -> list[str]:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 (stable under mixed precision)."""
+    """GroupNorm with float32 statistics (stable under mixed precision).
+
+    ``fused`` (the default) computes the statistics with float32 accumulators straight from the
+    activation, whatever its dtype, and normalises in one pass (``scale_shift`` then ``apply``); off,
+    it is the old recipe: the activation copied to float32, normalised there, and cast back. The two
+    agree to float32 rounding on float32 inputs (tests/test_fused.py)."""
+
+    fused: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        if not self.fused:
+            return super().forward(x.float()).type(x.dtype)
+        return apply_scale_shift(x, *self.scale_shift(x))
+
+    def scale_shift(
+        self, x: torch.Tensor, film: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per (batch, channel) float32 ``scale`` and ``shift`` with ``x * scale + shift`` equal to this
+        norm of ``x`` (its affine included), followed by the FiLM ``film = (A, B)``, ``h * A + B``, when given.
+
+        With mean m and 1/std r of x's group and the affine (gamma, beta): norm(x) = x*r*gamma + beta - m*r*gamma;
+        then (norm(x))*A + B = x*(r*gamma*A) + ((beta - m*r*gamma)*A + B)."""
+        mean, rstd = group_statistics(x, self.num_groups, self.eps)  # (B, G) float32
+        scale = rstd[:, :, None]  # (B, G, 1), spread over each group's channels below
+        shift = -mean[:, :, None] * scale
+        if self.affine:  # (G, C/G) per channel: (B, G, C/G) results, (B, C) as views
+            weight = self.weight.float().unflatten(0, (self.num_groups, -1))
+            scale, shift = scale * weight, shift * weight + self.bias.float().unflatten(0, (self.num_groups, -1))
+        else:
+            scale, shift = (v.expand(-1, -1, x.shape[1] // self.num_groups) for v in (scale, shift))
+        scale, shift = scale.flatten(1), shift.flatten(1)  # (B, C)
+        if film is not None:
+            a, b = film
+            scale, shift = scale * a, shift * a + b
+        return scale, shift
+
+
+def group_statistics(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and 1/sqrt(var + eps) of each (sample, group) of ``x`` (B, C, ...), float32, (B, groups).
+
+    Two reductions over the spatial positions give each channel's sum and sum of squares in float32
+    (``sum(..., dtype=float32)``, ``linalg.vector_norm(..., dtype=float32)``). No float32 copy of ``x``
+    is made: on CUDA both kernels read half or bfloat16 values, accumulate in float32 and write float32
+    (ATen's "cast and reduction in a single kernel" branches of its sum and norm reductions); a
+    per-channel reduction over (H, W) is fast in either memory layout, on the CPU as well (torch.var_mean,
+    Welford's update, measured 10x slower than GroupNorm there). A group's variance is the mean of its
+    channels' variances plus the variance of their means (exact), each channel's E[x^2] - mean^2 losing
+    about 1e-7 * (mean/std)^2 of itself to float32 rounding, where mean/std is within one channel (the
+    spread between channels, a group's larger part, is not cancelled). Under torch.compile both
+    reductions become one kernel."""
+    dims = tuple(range(2, x.dim()))
+    count = x[0, 0].numel()
+    channel_mean = x.sum(dim=dims, dtype=torch.float32).unflatten(1, (groups, -1)) / count  # (B, G, C/G)
+    channel_square = torch.linalg.vector_norm(x, 2, dim=dims, dtype=torch.float32).square().unflatten(1, (groups, -1))
+    channel_var = (channel_square / count - channel_mean.square()).clamp_min(0)
+    mean = channel_mean.mean(-1)
+    var = channel_var.mean(-1) + (channel_mean - mean[..., None]).square().mean(-1)
+    return mean, torch.rsqrt(var + eps)
+
+
+def apply_scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    """``x * scale + shift`` with per (batch, channel) float32 ``scale`` and ``shift`` (B, C), then SiLU if
+    asked: one multiply-add pass and an in-place SiLU, in ``x``'s dtype and memory layout.
+
+    The multiply-add is computed in float32 with the float32 scale and shift, and rounded to ``x``'s
+    dtype once: rounding the shift to bf16 first would cost a group whose mean is m standard deviations
+    a bf16 rounding of m, where the separate passes lose only the output's. For a half-precision ``x``
+    without autograd it writes into a tensor of ``x``'s dtype (``out=``; on CUDA the kernel reads the
+    half and float32 operands as they are, no float32 copy); with autograd, in an ONNX export or under
+    torch.compile it goes through float32 and casts back, and inductor fuses all of it into one kernel."""
+    for _ in range(x.dim() - 2):  # (B, C, 1, ...): unsqueezed, not viewed to a shape, so that an ONNX
+        scale, shift = scale.unsqueeze(-1), shift.unsqueeze(-1)  # export keeps its batch axis dynamic
+    if x.dtype == scale.dtype:
+        out = torch.addcmul(shift, x, scale)
+    elif (
+        torch.compiler.is_compiling()  # first: inductor fuses this into one kernel, and nothing below breaks its graph
+        or torch.onnx.is_in_onnx_export()
+        or (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad))
+    ):  # compiled, exported (plain ops recorded) or differentiated (autograd cannot go through out=)
+        out = torch.addcmul(shift, x, scale).to(x.dtype)
+    else:
+        out = torch.addcmul(shift, x, scale, out=torch.empty_like(x))
+    return F.silu(out, inplace=True) if silu else out
+
+
+def film(scale_shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 + s, b) of a FiLM layer's output [s, b] (B, 2C), in float32."""
+    s, b = scale_shift.float().chunk(2, dim=1)
+    return 1 + s, b
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -144,6 +229,8 @@ def zeroed(module: nn.Module) -> nn.Module:
 
 class ResBlock(nn.Module):
     """Residual block with FiLM conditioning on the timestep and on the global latent."""
+
+    fused: bool = True  # see UNet.set_fused
 
     def __init__(self, cfg: ModelConfig, channels: int, emb_dim: int, out_channels: int, up=False, down=False):
         super().__init__()
@@ -169,6 +256,8 @@ class ResBlock(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self._fused(x, emb, latent)
         if self.resample:
             h = self.in_layers[:-1](x)
             h = self.in_layers[-1](self._resample(h))
@@ -182,9 +271,28 @@ class ResBlock(nn.Module):
         h = h * (1 + scale_z) + shift_z
         return self.skip_connection(x) + rest(h)
 
+    def _fused(self, x: torch.Tensor, emb: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """The same block with each norm, FiLM and SiLU as one scale-shift pass.
+
+        The timestep's FiLM then the latent's, h*(1+s_t)+b_t then h*(1+s_z)+b_z, is h*A + B with
+        A = (1+s_t)(1+s_z) and B = b_t(1+s_z) + b_z; the GroupNorm before them folds in too (see
+        GroupNorm32.scale_shift), so the activation is read once and written once for all of it."""
+        norm_in, conv_in = self.in_layers[0], self.in_layers[2]
+        h = apply_scale_shift(x, *norm_in.scale_shift(x), silu=True)
+        if self.resample:
+            h, x = self._resample(h), self._resample(x)
+        h = conv_in(h)
+        a_t, b_t = film(self.emb_layers(emb))
+        a_z, b_z = film(self.cond_emb_layers(latent))
+        norm_out, dropout, conv_out = self.out_layers[0], self.out_layers[2], self.out_layers[3]
+        h = apply_scale_shift(h, *norm_out.scale_shift(h, (a_t * a_z, b_t * a_z + b_z)), silu=True)
+        return self.skip_connection(x) + conv_out(dropout(h))
+
 
 class AttentionBlock(nn.Module):
     """Self-attention over all positions of a feature map (heads split as in guided-diffusion's legacy order)."""
+
+    fused: bool = True  # see UNet.set_fused
 
     def __init__(self, cfg: ModelConfig, channels: int):
         super().__init__()
@@ -194,6 +302,8 @@ class AttentionBlock(nn.Module):
         self.proj_out = zeroed(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: torch.Tensor, emb=None, latent=None) -> torch.Tensor:
+        if self.fused:
+            return self._fused(x)
         b, c, *spatial = x.shape
         flat = x.reshape(b, c, -1)
         qkv = self.qkv(self.norm(flat))
@@ -202,6 +312,32 @@ class AttentionBlock(nn.Module):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         h = self.proj_out(out.transpose(1, 2).reshape(b, c, -1))
         return (flat + h).reshape(b, c, *spatial)
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The same attention computed position-major: the 1x1 convolutions as matmuls on (B, L, C),
+        q, k, v as strided views of one qkv tensor in the legacy head order (per head [q, k, v], each
+        ``C / heads`` channels), and the result added back as a (B, C, L) view. On a channels-last
+        input (B, L, C) is the memory order already, so no transposed copy is made anywhere."""
+        _, c, *spatial = x.shape
+        flat = x.flatten(2)  # (B, C, L): a view in either memory layout
+        normed = self.norm(flat).transpose(1, 2)  # (B, L, C)
+        qkv = F.linear(normed, self.qkv.weight[..., 0], self.qkv.bias)  # (B, L, 3C), channels [head, q|k|v, ch]
+        q, k, v = qkv.unflatten(2, (self.heads, 3, c // self.heads)).permute(3, 0, 2, 1, 4)  # 3 x (B, heads, L, ch)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B, L, C), heads in order
+        h = F.linear(out, self.proj_out.weight[..., 0], self.proj_out.bias)
+        return (flat + h.transpose(1, 2)).unflatten(2, spatial)
+
+
+class NormSiLUConv(nn.Sequential):
+    """GroupNorm32, SiLU, convolution (the UNet's output head; ``out.0``, ``out.2`` as in guided-diffusion),
+    with the norm and SiLU as one scale-shift pass when fused."""
+
+    fused: bool = True  # see UNet.set_fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return super().forward(x)
+        return self[2](apply_scale_shift(x, *self[0].scale_shift(x), silu=True))
 
 
 class Step(nn.ModuleList):
@@ -214,7 +350,12 @@ class Step(nn.ModuleList):
 
 
 class UNet(nn.Module):
-    """guided-diffusion's UNet with the global-latent FiLM of DiffusionRig in every ResBlock."""
+    """guided-diffusion's UNet with the global-latent FiLM of DiffusionRig in every ResBlock.
+
+    Its elementwise work is fused by default (``set_fused``): each GroupNorm with the FiLMs and SiLU
+    after it is one scale-shift pass over the activation, with float32 statistics."""
+
+    fused: bool = True  # the mode set_fused last put every block in
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -251,7 +392,7 @@ class UNet(nn.Module):
                     layers.append(ResBlock(cfg, ch, emb_dim, ch, up=True))
                     size *= 2
                 self.output_blocks.append(Step(layers))
-        self.out = nn.Sequential(
+        self.out = NormSiLUConv(
             GroupNorm32(cfg.groups, ch), nn.SiLU(), zeroed(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
         )
 
@@ -268,6 +409,16 @@ class UNet(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, latent)
         return self.out(h)
+
+    def set_fused(self, on: bool = True) -> UNet:
+        """Fused elementwise passes (the default) or the separate ones they replace, in every block.
+
+        The same parameters either way; the unfused path is kept to measure and test the fused one
+        against (``rig bench`` compares them in one run)."""
+        for module in self.modules():
+            if isinstance(module, UNet | ResBlock | AttentionBlock | GroupNorm32 | NormSiLUConv):
+                module.fused = on
+        return self
 
 
 class BasicBlock(nn.Module):

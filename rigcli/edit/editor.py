@@ -149,8 +149,11 @@ class Editor:
         detector: str = "hog",
         engine: str = "torch",
         engine_root: Path | None = None,
+        on_status: Callable[[str], None] | None = None,
     ):
-        """``engine_root``: where exported engines are cached (default the person's ``engines/``)."""
+        """``engine_root``: where exported engines are cached (default the person's ``engines/``); a
+        compiled engine's code is cached under the store's ``cache/inductor`` for every model and
+        person (inductor keys it by the graph, not the weights); ``on_status`` hears what takes long."""
         folder = store.require_model(name, model_dir)
         fit_doc = read_fit(store, name)
         if fit_doc is None:
@@ -169,8 +172,9 @@ class Editor:
         root = engine_root or store.person_dir(name) / "engines"
         # the runtime that serves eps = f(x_t, t, buffers, latent) for the sampler (see engines)
         self.denoise = make_engine(
-            engine, self.model.denoisingUNet, root, self.size, device, source=str(folder.resolve())
-        )
+            engine, self.model.denoisingUNet, root, self.size, device, source=str(folder.resolve()),
+            compile_cache=store.root / "cache" / "inductor", on_status=on_status,
+        )  # fmt: skip
 
     @property
     def size(self) -> int:

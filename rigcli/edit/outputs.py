@@ -12,7 +12,7 @@ import imageio.v3 as iio
 import numpy as np
 from PIL import Image
 
-from engines import EngineSpec
+from engines import EngineSpec, resolve_engine
 from rigcli import RigError
 from rigcli.edit.controls import Controls, parse_sweep, sweep_controls
 from rigcli.edit.editor import (
@@ -175,7 +175,7 @@ def edit_to_files(
     batch: int = 8,
     device: str = "cpu",
     model: Path | None = None,
-    engine: str = "torch",
+    engine: str = "auto",
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> list[EditedFile]:
     """``rig edit``: edit photos of a person and write each result: the whole photo at its size (the
@@ -191,16 +191,24 @@ def edit_to_files(
     if compose == "refined" and not invert:
         raise RigError("--no-invert starts the paper's edit from noise: use it with --compose plain")
     targets = plan_outputs(inputs, output, out_dir, sheet, sweep is not None, force)
-    moved = on_progress or (lambda stage, done, total: None)
-    if EngineSpec.parse(engine).kind in ("onnx", "trt"):  # exported or built on first use: minutes
+    last = [0, len(inputs)]  # where the progress line stands, for the engine's status messages
+
+    def moved(stage: str, done: int, total: int) -> None:
+        last[:] = [done, total]
+        if on_progress:
+            on_progress(stage, done, total)
+
+    if EngineSpec.parse(resolve_engine(engine, device)).kind in ("onnx", "trt"):  # made on first use: minutes
         moved(f"preparing the {engine} engine (made once, then reused)", 0, len(inputs))
-    editor = Editor(store, name, model_dir=model, device=device, engine=engine)
+    editor = Editor(
+        store, name, model_dir=model, device=device, engine=engine, on_status=lambda text: moved(text, *last)
+    )
     sweep_spec = parse_sweep(sweep, editor.control_names) if sweep else None
     for value in sweep_spec[1] if sweep_spec else ():  # every frame's controls checked before any edit
         sweep_controls(controls, sweep_spec[0], value).validate(editor.control_names)
     method_strength = strength if compose == "refined" else None
     results = edit_photos(
-        editor, inputs, controls, steps=steps, invert=invert, seed=seed, batch=batch, on_progress=on_progress,
+        editor, inputs, controls, steps=steps, invert=invert, seed=seed, batch=batch, on_progress=moved,
         strength=method_strength, face=face,
     )  # fmt: skip
     written = []

@@ -191,6 +191,21 @@ def person_data(
     return TrainingData(images, buffers, key, fit_doc["model_id"], groups)
 
 
+def blob_data(count: int, size: int, seed: int = 0) -> TrainingData:
+    """Synthetic training pairs for measuring engines, not faces: smooth blobs of random colour and
+    place, each with buffers that say where its blob is (its mask in all 9 channels). A model trained
+    on them for a few hundred steps makes real DDIM round trips instead of noise, which is what a
+    precision's accuracy must be measured on (``rig bench --train-steps``); no photos, fits or renders."""
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.linspace(-1, 1, size)
+    yy, xx = torch.meshgrid(grid, grid, indexing="ij")
+    centre = torch.rand(count, 2, 1, 1, generator=g) - 0.5
+    blob = torch.exp(-((xx - centre[:, :1]) ** 2 + (yy - centre[:, 1:]) ** 2) * 4)  # (N, 1, S, S)
+    images = (blob * torch.rand(count, 3, 1, 1, generator=g) * 2 - 1).clamp(-1, 1)
+    buffers = blob.expand(-1, 9, -1, -1).contiguous()
+    return TrainingData(images.contiguous(), buffers, f"blobs-{count}-{size}-{seed}", "none (synthetic blobs)")
+
+
 def render_training_pairs(store, name: str, records, fit_doc: dict, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Crops resized to ``size`` in [-1, 1], and the fit's buffers rendered at ``size``."""
     model = load_face_model(store, face_model_name(fit_doc))
