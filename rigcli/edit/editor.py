@@ -352,9 +352,8 @@ def refine_photos(
     starts from the photo itself); the model's two branches (``Editor.refine``); and what the model
     added (``compose.model_correction``) carried onto the physical edit (at strength 1: onto the photo;
     held off the lids a blink shut) inside the feathered faces of θ0 and θ1 (``compose.transfer``).
-    Returns the edited samples
-    (B, 3, s, s) in [-1, 1] and each photo's result, with a warning where the model reconstructs the
-    photo under POOR_RECONSTRUCTION_DB.
+    Returns the edited samples (B, 3, s, s) in [-1, 1] and each photo's result, with a warning where
+    the model reconstructs the photo under POOR_RECONSTRUCTION_DB.
     """
     check_strength(strength)
     size = editor.crop_size

@@ -331,11 +331,12 @@ def lid_cover(
     where its lids meet) that closes is applied to the photo's own opening: its upper lid comes down
     that fraction of the way onto its lower lid, both carried by the mesh's movement, and all the way
     from LID_MEET. An eye closing by no more than LID_SHUT (a smile's squint; a turn narrows an eye as
-    much as it lowers it) is left to the warp. Covered: the photo's
-    eye grown by LASH_REACH of its width (its lashes), and every pixel the warp fills from there, above
-    the lowered lid's edge (a parabola through its points; a half-closed eye keeps its lower lashes).
-    The lash line is a soft dark curve along that edge, LASH_WIDTH of the eye's width; shut, it lies
-    on the photo's lower lid."""
+    much as it lowers it) is left to the warp.
+
+    Covered: the photo's eye grown by LASH_REACH of its width (its lashes), and every pixel the warp
+    fills from there, above the lowered lid's edge (a parabola through its points; a half-closed eye
+    keeps its lower lashes), and the lash line, a soft dark curve along that edge, LASH_WIDTH of the
+    eye's width; shut, it lies on the photo's lower lid."""
     size = flow.shape[0]
     cover, lashes = np.zeros((size, size), bool), np.zeros((size, size), np.float32)
     v, u = np.mgrid[0:size, 0:size]
