@@ -8,9 +8,10 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
+from rich.progress import TaskID
 from rich.table import Table
 
-from engines.bench import BenchPlan, default_engines, run_bench
+from engines.bench import BenchPlan, default_engines
 from rigcli import RigError
 from rigcli.cli.common import (
     DEVICE_HELP,
@@ -27,8 +28,7 @@ from rigcli.cli.common import (
 )
 from rigcli.edit.export import export_onnx, export_trt, list_artifacts, remove_artifacts
 from rigcli.files import atomic_write_json
-from rigcli.train.data import blob_data
-from rigcli.train.stages import train_on_blobs
+from rigcli.train.stages import bench
 
 
 @app.command("export-onnx")
@@ -214,29 +214,21 @@ def bench_command(
         model_dir=model, compile_cache=store_of(ctx).root / "cache" / "inductor",
     )  # fmt: skip
     with progress_bar() as progress:
-        trained = inputs = weights = None
-        losses: list[float] = []
-        if train_steps:
-            task = progress.add_task(f"training the {preset.value} model on blobs", total=train_steps)
+        tasks: dict[str, TaskID] = {}
 
-            def stepped(step: int, loss: float) -> None:
-                losses.append(loss)
-                progress.update(task, completed=step)
-
-            trained = train_on_blobs(preset.value, train_steps, chosen, on_step=stepped)
-            held_out = blob_data(max(plan.batches), trained.cfg.image_size, seed=1)  # blobs it never saw
-            inputs, weights = (held_out.images, held_out.buffers), f"trained {train_steps} steps on synthetic blobs"
-            progress.remove_task(task)
-        task = progress.add_task("benchmark", total=1)
+        def stepped(step: int, loss: float) -> None:
+            if "train" not in tasks:
+                tasks["train"] = progress.add_task(f"training the {preset.value} model on blobs", total=train_steps)
+            progress.update(tasks["train"], completed=step)
 
         def moved(label: str, done: int, total: int) -> None:
-            progress.update(task, description=escape(label), completed=done, total=total)
+            if "train" in tasks:
+                progress.remove_task(tasks.pop("train"))
+            if "bench" not in tasks:
+                tasks["bench"] = progress.add_task("benchmark", total=1)
+            progress.update(tasks["bench"], description=escape(label), completed=done, total=total)
 
-        report = run_bench(plan, on_progress=moved, model=trained, inputs=inputs, weights=weights)
-    if train_steps:  # the mean loss of the first and last tenth of the steps: did it learn
-        tenth = max(1, len(losses) // 10)
-        report["train_steps"] = train_steps
-        report["train_loss"] = {"first": sum(losses[:tenth]) / tenth, "last": sum(losses[-tenth:]) / tenth}
+        report = bench(plan, train_steps, on_step=stepped, on_progress=moved)
     atomic_write_json(json_path, report)
     base = report["baseline"]
     what = escape(report["preset"] or report["model"])

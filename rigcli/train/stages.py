@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from engines.bench import BenchPlan, run_bench
 from rigcli import RigError
 from rigcli.diffusion.checkpoints import check_base_buffers, load_model, save_model
 from rigcli.diffusion.unet import DiffusionRig, preset
@@ -249,3 +250,35 @@ def train_on_blobs(
     )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="rig-bench-train-") as run:
         return train(model, data, settings, Path(run), {"purpose": "rig bench"}, device, on_step).eval()
+
+
+def bench(
+    plan: BenchPlan,
+    train_steps: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
+    """``rig bench``: ``run_bench`` of ``plan``; with ``train_steps``, on the preset's model trained that
+    long on synthetic blobs (``train_on_blobs``) and editing blobs it never saw, the report then holding
+    the steps and the mean loss of their first and last tenth (did it learn)."""
+    if not train_steps:
+        return run_bench(plan, on_progress=on_progress)
+    if plan.model_dir is not None:
+        raise RigError("bench: a plan with a saved model (model_dir) is measured on it, not trained")
+    losses: list[float] = []
+
+    def stepped(step: int, loss: float) -> None:
+        losses.append(loss)
+        if on_step:
+            on_step(step, loss)
+
+    trained = train_on_blobs(plan.preset, train_steps, plan.device, on_step=stepped)
+    held_out = blob_data(max(plan.batches), trained.cfg.image_size, seed=1)
+    report = run_bench(
+        plan, on_progress=on_progress, model=trained, inputs=(held_out.images, held_out.buffers),
+        weights=f"trained {train_steps} steps on synthetic blobs",
+    )  # fmt: skip
+    tenth = max(1, len(losses) // 10)
+    report["train_steps"] = train_steps
+    report["train_loss"] = {"first": sum(losses[:tenth]) / tenth, "last": sum(losses[-tenth:]) / tenth}
+    return report
