@@ -22,6 +22,7 @@ from rigcli.image.align import compose_affine, resize_affine, warp
 from rigcli.image.metrics import psnr
 from rigcli.render.buffers import light_from_direction, rasterize_fit, sh_shading
 from rigcli.render.compose import (
+    LID_HOLD_REACH,
     LID_LIFT_MAX,
     MESH_SHUT_GAP,
     SILHOUETTE_FADE,
@@ -358,6 +359,31 @@ def test_the_models_correction_is_carried_inside_the_face_and_held_off_the_shut_
     assert (change[r - 20 : r + 20, c + 60 : c + 100] == 10).all()  # inside the face, no hold
     assert (change[400:440, 400:440] == 0).all() and (change[500:540, 500:540] == 5).all()
     assert (image[mask == 0] == photo[mask == 0]).all() and (change[:40] == 0).all()
+
+
+def test_a_blinks_shut_lids_hold_the_correction_off_the_eye_and_round_it(face_model, base_fit, photo):
+    """The model learnt the person's open eyes: near a shut lid (on its lash line, the crease above
+    it, the lower lid below) its correction draws them back (a dark band under the lashes that dlib
+    reads as an opening). ``PhysicalEdit.lids``, the hold ``transfer`` takes, covers each eye grown
+    by half of LID_HOLD_REACH of the working size at full strength, and fades out within three to four
+    times that; a smile shuts no lids and holds nothing."""
+    image0, _ = photo
+    blink = edited(base_fit, face_model, blend={"eyeBlink_L": 1.0, "eyeBlink_R": 1.0})
+    eyes = face_model.landmark_vertices
+    crop_points = rasterize_fit(face_model, base_fit, CROP).screen[0, eyes, :2].numpy()
+    landmarks = crop_points * K + np.array(OFFSET)  # the photo's landmarks: the rendered face's own
+    hold = physical_edit(image0, CROP_TO_PHOTO, CROP, face_model, base_fit, blink, landmarks=landmarks).lids
+    scale = K * CROP / working_size(CROP_TO_PHOTO, CROP)  # photo pixels per working pixel
+    reach = LID_HOLD_REACH * working_size(CROP_TO_PHOTO, CROP) * scale
+    both = np.zeros((PHOTO, PHOTO), bool)
+    for eye in (landmarks[36:42], landmarks[42:48]):
+        inside = _polygon_mask(eye, PHOTO)
+        assert inside.sum() > 500 and (hold[ndimage.distance_transform_edt(~inside) <= reach / 2] > 0.999).all()
+        both |= inside
+    far = ndimage.distance_transform_edt(~both)
+    assert hold[far > 3 * reach].max() < 0.02 and hold[far > 4 * reach].max() < 1e-4  # transfer's cut-off
+    smile = edited(base_fit, face_model, **EDITS["smile"])
+    assert not physical_edit(image0, CROP_TO_PHOTO, CROP, face_model, base_fit, smile, landmarks=landmarks).lids.any()
 
 
 def _polygon_mask(points: np.ndarray, size: int) -> np.ndarray:

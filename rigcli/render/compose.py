@@ -63,6 +63,7 @@ LASH_REACH = 0.1  # of the eye's width: how far round the landmarks' eye the lid
 LID_LIFT_MAX = 1.6  # the most a shut lid's fill is brightened toward the skin around it
 MESH_SHUT_GAP = 0.04  # of the eye's width: the face model's lid landmarks' gap when its lids meet (ICT's blink)
 LID_MEET = 0.85  # a lid that closes this much of the mesh's opening meets the lower one (the rest is lashes)
+LID_HOLD_REACH = 0.03  # of the working size: how far round shut lids the model's correction is held off
 LID_SHUT = 0.25  # an eye whose opening (over its width) shrinks less than this is left to the warp
 SLIVER = 0.008  # of the crop: unseen surface thinner than about twice this is warped, not filled
 
@@ -608,7 +609,8 @@ def compose_edit(
     around = ndimage.binary_dilation(corr.unseen).astype(np.float32)
     fill_w = np.maximum(corr.unseen, np.clip(ndimage.gaussian_filter(around, 0.5 * feather) * 2, 0, 1))
     lids = np.zeros((size, size), np.float32) if corr.lids is None else corr.lids.astype(np.float32)
-    lids = np.maximum(lids, np.clip(ndimage.gaussian_filter(lids, feather) * 2, 0, 1))
+    reach = max(1, round(LID_HOLD_REACH * size))
+    lids = np.clip(ndimage.gaussian_filter(ndimage.maximum_filter(lids, 2 * reach + 1), reach / 2) * 2, 0, 1)
 
     # the photo pixels the mask can reach (its support, a working pixel wider, placed in the photo),
     # composed in bands of rows so that every intermediate stays small
