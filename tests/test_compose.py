@@ -25,9 +25,12 @@ from rigcli.render.compose import (
     LID_HOLD_REACH,
     LID_LIFT_MAX,
     MESH_SHUT_GAP,
+    REVEAL_REACH,
     SILHOUETTE_FADE,
+    SLIVER,
     Correspondence,
     _closed_lids,
+    _correspondence,
     _source_area,
     correspondence,
     ears,
@@ -36,6 +39,7 @@ from rigcli.render.compose import (
     model_correction,
     paste_back_crop,
     photo_fill,
+    photo_head,
     physical_edit,
     relit_skin,
     srgb_to_linear,
@@ -413,6 +417,48 @@ def test_the_models_correction_keeps_brightness_whole_and_colour_coarse():
     assert kept < 0.2  # 1 without the smoothing
     tint_kept = colour[..., 16:48, 16:48].mean((0, 2, 3))
     assert torch.allclose(tint_kept, torch.tensor([0.05, 0.0, -0.05]) * 127.5, atol=0.5), tint_kept
+
+
+def test_the_edited_head_keeps_its_outline_by_the_ears_and_moves_it_at_the_chin():
+    """``photo_head``: the photo's head is inside its jaw line or above its ends;
+    the edited head is that moved by the flow, or moved by a share of it that grows from nothing at
+    the jaw's ends (by the ears, near the turn's axis) to all of it at the chin."""
+    size = 64
+    angle = np.pi - np.arange(17) * np.pi / 16  # landmark 0 at the image's left, 8 the chin
+    jaw = np.stack([32 + 12 * np.cos(angle), 30 + 12 * np.sin(angle)], -1)
+    flow = np.zeros((size, size, 2), np.float32)
+    flow[..., 0] = 4.0  # output p shows p + 4: the head moves 4 px to the left
+    head0, head1 = photo_head(jaw, flow)
+    assert head0[41, 35] and head0[5, 32] and head0[5, 12] and not head0[40, 10]  # inside, scalp, temple; wall
+    assert head1[31, 43] and head1[31, 17] and not head0[31, 17]  # by the ears: kept, and moved
+    assert head0[41, 35] and not head1[41, 35] and head1[41, 24]  # at the chin: moved only
+    assert np.array_equal(photo_head(jaw, np.zeros_like(flow))[1], head0)  # a still head keeps it
+
+
+def test_a_turn_fills_the_cheek_within_the_photos_outline_not_the_meshs(face_model, base_fit, photo):
+    """The fitted mesh is often wider than the real cheek: the surface a turn brings into view at
+    the mesh's outline lies on the wall there. Given the photo's landmarks, no unseen pixel (skin
+    filled in) lies beyond the photo's own outline grown by REVEAL_REACH; without them, the mesh's
+    outline is trusted and the fill reaches past it. Inside the head, what the mesh shows whose source
+    is beyond the photo's outline (the wall) is filled."""
+    size = working_size(CROP_TO_PHOTO, CROP)
+    turned = edited(base_fit, face_model, yaw=-12.0)
+    mesh = rasterize_fit(face_model, rescale_fit(base_fit, CROP, size), size).screen[0, face_model.landmark_vertices]
+    points = mesh[:, :2].numpy().astype(np.float64)
+    centre = points[27:36].mean(0)
+    points[:17] = centre + 0.85 * (points[:17] - centre)  # the real cheek inside the mesh's outline
+    trusting = _correspondence(face_model, base_fit, turned, CROP, size)[0]
+    bounded = _correspondence(face_model, base_fit, turned, CROP, size, points)[0]
+    head0, head1 = photo_head(points[:17], bounded.flow)
+    beyond = ~ndimage.binary_dilation(head1, iterations=max(1, round(REVEAL_REACH * size)))
+    print(f"unseen beyond the photo's outline: {int((trusting.unseen & beyond).sum())} px trusting the mesh")
+    assert (trusting.unseen & beyond).sum() > 100 and not (bounded.unseen & beyond).any()
+    assert np.array_equal(bounded.head, head1)
+    v, u = np.mgrid[0:size, 0:size]
+    source = head0[np.clip(np.round(v + bounded.flow[..., 1]), 0, size - 1).astype(int),
+                   np.clip(np.round(u + bounded.flow[..., 0]), 0, size - 1).astype(int)]  # fmt: skip
+    claimed = ndimage.binary_opening(trusting.covered & head1 & ~source, iterations=max(1, round(SLIVER * size)))
+    assert claimed.sum() > 100 and bounded.unseen[claimed].all()  # the wall the mesh claims, but not slivers
 
 
 def test_unseen_surface_is_inpainted_from_the_photo_and_openings_keep_the_render():

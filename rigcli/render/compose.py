@@ -65,6 +65,7 @@ MESH_SHUT_GAP = 0.04  # of the eye's width: the face model's lid landmarks' gap 
 LID_MEET = 0.85  # a lid that closes this much of the mesh's opening meets the lower one (the rest is lashes)
 LID_HOLD_REACH = 0.03  # of the working size: how far round shut lids the model's correction is held off
 LID_SHUT = 0.25  # an eye whose opening (over its width) shrinks less than this is left to the warp
+REVEAL_REACH = 0.01  # of the crop: how far beyond the edited head's outline (``photo_head``) a fill may reach
 SLIVER = 0.008  # of the crop: unseen surface thinner than about twice this is warped, not filled
 
 
@@ -82,6 +83,7 @@ class Correspondence:
     opening: np.ndarray  # (S, S) bool: inside the mesh's openings (the mouth's, the eyes'), no surface of θ1
     lids: np.ndarray | None = None  # (S, S) bool: the closing lids over the photo's eyes (``lid_cover``), in ``unseen``
     lashes: np.ndarray | None = None  # (S, S) in [0, 1]: the lash line where closing lids meet (``lid_cover``)
+    head: np.ndarray | None = None  # (S, S) bool: where the edited head lies (``photo_head``)
 
 
 @dataclass
@@ -250,10 +252,11 @@ def correspondence(model: FaceModel, fit0: FaceFit, fit1: FaceFit, crop_size: in
 
 
 def _correspondence(
-    model: FaceModel, fit0: FaceFit, fit1: FaceFit, crop_size: int, size: int, eyes: np.ndarray | None = None
+    model: FaceModel, fit0: FaceFit, fit1: FaceFit, crop_size: int, size: int, points: np.ndarray | None = None
 ) -> tuple[Correspondence, Geometry]:
-    """``correspondence`` and θ1's rasterization at the working size (for the render fill); ``eyes``:
-    the photo's own eye contours (landmarks 36-47, working pixels), which closing lids cover (``lid_cover``)."""
+    """``correspondence`` and θ1's rasterization at the working size (for the render fill); ``points``:
+    the photo's own 68 landmarks (working pixels): their eyes closing lids cover (``lid_cover``), their
+    jaw bounds the cheek a turn keeps in view (``photo_head``)."""
     with torch.no_grad():
         w0, w1 = rescale_fit(fit0, crop_size, size), rescale_fit(fit1, crop_size, size)
         g0, g1 = rasterize_fit(model, w0, size), rasterize_fit(model, w1, size)
@@ -290,10 +293,16 @@ def _correspondence(
     # surface θ0 shows foreshortened to a sliver (an upper lid folded under the brow that a blink
     # spreads over the eye) would be smeared by the warp: the photo has too few pixels of it
     unseen |= covered & (_source_area(flow) < STRETCH_MIN)
-    lids = lashes = None
-    if eyes is not None:
+    lids = lashes = head = None
+    if points is not None:
         lm = model.landmark_vertices[36:48]
-        lids, lashes = lid_cover(eyes, g0.screen[0, lm, :2].numpy(), g1.screen[0, lm, :2].numpy(), flow)
+        lids, lashes = lid_cover(points[36:48], g0.screen[0, lm, :2].numpy(), g1.screen[0, lm, :2].numpy(), flow)
+        head0, head = photo_head(points[:17], flow)
+        # the cheek the turn keeps in view whose source is the wall beyond the photo's cheek (the mesh
+        # outline's excess) is the person's skin to fill; what the mesh shows beyond it is not
+        unseen = (unseen | (covered & head & ~head0[src_row, src_col])) & ndimage.binary_dilation(
+            head, iterations=max(1, round(REVEAL_REACH * size))
+        )
     unseen = ndimage.binary_opening(unseen, iterations=max(1, round(SLIVER * size)))
     if lids is not None:
         unseen |= lids
@@ -314,8 +323,9 @@ def _correspondence(
     log_ratio *= (relight_weight * edge * _open_edge_weight(screen1, open_edges, size))[..., None]
     log_ratio = np.broadcast_to(log_ratio, (size, size, 3))
     corr = Correspondence(
-        size, flow.astype(np.float32), covered, seen, unseen, log_ratio.astype(np.float32), edge, hole, lids, lashes
-    )
+        size, flow.astype(np.float32), covered, seen, unseen, log_ratio.astype(np.float32), edge, hole, lids, lashes,
+        head,
+    )  # fmt: skip
     return corr, g1
 
 
@@ -374,6 +384,30 @@ def _lid_gap(eye: np.ndarray) -> float:
     width = max(float(np.linalg.norm(axis)), 1e-6)
     down = np.array([-axis[1], axis[0]]) / width  # screen y points down
     return float(((eye[5] - eye[1]) @ down + (eye[4] - eye[2]) @ down) / (2 * width))
+
+
+def photo_head(jaw: np.ndarray, flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(S, S) bool each: where the photo's head is (inside its jaw line, landmarks 0-16 in working
+    pixels, or above the jaw's ends: forehead, temples, scalp, where the mesh's outline is trusted),
+    and where the edited head lies: that moved by the backward ``flow``, or moved by a part of it
+    that grows from none at the jaw's ends (by the ears) to all of it at the chin.
+
+    A head turning about the neck keeps its outline by the temples and cheeks nearly in place while
+    its features move; the chin, in front of the axis, moves with them. The fitted mesh is often
+    wider than the real cheek: the turned mesh's outline says little about where the real cheek
+    ends. Inside the second region the head is the person's; beyond it the wall or the ear, which
+    are warped with the head, never filled with skin."""
+    size = flow.shape[0]
+    top, far = min(float(jaw[:, 1].min()), 0.0) - size, 2.0 * size
+    above = [[far, jaw[-1, 1]], [far, top], [-far, top], [-far, jaw[0, 1]]]  # level with the jaw's ends, to either side
+    head = _polygon(np.concatenate([jaw, above]), size)
+    v, u = np.mgrid[0:size, 0:size].astype(np.float32)
+    ends, chin = (jaw[0, 1] + jaw[-1, 1]) / 2, jaw[8, 1]
+    part = np.clip((v - ends) / max(chin - ends, 1.0), 0, 1)
+    edited = np.zeros_like(head)
+    for t in (1.0, part):
+        edited |= ndimage.map_coordinates(head, [v + t * flow[..., 1], u + t * flow[..., 0]], order=0, mode="nearest")
+    return head, edited
 
 
 def _polygon(points: np.ndarray, size: int) -> np.ndarray:
@@ -511,16 +545,17 @@ def physical_edit(
     floats) for the surface the photo never showed, else θ1's render is used. ``relight``: the space
     the shading ratio multiplies, "linear" light (physical) or "srgb" (the space the light is fitted
     in: ``fit_light`` models sRGB pixels as albedo x shading); benchmarks/bench_relight_space.py.
-    ``landmarks``: the photo's 68 (photo pixels), whose eyes closing lids cover (``lid_cover``).
+    ``landmarks``: the photo's 68 (photo pixels), whose eyes closing lids cover (``lid_cover``) and
+    whose jaw bounds the cheek a turn keeps in view (``photo_head``).
     """
     if relight not in RELIGHT_SPACES:
         raise ValueError(f"relight {relight!r}: one of {RELIGHT_SPACES}")
     size = work_size or working_size(crop_to_photo, crop_size)
-    eyes = None
+    points = None
     if landmarks is not None:
         work_to_photo = compose_affine(np.asarray(crop_to_photo, np.float64), resize_affine(crop_size, size))
-        eyes = apply_affine(invert_affine(work_to_photo), np.asarray(landmarks, np.float64)[36:48])
-    corr, g1 = _correspondence(model, fit0, fit1, crop_size, size, eyes)
+        points = apply_affine(invert_affine(work_to_photo), np.asarray(landmarks, np.float64))
+    corr, g1 = _correspondence(model, fit0, fit1, crop_size, size, points)
     if fill is None:
         fill = photo_fill(photo, crop_to_photo, crop_size, corr, render_fill(model, fit1, crop_size, size, g1))
     return compose_edit(photo, crop_to_photo, crop_size, corr, fill, relight)
@@ -545,7 +580,10 @@ def photo_fill(
     )
     around = ndimage.binary_dilation(corr.unseen, iterations=2)  # the warp smears the seam: not a source
     # from the head's own pixels only: a cheek turned into view at the outline is skin, not the wall
-    inpainted = harmonic_fill(moved, ~around & ndimage.binary_fill_holes(corr.covered))
+    source = ~around & ndimage.binary_fill_holes(corr.covered)
+    if corr.head is not None:  # not the wall that the mesh's outline, wider than the cheek, covers
+        source &= corr.head
+    inpainted = harmonic_fill(moved, source)
     if corr.lids is not None and corr.lids.any():
         inpainted = _closed_lids(inpainted, moved, corr.lids, corr.lashes)
     return np.where(corr.opening[..., None], render, inpainted).astype(np.float32)
