@@ -2,9 +2,10 @@
 
 The oracle: an ICT face rendered at photo scale (1024 px photo, the 256 px crop square placed in it
 at 3.5x) with a procedural texture (sinusoids of the neutral-mesh position, 8-16 px wavelengths) that
-belongs to the surface, shaded by SH light in linear light, over a textured background. The truth of
-an edit is the same renderer at θ1; the "model" is that truth resampled to a 64 px crop. The edit
-must match the truth over the surface both poses see (a few pixels in from every silhouette).
+belongs to the surface, shaded by SH light in linear light with the mesh's cast shadows
+(``buffers.shadow_visibility``), over a textured background. The truth of an edit is the same
+renderer at θ1; the "model" is that truth resampled to a 64 px crop. The edit must match the truth
+over the surface both poses see (a few pixels in from every silhouette).
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ from rigcli.render.buffers import (
     SHADOW_SOFTNESS,
     light_frame,
     light_from_direction,
+    light_split,
     rasterize_fit,
     sh_shading,
     shadow_visibility,
+    shadowed_shading,
+    skin_mask,
     skin_vertices,
 )
 from rigcli.render.compose import (
@@ -108,7 +112,12 @@ def render(model, fit: FaceFit, background) -> tuple[np.ndarray, dict]:
         geo = rasterize_fit(model, in_photo(fit), PHOTO)
         pos = geo.fragments.interpolate(model.neutral[None], model.triangles)[0]
         albedo = fit.albedo[0] * texture(pos)
-        linear = (albedo * sh_shading(geo.normals, fit.light)[0]).numpy()
+        # with the mesh's cast shadows, as a photo has them (the edit divides θ0's out, puts θ1's in)
+        direction, intensity = light_split(fit.light[0], geo.normals[0][skin_mask(model, geo)[0]])
+        points = geo.fragments.interpolate(geo.vertices_cam, model.triangles)[0]
+        vis = shadow_visibility(geo.vertices_cam[0], model.triangles, points, geo.normals[0], direction)
+        shading = shadowed_shading(sh_shading(geo.normals, fit.light)[0], geo.normals[0], direction, intensity, vis)
+        linear = (albedo * shading).numpy()
     mask = geo.fragments.mask[0].numpy()
     face = model.regions["face"][model.triangles].all(-1)[geo.fragments.triangle[0].clamp_min(0)].numpy()
     rgb = np.where(mask[..., None], linear_to_srgb(linear), background)
