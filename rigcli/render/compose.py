@@ -13,14 +13,15 @@ and after (θ1)) and the model's correction carried onto it.
    of the same surface point (θ1's normals under θ1's light over θ0's normals under θ0's light; the
    channels' mean when a white light is asked, so the skin keeps its hue), smoothed, times the cast
    shadows of θ1's light over θ0's (each pose's mesh in a shadow map from its light's direction,
-   ``buffers.shadow_visibility``: the nose's on the far cheek, the brows' in the eye sockets; at their
-   own softness, not smoothed away), clamped to [RATIO_MIN, RATIO_MAX], on the face's skin only: 1 on the ears and off the mesh (never a halo on
-   the wall), rising over SILHOUETTE_FADE inside the outline, fading over HAIR_FADE across the scalp
-   (no line at the hairline), and over a wide band where the mesh's open edge (the neck's cut) or
-   the crop square's edge crosses the face. Surface θ1 shows and θ0 hid (a cheek turned into view,
-   the opening of the mouth) is filled from ``fill`` (the model's output, crop frame, any size) or
-   else from the photo's own warped pixels around it, inpainted (``photo_fill``; the mesh's openings,
-   where θ1 has no surface, from the render of θ1).
+   ``buffers.shadow_visibility``: the nose's on the far cheek, the brows' in the eye sockets; at
+   their own softness, not smoothed away), clamped to [RATIO_MIN, RATIO_MAX], on the face's skin
+   only: 1 on the ears and off the mesh (never a halo on the wall), rising over SILHOUETTE_FADE
+   inside the outline, fading over HAIR_FADE across the scalp (no line at the hairline), and over a
+   wide band where the mesh's open edge (the neck's cut) or the crop square's edge crosses the face.
+   Surface θ1 shows and θ0 hid (a cheek turned into view, the opening of the mouth) is filled from
+   ``fill`` (the model's output, crop frame, any size) or else from the photo's own warped pixels
+   around it, inpainted (``photo_fill``; the mesh's openings, where θ1 has no surface, from the
+   render of θ1).
 3. Composition: a feathered mask over everything that changed; it fades to zero before the crop
    square's edge (where the crop reflects the photo), and outside it the photo is returned bit for bit.
    The per-photo-pixel work (sampling the fields, the warp, the relight, the fill, the blend) runs in
