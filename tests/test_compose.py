@@ -2,9 +2,10 @@
 
 The oracle: an ICT face rendered at photo scale (1024 px photo, the 256 px crop square placed in it
 at 3.5x) with a procedural texture (sinusoids of the neutral-mesh position, 8-16 px wavelengths) that
-belongs to the surface, shaded by SH light in linear light, over a textured background. The truth of
-an edit is the same renderer at θ1; the "model" is that truth resampled to a 64 px crop. The edit
-must match the truth over the surface both poses see (a few pixels in from every silhouette).
+belongs to the surface, shaded by SH light in linear light with the mesh's cast shadows
+(``buffers.shadow_visibility``), over a textured background. The truth of an edit is the same
+renderer at θ1; the "model" is that truth resampled to a 64 px crop. The edit must match the truth
+over the surface both poses see (a few pixels in from every silhouette).
 """
 
 from __future__ import annotations
@@ -17,10 +18,25 @@ import pytest
 import torch
 from scipy import ndimage
 
+from rigcli.face.model import vertex_normals
 from rigcli.face.params import FaceFit, rescale_fit
 from rigcli.image.align import compose_affine, resize_affine, warp
 from rigcli.image.metrics import psnr
-from rigcli.render.buffers import light_from_direction, rasterize_fit, sh_shading
+from rigcli.render import compose
+from rigcli.render.buffers import (
+    LIGHT_DIRECTIONS,
+    SHADOW_MAP_SIZE,
+    SHADOW_SOFTNESS,
+    light_frame,
+    light_from_direction,
+    light_split,
+    rasterize_fit,
+    sh_shading,
+    shadow_visibility,
+    shadowed_shading,
+    skin_mask,
+    skin_vertices,
+)
 from rigcli.render.compose import (
     LID_HOLD_REACH,
     LID_LIFT_MAX,
@@ -46,6 +62,7 @@ from rigcli.render.compose import (
     transfer,
     working_size,
 )
+from rigcli.render.raster import project, rasterize
 
 CROP, PHOTO, K, OFFSET = 256, 1024, 3.5, (64.0, 24.0)
 CROP_TO_PHOTO = np.array([[K, 0, OFFSET[0]], [0, K, OFFSET[1]]])
@@ -99,7 +116,12 @@ def render(model, fit: FaceFit, background) -> tuple[np.ndarray, dict]:
         geo = rasterize_fit(model, in_photo(fit), PHOTO)
         pos = geo.fragments.interpolate(model.neutral[None], model.triangles)[0]
         albedo = fit.albedo[0] * texture(pos)
-        linear = (albedo * sh_shading(geo.normals, fit.light)[0]).numpy()
+        # with the mesh's cast shadows, as a photo has them (the edit divides θ0's out, puts θ1's in)
+        direction, intensity = light_split(fit.light[0], geo.normals[0][skin_mask(model, geo)[0]])
+        points = geo.fragments.interpolate(geo.vertices_cam, model.triangles)[0]
+        vis = shadow_visibility(geo.vertices_cam[0], model.triangles, points, geo.normals[0], direction)
+        shading = shadowed_shading(sh_shading(geo.normals, fit.light)[0], geo.normals[0], direction, intensity, vis)
+        linear = (albedo * shading).numpy()
     mask = geo.fragments.mask[0].numpy()
     face = model.regions["face"][model.triangles].all(-1)[geo.fragments.triangle[0].clamp_min(0)].numpy()
     rgb = np.where(mask[..., None], linear_to_srgb(linear), background)
@@ -482,3 +504,125 @@ def test_unseen_surface_is_inpainted_from_the_photo_and_openings_keep_the_render
     print(f"inpainted unseen square: largest error {error:.2f} levels")
     assert error < 2.0
     assert np.array_equal(fill[opening], render[opening])
+
+
+def _ray_hits(origins: np.ndarray, direction: np.ndarray, corners: np.ndarray) -> np.ndarray:
+    """(N,) bool: whether the ray from each origin along ``direction`` hits any triangle (T, 3, 3) at
+    a positive distance (Moller-Trumbore)."""
+    hit = np.zeros(len(origins), bool)
+    for a, b, c in corners:
+        e1, e2 = b - a, c - a
+        h = np.cross(direction, e2)
+        det = e1 @ h
+        s = origins - a
+        u = (s @ h) / det
+        q = np.cross(s, e1)
+        v = (q @ direction) / det
+        t = (q @ e2) / det
+        hit |= (u >= 0) & (v >= 0) & (u + v <= 1) & (t > 1e-6)
+    return hit
+
+
+def test_the_shadow_map_matches_ray_casting_on_a_small_mesh():
+    """A floor (z = 0) and a small square 1.5 above it: a floor point is in the square's cast shadow
+    where its ray toward the light hits the square (a brute-force ray-triangle test). Farther than the
+    filter's reach from the shadow's edge the map's visibility is exactly that (0 or 1); the square
+    itself, the front-most surface, is wholly lit; and the edge is a penumbra, not a step."""
+    floor = [[-4, -4, 0], [4, -4, 0], [4, 4, 0], [-4, 4, 0]]
+    square = [[-1, -1, 1.5], [1, -1, 1.5], [1, 1, 1.5], [-1, 1, 1.5]]
+    vertices = torch.tensor(floor + square, dtype=torch.float32)
+    triangles = torch.tensor([[0, 1, 2], [0, 2, 3], [4, 5, 6], [4, 6, 7]])
+    direction = np.array([0.6, 0.3, 1.0]) / np.linalg.norm([0.6, 0.3, 1.0])
+    xs = np.linspace(-3.5, 3.5, 141)
+    grid = np.stack(np.meshgrid(xs, xs, indexing="ij"), -1).reshape(-1, 2)
+    points = np.concatenate([grid, np.zeros((len(grid), 1))], 1)
+    up = torch.tensor([0.0, 0.0, 1.0]).expand(len(points), 3)
+    vis = shadow_visibility(vertices, triangles, torch.tensor(points).float(), up, torch.tensor(direction)).numpy()
+    corners = vertices.numpy()[triangles[2:].numpy()].astype(np.float64)
+    shadowed = _ray_hits(points, direction, corners)
+    # the shadow is the square moved along -direction to the floor: its distance to that box's edge
+    shift = -1.5 * direction[:2] / direction[2]
+    offset = np.abs(grid - shift) - 1
+    edge = np.where(
+        (offset < 0).all(1), -offset.max(1), np.linalg.norm(np.maximum(offset, 0), axis=1)
+    )  # fmt: skip
+    extent = 8 * 1.02 * (np.abs(direction[:2]).sum() + 1)  # at most, across the light
+    reach = 2 * SHADOW_SOFTNESS * extent + 4 * extent / SHADOW_MAP_SIZE
+    far = np.abs(edge) > reach
+    print(f"{int(shadowed.sum())} of {len(points)} floor points shadowed; reach {reach:.3f}")
+    assert shadowed.sum() > 500 and far.sum() > 0.8 * len(points)
+    np.testing.assert_array_equal(vis[far], np.where(shadowed[far], 0.0, 1.0))
+    penumbra = vis[np.abs(edge) < 0.5 * SHADOW_SOFTNESS * extent]
+    assert ((penumbra > 0.1) & (penumbra < 0.9)).mean() > 0.5  # soft, not a step
+    top = torch.tensor([[x, y, 1.5] for x in np.linspace(-1, 1, 9) for y in np.linspace(-1, 1, 9)]).float()
+    assert (shadow_visibility(vertices, triangles, top, up[: len(top)], torch.tensor(direction)) == 1).all()
+
+
+@pytest.mark.parametrize("name", ["left", "top", "front"])
+def test_the_front_most_surface_seen_from_the_light_is_lit(name, face_model):
+    """The face's own surface as the light sees it (the front-most points of the mesh rasterized from
+    the light's direction) is lit: its curves do not shadow themselves (no acne), only the thin
+    penumbra where the surface behind meets an occluder's outline is partly shadowed."""
+    direction = torch.tensor(LIGHT_DIRECTIONS[name])
+    verts = face_model.neutral[None]
+    screen, _ = project(verts, light_frame(direction).float()[None], torch.tensor([10.0]), torch.tensor([[256.0, 256]]))
+    frags = rasterize(screen, face_model.triangles, 512, 512)
+    points = frags.interpolate(verts, face_model.triangles)[0]
+    normals = frags.interpolate(vertex_normals(verts, face_model.triangles), face_model.triangles)[0]
+    normals = normals / normals.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    skin = frags.interpolate(skin_vertices(face_model).float()[None, :, None], face_model.triangles)[0, ..., 0]
+    facing = frags.mask[0] & (normals @ (direction / direction.norm()) > 0.1) & (skin > 0.999)
+    vis = shadow_visibility(face_model.neutral, face_model.triangles, points, normals, direction)[facing]
+    lit = float((vis > 0.99).float().mean())
+    print(f"{name}: {int(facing.sum())} front-most skin points facing the light, {lit:.4f} lit, mean {vis.mean():.4f}")
+    assert lit > 0.97 and float(vis.mean()) > 0.99
+
+
+def _window(values: np.ndarray, point: np.ndarray, half: int = 2) -> float:
+    row, col = round(float(point[1])), round(float(point[0]))
+    return float(values[row - half : row + half + 1, col - half : col + half + 1].mean())
+
+
+def test_a_side_light_casts_the_noses_shadow_on_the_far_cheek(face_model, base_fit, monkeypatch):
+    """Issue 26: under a light from the image's left, the cheek beside the nose on the far side lies in
+    the nose's shadow: its relight ratio is far below its mirror point's on the near cheek and below
+    what SH shading alone gives (without the shadow map). A frontal light casts next to none: from a
+    photo lit from the front, a stronger frontal light's ratio is the SH one's."""
+    size = working_size(CROP_TO_PHOTO, CROP)
+    side = edited(base_fit, face_model, light=list(LIGHT_DIRECTIONS["left"]))
+    front0 = edited(base_fit, face_model, light=[0.0, 0.0, 1.0])
+    front1 = copy.copy(front0)
+    front1.light = light_from_direction(torch.tensor([0.0, 0.0, 1.0]), 1.2, 0.2)[None].float()
+    cases = {"side": (base_fit, side), "front": (front0, front1)}
+
+    def ratios() -> dict[str, np.ndarray]:
+        return {k: correspondence(face_model, f0, f1, CROP, size).log_ratio[..., 0] for k, (f0, f1) in cases.items()}
+
+    shadowed = ratios()
+    monkeypatch.setattr(compose, "shadow_visibility", lambda v, t, points, *rest: torch.ones(points.shape[:-1]))
+    flat = ratios()
+    marks = rasterize_fit(face_model, rescale_fit(side, CROP, size), size).screen[0, face_model.landmark_vertices]
+    marks = marks[:, :2].numpy()
+    far, near = (marks[35] + marks[46]) / 2, (marks[31] + marks[41]) / 2  # beside the nose, below the eyes
+    ratio = {k: (_window(shadowed["side"], p), _window(flat["side"], p)) for k, p in (("far", far), ("near", near))}
+    print(f"log ratio (with shadows, SH only): far cheek {ratio['far']}, near cheek {ratio['near']}")
+    assert ratio["far"][0] < ratio["near"][0] - 1.0
+    assert ratio["far"][0] < ratio["far"][1] - 0.25
+    assert abs(ratio["near"][0] - ratio["near"][1]) < 0.01  # the lit side: no shadow
+    change = np.abs(shadowed["front"] - flat["front"])
+    print(
+        f"frontal light: the shadows change the log ratio by {change.max():.3f} at most, {change.mean():.6f} on average"
+    )
+    assert change.mean() < 0.001 and (change > 0.05).mean() < 0.002  # thin penumbras at the outlines
+
+
+def test_an_edit_under_a_side_light_that_changes_nothing_keeps_its_shadows(face_model, base_fit, photo):
+    """θ0 fitted with a strong side light and θ1 the same: its shadows are divided out and put back at
+    the same texels, so the ratio is exactly 1 and the photo comes back bit for bit."""
+    image0, _ = photo
+    lit = edited(base_fit, face_model, light=list(LIGHT_DIRECTIONS["left"]))
+    same = edited(lit, face_model)
+    corr = correspondence(face_model, lit, same, CROP, working_size(CROP_TO_PHOTO, CROP))
+    assert not np.any(corr.log_ratio)
+    result = physical_edit(image0, CROP_TO_PHOTO, CROP, face_model, lit, same)
+    assert np.abs(result.image.astype(int) - image0).max() <= 1

@@ -51,6 +51,16 @@ _SH_NORMS = torch.tensor(
 
 BUFFER_CHANNELS = ("shaded", "normal", "albedo")
 
+# Cast shadows (``shadow_visibility``): a depth map of the mesh seen from the light, its side fitted
+# to the mesh's extent across the light; lengths below are fractions of that extent (the head's size)
+SHADOW_MAP_SIZE = 512  # texels per side of the light's depth map (about 0.5 mm on a head)
+SHADOW_SOFTNESS = 0.006  # of the extent: the PCF's radius, half the penumbra (a window light's, not a bulb's)
+SHADOW_TAPS = 7  # PCF taps per side over that radius (a Gaussian-weighted square grid)
+SHADOW_BIAS = 0.002  # of the extent: how far behind the front-most surface a point still counts as lit
+SHADOW_SLOPE_MAX = 8.0  # the receiver plane's depth slope, texels of depth per texel, at most (grazing light)
+SHADOW_KEEP = 0.25  # the least fraction of its shading a point in full shadow keeps
+SHADOW_NORMAL_OFFSET = 1.5  # texels: each point is moved this far out along its normal first (the facets' own acne)
+
 
 def sh_basis(normals: torch.Tensor) -> torch.Tensor:
     """The 9 polynomials Y(n) = [1, x, y, z, xy, xz, yz, x^2 - y^2, 3z^2 - 1], shape (..., 9)."""
@@ -161,6 +171,116 @@ def light_direction(light: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
         near = torch.cat([best[None], near / near.norm(dim=1, keepdim=True)])
         best = near[int(residual(near).argmin())]
     return best.to(light.dtype)
+
+
+def light_frame(direction: torch.Tensor) -> torch.Tensor:
+    """(3, 3) rotation whose rows are camera-space axes (a, b, d), d the unit light direction and
+    a x b = d: ``project`` with it views the mesh from the light as the camera views it from +z."""
+    d = direction.double() / direction.double().norm().clamp_min(1e-12)
+    helper = torch.tensor([0.0, 1.0, 0.0] if abs(float(d[1])) < 0.9 else [1.0, 0.0, 0.0], dtype=torch.float64)
+    a = torch.linalg.cross(helper, d)
+    a = a / a.norm()
+    return torch.stack([a, torch.linalg.cross(d, a), d])
+
+
+def shadow_visibility(
+    vertices: torch.Tensor,
+    triangles: torch.Tensor,
+    points: torch.Tensor,
+    normals: torch.Tensor,
+    direction: torch.Tensor,
+    size: int = SHADOW_MAP_SIZE,
+    softness: float = SHADOW_SOFTNESS,
+) -> torch.Tensor:
+    """How much of a directional light from ``direction`` reaches each surface point, in [0, 1]: the
+    mesh's cast (and attached) shadows, which second-order SH shading cannot hold.
+
+    ``vertices`` (V, 3): one mesh in camera space; ``points``, ``normals`` (..., 3): the camera-space
+    surface points asked about and their unit normals (zero normals: no surface, visibility 1).
+    A shadow map: the mesh rasterized orthographically along the light (no culling: an open mesh's
+    nearest surface is the occluder whichever way it faces) into ``size`` texels over its extent,
+    and each point compared with the depth there, by percentage-closer filtering over a Gaussian
+    grid of SHADOW_TAPS^2 texels within ``softness`` of the extent, so the shadow's edge is a
+    penumbra, not a staircase. Each tap compares with the point's own tangent plane carried to that
+    texel (receiver-plane depth bias, its slope capped at SHADOW_SLOPE_MAX) plus SHADOW_BIAS, so a
+    lit surface does not shadow itself. Points facing away from the light (n . d <= 0) get 1: their
+    darkness is the shading's, not a shadow's."""
+    frame = light_frame(direction).to(vertices.dtype)
+    local = vertices @ frame.T
+    lo, hi = local[:, :2].amin(0), local[:, :2].amax(0)
+    centre, extent = (lo + hi) / 2, float((hi - lo).max()) * 1.02
+    texel = extent / size
+
+    def to_map(q: torch.Tensor) -> torch.Tensor:  # light-frame points -> (u, v, depth), v down
+        u = (q[..., 0] - centre[0]) / texel + (size - 1) / 2
+        v = -(q[..., 1] - centre[1]) / texel + (size - 1) / 2
+        return torch.stack([u, v, q[..., 2]], -1)
+
+    screen = to_map(local)[None]
+    frags = rasterize(screen, triangles, size, size, cull_back=False)
+    depth = frags.interpolate(screen[..., 2:], triangles)[0, ..., 0]
+    depth = torch.where(frags.mask[0], depth, -torch.inf)
+
+    shape = points.shape[:-1]
+    n = normals.reshape(-1, 3).to(frame) @ frame.T
+    q = to_map((points.reshape(-1, 3).to(frame) @ frame.T) + SHADOW_NORMAL_OFFSET * texel * n)
+    facing = n[:, 2] > 1e-6
+    nz = n[:, 2].clamp_min(1e-6)
+    # the tangent plane's depth per texel right (u) and down (v): z = -(nx x + ny y) / nz, v = -y / texel
+    slope_u = (-n[:, 0] / nz).clamp(-SHADOW_SLOPE_MAX, SHADOW_SLOPE_MAX) * texel
+    slope_v = (n[:, 1] / nz).clamp(-SHADOW_SLOPE_MAX, SHADOW_SLOPE_MAX) * texel
+    radius = softness * size
+    steps = torch.linspace(-radius, radius, SHADOW_TAPS, dtype=frame.dtype)
+    sigma = max(radius / 2, 1e-6)
+    lit, total = torch.zeros_like(nz, dtype=torch.float64), 0.0  # a wholly lit point: exactly 1
+    for du in steps.tolist():
+        for dv in steps.tolist():
+            weight = math.exp(-(du * du + dv * dv) / (2 * sigma * sigma))
+            col, row = (q[:, 0] + du).round(), (q[:, 1] + dv).round()
+            inside = (col >= 0) & (col <= size - 1) & (row >= 0) & (row <= size - 1)
+            front = depth[row.clamp(0, size - 1).long(), col.clamp(0, size - 1).long()]
+            plane = q[:, 2] + slope_u * (col - q[:, 0]) + slope_v * (row - q[:, 1])
+            lit += weight * (~inside | (plane >= front - SHADOW_BIAS * extent)).double()
+            total += weight
+    visibility = torch.where(facing, lit / total, torch.ones_like(lit))
+    return visibility.reshape(shape).to(points.dtype)
+
+
+def light_split(light: torch.Tensor, normals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``light`` (9, 3) as ambient + intensity * max(0, n . d) over ``normals`` (N, 3), the face's
+    visible skin: the direction d (3,) (``light_direction``) and the intensity per colour (3,), by
+    least squares of those two amplitudes with d fixed (closed form over the normals' Gram matrix),
+    at least 0. The directional part is what a cast shadow takes away (``shadowed_shading``)."""
+    direction = light_direction(light, normals)
+    basis = sh_basis(normals.double().reshape(-1, 3)) * SH_CONSTANTS
+    gram = basis.T @ basis
+    flat = torch.zeros(9, dtype=torch.float64)
+    flat[0] = math.sqrt(4 * math.pi)
+    lobe = light_from_direction(direction.double(), 1.0, 0.0)[:, 0]  # the unit clamped cosine
+    target = light.double()
+    aa, al, ll = flat @ gram @ flat, flat @ gram @ lobe, lobe @ gram @ lobe
+    at, lt = flat @ gram @ target, lobe @ gram @ target  # (3,) each
+    intensity = (aa * lt - al * at) / (aa * ll - al * al).clamp_min(1e-12)
+    return direction, intensity.clamp_min(0).to(light.dtype)
+
+
+def shadowed_shading(
+    shading: torch.Tensor,
+    normals: torch.Tensor,
+    direction: torch.Tensor,
+    intensity: torch.Tensor,
+    visibility: torch.Tensor,
+) -> torch.Tensor:
+    """SH ``shading`` (..., 3) at ``normals`` (..., 3) less what the cast shadows of ``visibility``
+    (...) take: (1 - vis) times the light's directional part, ``intensity`` (3,) times the second-order
+    SH clamped cosine about ``direction`` (``light_split``), so a point in full shadow keeps the rest
+    of the light (its ambient, and what the split leaves over): the sky and the bounce that fill a
+    real shadow. A shadow never brightens, and keeps at least SHADOW_KEEP of the shading (a fitted
+    light's split is uncertain, and no face's shadow is black)."""
+    lobe = light_from_direction(direction.double(), 1.0, 0.0)[None].to(shading)
+    direct = intensity.to(shading) * sh_shading(normals.reshape(1, -1, 3).to(shading), lobe).reshape(shading.shape)
+    taken = direct.clamp_min(0).minimum((1 - SHADOW_KEEP) * shading.clamp_min(0))
+    return shading - (1 - visibility[..., None].to(shading)) * taken
 
 
 def skin_vertices(model: FaceModel, radius: float = 1.0) -> torch.Tensor:

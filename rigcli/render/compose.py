@@ -11,14 +11,17 @@ and after (θ1)) and the model's correction carried onto it.
    warped by it (bilinear; a pixel whose flow is zero is copied).
 2. Quotient-image relight: the warped photo, in linear light, times the new shading over the old one
    of the same surface point (θ1's normals under θ1's light over θ0's normals under θ0's light; the
-   channels' mean when a white light is asked, so the skin keeps its hue), smoothed, clamped to
-   [RATIO_MIN, RATIO_MAX], on the face's skin only: 1 on the ears and off the mesh (never a halo on
-   the wall), rising over SILHOUETTE_FADE inside the outline, fading over HAIR_FADE across the scalp
-   (no line at the hairline), and over a wide band where the mesh's open edge (the neck's cut) or
-   the crop square's edge crosses the face. Surface θ1 shows and θ0 hid (a cheek turned into view,
-   the opening of the mouth) is filled from ``fill`` (the model's output, crop frame, any size) or
-   else from the photo's own warped pixels around it, inpainted (``photo_fill``; the mesh's openings,
-   where θ1 has no surface, from the render of θ1).
+   channels' mean when a white light is asked, so the skin keeps its hue), smoothed, times the cast
+   shadows of θ1's light over θ0's (each pose's mesh in a shadow map from its light's direction,
+   ``buffers.shadow_visibility``: the nose's on the far cheek, the brows' in the eye sockets; at
+   their own softness, not smoothed away), clamped to [RATIO_MIN, RATIO_MAX], on the face's skin
+   only: 1 on the ears and off the mesh (never a halo on the wall), rising over SILHOUETTE_FADE
+   inside the outline, fading over HAIR_FADE across the scalp (no line at the hairline), and over a
+   wide band where the mesh's open edge (the neck's cut) or the crop square's edge crosses the face.
+   Surface θ1 shows and θ0 hid (a cheek turned into view, the opening of the mouth) is filled from
+   ``fill`` (the model's output, crop frame, any size) or else from the photo's own warped pixels
+   around it, inpainted (``photo_fill``; the mesh's openings, where θ1 has no surface, from the
+   render of θ1).
 3. Composition: a feathered mask over everything that changed; it fades to zero before the crop
    square's edge (where the crop reflects the photo), and outside it the photo is returned bit for bit.
    The per-photo-pixel work (sampling the fields, the warp, the relight, the fill, the blend) runs in
@@ -45,7 +48,16 @@ from rigcli.face.model import FaceModel, vertex_normals
 from rigcli.face.params import FaceFit, rescale_fit
 from rigcli.image.align import apply_affine, compose_affine, invert_affine, resize_affine, warp
 from rigcli.image.resample import Box, affine_grid, bands, channels, sample, support_box
-from rigcli.render.buffers import Geometry, rasterize_fit, render_buffers, sh_shading
+from rigcli.render.buffers import (
+    Geometry,
+    light_split,
+    rasterize_fit,
+    render_buffers,
+    sh_shading,
+    shadow_visibility,
+    shadowed_shading,
+    skin_mask,
+)
 
 MAX_WORK_SIZE = 512  # working resolution cap (crop pixels) for the correspondence
 RATIO_MIN, RATIO_MAX = 0.25, 4.0
@@ -66,6 +78,7 @@ LID_MEET = 0.85  # a lid that closes this much of the mesh's opening meets the l
 LID_HOLD_REACH = 0.03  # of the working size: how far round shut lids the model's correction is held off
 LID_SHUT = 0.25  # an eye whose opening (over its width) shrinks less than this is left to the warp
 REVEAL_REACH = 0.01  # of the crop: how far beyond the edited head's outline (``photo_head``) a fill may reach
+SHADOW_LIFT_MAX = 1.3  # the most the cast shadows' term brightens a point (the photo's own shadows divided out)
 SLIVER = 0.008  # of the crop: unseen surface thinner than about twice this is warped, not filled
 
 
@@ -265,8 +278,15 @@ def _correspondence(
         # shading of the same surface point: θ0's vertex normals at θ1's barycentrics
         n0 = g1.fragments.interpolate(vertex_normals(g0.vertices_cam, model.triangles), model.triangles)
         n0 = n0 / n0.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        shade1 = sh_shading(g1.normals, fit1.light)[0].numpy()
-        shade0 = sh_shading(n0, fit0.light)[0].numpy()
+        shade1 = sh_shading(g1.normals, fit1.light)[0]
+        shade0 = sh_shading(n0, fit0.light)[0]
+        # the cast shadows of each light on the same surface point, each pose's mesh its own occluder:
+        # θ0's are in the photo already (divided out), θ1's are put in
+        points1 = g1.fragments.interpolate(g1.vertices_cam, model.triangles)[0]
+        points0 = g1.fragments.interpolate(g0.vertices_cam, model.triangles)[0]
+        cast1 = _shadowed(model, g1, fit1.light[0], points1, g1.normals[0], shade1, size).numpy()
+        cast0 = _shadowed(model, g0, fit0.light[0], points0, n0[0], shade0, size).numpy()
+        shade1, shade0 = shade1.numpy(), shade0.numpy()
         kinds = torch.stack([relit_skin(model), ears(model)], -1).to(torch.float32)[None]
         kinds = g1.fragments.interpolate(kinds, model.triangles)[0].numpy()
     relight_weight = _relight_weight(kinds[..., 0] > 0.999, kinds[..., 1] > 0.001, covered, size)
@@ -311,6 +331,7 @@ def _correspondence(
     # wall), faded to 1 before the skin's edge, where the mesh ends on skin and at the crop's edge
     if not coloured:  # a white light asked: the skin keeps its hue, the ratio is the shading's grey
         shade0, shade1 = shade0.mean(-1, keepdims=True), shade1.mean(-1, keepdims=True)
+        cast0, cast1 = cast0.mean(-1, keepdims=True), cast1.mean(-1, keepdims=True)
     # second-order SH shading goes negative on the dark side: both are floored alike, so the ratio
     # of a surface point lit the same way is exactly 1 (a no-op edit is one), never a clamp's 1/4
     floor = SHADE_FLOOR * max(float(np.abs(shade0[seen]).mean()) if seen.any() else 1.0, 1e-6)
@@ -320,6 +341,15 @@ def _correspondence(
     weight = ndimage.gaussian_filter(seen.astype(np.float32), sigma)
     smooth = [ndimage.gaussian_filter(log_ratio[..., c] * seen, sigma) for c in range(log_ratio.shape[-1])]
     log_ratio = np.where(seen[..., None], np.stack(smooth, -1) / np.maximum(weight, 1e-6)[..., None], 0)
+    # the cast shadows multiply in after that smoothing, at their own softness (the shadow map's PCF):
+    # what θ1's shadows take from its shading over what θ0's took (exactly 0 where the two lights and
+    # poses agree). The photo's own shadows are divided out, but they are only as sure as the fitted
+    # light's split into ambient and direct: a broad studio light, fitted as a strong directional
+    # one, would have its phantom nose shadow lifted into a bright patch; so the lift is capped
+    shadow = np.log(np.maximum(cast1, floor) / np.maximum(shade1, floor))
+    shadow -= np.log(np.maximum(cast0, floor) / np.maximum(shade0, floor))
+    shadow = np.minimum(shadow, math.log(SHADOW_LIFT_MAX))
+    log_ratio = np.clip(log_ratio + np.where(seen[..., None], shadow, 0), math.log(RATIO_MIN), math.log(RATIO_MAX))
     log_ratio *= (relight_weight * edge * _open_edge_weight(screen1, open_edges, size))[..., None]
     log_ratio = np.broadcast_to(log_ratio, (size, size, 3))
     corr = Correspondence(
@@ -327,6 +357,25 @@ def _correspondence(
         head,
     )  # fmt: skip
     return corr, g1
+
+
+def _shadowed(
+    model: FaceModel,
+    geometry: Geometry,
+    light: torch.Tensor,
+    points: torch.Tensor,
+    normals: torch.Tensor,
+    shading: torch.Tensor,
+    size: int,
+) -> torch.Tensor:
+    """``shading`` (S, S, 3) of ``light`` (9, 3) at camera-space ``points`` with ``normals`` (S, S, 3)
+    darkened by the cast shadows of the mesh of ``geometry`` (batch 1, its own pose) from the light's
+    direction: the single light that best explains it over that pose's visible skin (``light_split``;
+    a fitted light's first-order terms alone swing tens of degrees), in a shadow map of ``size``
+    texels (``shadow_visibility``, ``shadowed_shading``)."""
+    direction, intensity = light_split(light, geometry.normals[0][skin_mask(model, geometry)[0]])
+    visibility = shadow_visibility(geometry.vertices_cam[0], model.triangles, points, normals, direction, size)
+    return shadowed_shading(shading, normals, direction, intensity, visibility)
 
 
 def lid_cover(
