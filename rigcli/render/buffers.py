@@ -224,8 +224,9 @@ def shadow_visibility(
     shape = points.shape[:-1]
     n = normals.reshape(-1, 3).to(frame) @ frame.T
     q = to_map((points.reshape(-1, 3).to(frame) @ frame.T) + SHADOW_NORMAL_OFFSET * texel * n)
-    facing = n[:, 2] > 1e-6
-    nz = n[:, 2].clamp_min(1e-6)
+    facing = n[:, 2] > 1e-6  # only these are looked up (no surface, or turned away: 1)
+    n, q = n[facing], q[facing]
+    nz = n[:, 2]
     # the tangent plane's depth per texel right (u) and down (v): z = -(nx x + ny y) / nz, v = -y / texel
     slope_u = (-n[:, 0] / nz).clamp(-SHADOW_SLOPE_MAX, SHADOW_SLOPE_MAX) * texel
     slope_v = (n[:, 1] / nz).clamp(-SHADOW_SLOPE_MAX, SHADOW_SLOPE_MAX) * texel
@@ -242,7 +243,8 @@ def shadow_visibility(
             plane = q[:, 2] + slope_u * (col - q[:, 0]) + slope_v * (row - q[:, 1])
             lit += weight * (~inside | (plane >= front - SHADOW_BIAS * extent)).double()
             total += weight
-    visibility = torch.where(facing, lit / total, torch.ones_like(lit))
+    visibility = torch.ones(facing.shape, dtype=torch.float64)
+    visibility[facing] = lit / total
     return visibility.reshape(shape).to(points.dtype)
 
 
