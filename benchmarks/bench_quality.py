@@ -48,6 +48,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for label, controls in EDITS.items():
         (result,) = edit_photos(editor, [args.photo], controls, steps=args.steps, strength=args.strength)
+        if result.error:
+            raise SystemExit(f"{args.photo}: {result.error}")
         picture = output_picture(result, "refined", False, 0)
         if args.out:
             atomic_write_bytes(args.out / f"{label.replace(' ', '-')}.png", encode_png(picture))
