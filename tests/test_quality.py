@@ -182,3 +182,82 @@ def test_the_face_in_an_output_is_the_one_where_the_photos_was(analyzer):
     for face in faces:
         prepared = SimpleNamespace(pixels=pixels, landmarks=face.landmarks)
         assert identity_distance(analyzer, prepared, pixels) == pytest.approx(0.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------- issue 27's pairs measure
+
+
+def _turned(angle: float, scale: float, shift: tuple[float, float]) -> np.ndarray:
+    """2x3: a rotation by ``angle`` degrees and a uniform ``scale``, then a ``shift``."""
+    c, s = np.cos(np.radians(angle)) * scale, np.sin(np.radians(angle)) * scale
+    return np.array([[c, -s, shift[0]], [s, c, shift[1]]])
+
+
+def test_the_similarity_of_two_point_sets_is_the_one_that_made_them():
+    from rigcli.image.align import apply_affine
+
+    rng = np.random.default_rng(2)
+    points = rng.uniform(0, 500, (68, 2))
+    for angle, scale, shift in ((12.0, 0.8, (40.0, -25.0)), (-170.0, 2.5, (-300.0, 900.0)), (0.0, 1.0, (0.0, 0.0))):
+        known = _turned(angle, scale, shift)
+        assert np.allclose(quality.similarity(points, apply_affine(known, points)), known, rtol=0, atol=1e-9)
+    # noisy points: the least-squares fit lies near the transform, and a reflection is never fitted
+    noisy = apply_affine(known, points) + rng.normal(0, 1, points.shape)
+    assert np.allclose(quality.similarity(points, noisy), known, atol=0.5)
+    mirrored = points * [-1, 1]
+    assert np.linalg.det(quality.similarity(points, mirrored)[:, :2]) > 0
+
+
+def _moved(pixels: np.ndarray, points: np.ndarray, matrix: np.ndarray, shape: tuple[int, int]):
+    """The photo and its landmarks carried by the 2x3 ``matrix`` into a frame of ``shape`` (cubic, by
+    scipy: not the bilinear ``warp`` the measure uses), and the landmarks carried along."""
+    from scipy import ndimage
+
+    from rigcli.image.align import apply_affine, invert_affine
+
+    back = invert_affine(matrix)  # frame (x, y) -> photo (x, y); scipy reads (row, column)
+    linear = back[::-1, :2][:, ::-1]
+    channels = [
+        ndimage.affine_transform(pixels[..., c].astype(np.float64), linear, back[::-1, 2], shape, order=3)
+        for c in range(3)
+    ]
+    moved = np.clip(np.stack(channels, -1), 0, 255).round().astype(np.uint8)
+    return moved, apply_affine(matrix, points)
+
+
+def test_a_photo_moved_by_a_similarity_matches_itself_and_another_photo_does_not(portrait, analyzer):
+    pixels, points = portrait
+    matrix = _turned(9.0, 0.85, (150.0, 60.0))
+    moved, moved_points = _moved(pixels, points, matrix, (900, 1300))
+    same = quality.pair_error(moved, moved_points, pixels, points)
+    assert same < 2.0  # interpolation only: two resamplings of the same pixels
+    other = read_photo(SHARED / "assets" / "real" / "obama-1.jpg").pixels
+    other_points = analyzer.find_face(other).landmarks.astype(np.float64)
+    assert quality.pair_error(other, other_points, pixels, points) > 10 * max(same, 1.0)
+    # a frame that holds half the face: the uncovered half is left out, not counted as black
+    half = moved.copy()
+    half[:, : int(moved_points[:, 0].mean())] = 0
+    cut = half[:, int(moved_points[:, 0].mean()) :]
+    cut_points = moved_points - [int(moved_points[:, 0].mean()), 0]
+    assert quality.pair_error(cut, cut_points, pixels, points) < 2.5
+    assert quality.pair_error(half, moved_points, pixels, points) > 20  # the black half, where it is in the frame
+
+
+def test_only_the_inner_face_counts(portrait):
+    pixels, points = portrait
+    matrix = _turned(-6.0, 1.1, (-80.0, 20.0))
+    moved, moved_points = _moved(pixels, points, matrix, pixels.shape[:2])
+    before = quality.pair_error(moved, moved_points, pixels, points)
+    hull = quality.face_hull(pixels.shape[:2], points)
+    inverted = 255 - pixels
+    outside = np.where(hull[..., None], pixels, inverted)  # the target changed everywhere but its inner face
+    assert quality.pair_error(moved, moved_points, outside, points) == before
+    inside = np.where(hull[..., None], inverted, pixels)
+    assert quality.pair_error(moved, moved_points, inside, points) > before + 50
+    # the output likewise: hair and wall (outside its own hull grown by two pixels) do not count
+    moved_hull = quality.signed_distance(quality.face_hull(moved.shape[:2], moved_points)) <= 2
+    repainted = np.where(moved_hull[..., None], moved, 255 - moved)
+    assert quality.pair_error(repainted, moved_points, pixels, points) == pytest.approx(before, abs=1e-9)
+    # eyes and mouth are the inner face: changing the mouth alone raises the error
+    mouth = quality._polygon(pixels.shape[:2], points[48:60])
+    assert quality.pair_error(moved, moved_points, np.where(mouth[..., None], inverted, pixels), points) > before + 1

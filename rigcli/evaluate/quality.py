@@ -16,6 +16,9 @@ Per pair (input photo, output photo), each with the landmarks dlib finds in it:
   speckle and blotches do not.
 The regions are drawn from the input's landmarks (where the photo's face, hair and wall were).
 
+``pair_error`` is issue 27's pairs measure: an edit of photo A asked to take photo B's pose,
+expression and light, aligned to B by the similarity transform of their landmarks, against B itself.
+
 ``BOUNDS`` holds the bounds issue 26 sets on the edits it names, and ``misses`` says which of them an
 edit misses: ``rig eval`` (evaluate/suite.py) and benchmarks/bench_quality.py both judge by them.
 """
@@ -30,7 +33,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull
 from skimage.draw import polygon2mask
 
-from rigcli.image.align import eye_aspect
+from rigcli.image.align import apply_affine, eye_aspect, invert_affine, warp
 
 JAW_AND_BROWS = slice(0, 27)
 NOSE_BRIDGE, NOSE_TIP = 27, 30
@@ -186,6 +189,55 @@ def measure_quality(
     pairs = [(f(before, before_points), f(after, after_points)) for f in (light_balance,)]
     pairs += [(f(before_points), f(after_points)) for f in (mouth_width, eye_opening, nose_offset)]
     return Quality(*pairs, foreign_pixels(before, after, before_points), colour_blotches(before, after, before_points))
+
+
+# ---------------------------------------------------------------- issue 27's pairs measure
+
+
+def similarity(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """2x3: the least-squares similarity (rotation, uniform scale, translation; no reflection) that maps
+    (N, 2) ``source`` points onto ``target`` (Umeyama 1991): landmarks place a face by where it is, how
+    large and how tilted; a similarity keeps its shape, so what is left is the edit's own error."""
+    source, target = np.asarray(source, np.float64), np.asarray(target, np.float64)
+    source_mean, target_mean = source.mean(0), target.mean(0)
+    s, t = source - source_mean, target - target_mean
+    u, d, vt = np.linalg.svd(t.T @ s / len(s))
+    sign = np.diag([1.0, np.sign(np.linalg.det(u) * np.linalg.det(vt))])
+    rotation = u @ sign @ vt
+    scale = float(np.trace(np.diag(d) @ sign) / (s**2).sum(1).mean())
+    offset = target_mean - scale * rotation @ source_mean
+    return np.concatenate([scale * rotation, offset[:, None]], axis=1)
+
+
+def align_to(
+    image: np.ndarray, points: np.ndarray, shape: tuple[int, int], target_points: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` (its face's landmarks ``points``) resampled into a frame of ``shape`` (H, W) where those
+    landmarks fall on ``target_points`` as nearly as a similarity can put them (``warp``: bilinear,
+    box-filtered first when it shrinks 2x or more), and (H, W) bool: the pixels the image covers."""
+    height, width = shape
+    frame_to_image = invert_affine(similarity(points, target_points))
+    aligned = warp(image, frame_to_image, max(height, width))[:height, :width]  # square, cut to the frame
+    ys, xs = np.mgrid[0:height, 0:width]
+    x, y = apply_affine(frame_to_image, np.stack([xs.ravel(), ys.ravel()], 1)).T
+    covered = (x >= 0) & (x <= image.shape[1] - 1) & (y >= 0) & (y <= image.shape[0] - 1)
+    return aligned, covered.reshape(height, width)
+
+
+def pair_error(output: np.ndarray, output_points: np.ndarray, target: np.ndarray, target_points: np.ndarray) -> float:
+    """Issue 27's pairs measure: the mean absolute difference, in 8-bit levels over all three channels,
+    between ``target`` (photo B) and ``output`` (A edited to B's pose, expression and light) aligned to
+    it by the similarity of their 68 landmarks (``align_to``), over B's inner face: the hull of its jaw
+    and brows (eyes and mouth included), less what the aligned output does not cover. Only the face
+    counts because only the face is edited (hair, clothes and wall stay A's); the similarity takes out
+    where the face sits and how large, which the edit does not set, and keeps its shape, which it does."""
+    shape = target.shape[:2]
+    aligned, covered = align_to(output, output_points, shape, target_points)
+    inner = face_hull(shape, target_points) & covered
+    if not inner.any():
+        raise ValueError("the aligned output covers none of the target's face")
+    difference = np.abs(aligned.astype(np.float64) - np.asarray(target, np.float64))
+    return float(difference[inner].mean())
 
 
 # ---------------------------------------------------------------- issue 26's bounds
