@@ -281,12 +281,12 @@ def test_an_edit_rasterises_each_fit_once_per_size(editor, album, monkeypatch):
 
     from rigcli.render import buffers
 
-    sizes = collections.Counter()
+    sizes, shadow_maps = collections.Counter(), collections.Counter()
     real = buffers.rasterize
 
-    def counted(screen, triangles, height, width):
-        sizes[height] += 1
-        return real(screen, triangles, height, width)
+    def counted(screen, triangles, height, width, cull_back=True):
+        (sizes if cull_back else shadow_maps)[height] += 1  # a shadow map sees the mesh from the light
+        return real(screen, triangles, height, width, cull_back=cull_back)
 
     monkeypatch.setattr(buffers, "rasterize", counted)
     photo = editor.prepare(album[1].path)
@@ -294,6 +294,7 @@ def test_an_edit_rasterises_each_fit_once_per_size(editor, album, monkeypatch):
     fitting = sum(sizes.values())  # the estimator's own (the light fit), not the edit's
     for strength, model_renders in ((0.3, 2), (0.0, 0)):
         sizes.clear()
+        shadow_maps.clear()
         (result,) = edit_photos(editor, [album[1].path], Controls(light="left", expression={"smile": 0.5}), steps=4,
                                 strength=strength)  # fmt: skip
         assert result.photo_output is not None
@@ -301,3 +302,4 @@ def test_an_edit_rasterises_each_fit_once_per_size(editor, album, monkeypatch):
         # size; the buffers at the model's size only when the model runs
         assert sizes[editor.size] == model_renders, dict(sizes)
         assert sum(sizes.values()) == fitting + 2 + 2 + model_renders, dict(sizes)
+        assert sum(shadow_maps.values()) == 2, dict(shadow_maps)  # θ0's light and θ1's, once each
