@@ -44,6 +44,7 @@ from rigcli.render.compose import (
     REVEAL_REACH,
     SILHOUETTE_FADE,
     SLIVER,
+    TRUST_LEVELS,
     Correspondence,
     _closed_lids,
     _correspondence,
@@ -439,6 +440,22 @@ def test_the_models_correction_keeps_brightness_whole_and_colour_coarse():
     assert kept < 0.2  # 1 without the smoothing
     tint_kept = colour[..., 16:48, 16:48].mean((0, 2, 3))
     assert torch.allclose(tint_kept, torch.tensor([0.05, 0.0, -0.05]) * 127.5, atol=0.5), tint_kept
+
+
+def test_the_models_correction_fades_where_it_misses_the_photo_unless_it_is_all_there_is():
+    """Where the model's reconstruction of the unedited crop is TRUST_LEVELS off or more, what it adds
+    to a physical edit is dropped (half at half that); at strength 1 (``trust`` off) there is no
+    physical edit to fall back on and its edit is kept whole: faded, a weak model's strength-1 edit
+    was the photo returned unchanged."""
+    size = 32
+    zero = torch.zeros(1, 3, size, size)
+    edit = torch.full((1, 3, size, size), 0.2)  # what the model did to its input: +25.5 levels of grey
+    for levels, kept in ((TRUST_LEVELS, 0.0), (TRUST_LEVELS / 2, 0.5), (0.0, 1.0)):
+        off = torch.full((1, 3, size, size), levels / 127.5)  # its reconstruction, this far off the crop
+        faded = model_correction(edit + off, zero, off, zero)
+        assert torch.allclose(faded, torch.full_like(faded, 25.5 * kept), atol=1e-3), (levels, faded.mean())
+        whole = model_correction(edit + off, zero, off, zero, trust=False)
+        assert torch.allclose(whole, torch.full_like(whole, 25.5), atol=1e-3)
 
 
 def test_the_edited_head_keeps_its_outline_by_the_ears_and_moves_it_at_the_chin():

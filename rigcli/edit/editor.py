@@ -368,7 +368,7 @@ def refine_photos(
     else:
         crops = np.stack([p.crop for p in photos])
     samples, recon, start, unedited = editor.refine(photos, before, after, crops, strength, steps, callback)
-    correction = model_correction(samples, start, recon, unedited)
+    correction = model_correction(samples, start, recon, unedited, trust=strength < 1)  # 1: the model alone
     faces = before.faces | after.faces
     refined = []
     for k, (photo, edit) in enumerate(zip(photos, physical, strict=True)):

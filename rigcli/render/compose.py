@@ -799,7 +799,7 @@ def transfer(
 
 
 def model_correction(
-    samples: torch.Tensor, start: torch.Tensor, recon: torch.Tensor, unedited: torch.Tensor
+    samples: torch.Tensor, start: torch.Tensor, recon: torch.Tensor, unedited: torch.Tensor, trust: bool = True
 ) -> torch.Tensor:
     """What the model adds to the edit it was given, in 8-bit levels at the model's size (B, 3, s, s).
 
@@ -807,13 +807,17 @@ def model_correction(
     to an unedited photo (its reconstruction error) cancels, and so does the physical edit it started
     from; ``transfer`` carries the rest onto the photo at its own size. Its colour (each channel less
     the channels' mean) is blurred by CHROMA_SIGMA of the model's size; its brightness is kept whole;
-    all of it fades out where the model's reconstruction is TRUST_LEVELS off the photo.
+    all of it fades out where the model's reconstruction is TRUST_LEVELS off the photo, unless
+    ``trust`` is off: at strength 1 there is no physical edit to fall back on, and the fade turned a
+    weak model's edit into the photo returned unchanged, without a word.
     """
     delta = ((samples - start) - (recon - unedited)) * 127.5
     # its colour is kept only at a coarse scale: a small model's per-pixel colour is speckle (green and
     # magenta flecks on the skin), while what an edit changes in colour (a lit cheek warmer) is broad
     grey = delta.mean(1, keepdim=True)
     delta = grey + _gaussian_blur(delta - grey, CHROMA_SIGMA * delta.shape[-1])
+    if not trust:
+        return delta
     # trusted where the model knows the photo: faded out where its reconstruction is off by TRUST_LEVELS
     error = _gaussian_blur((recon - unedited).abs().mean(1, keepdim=True) * 127.5, CHROMA_SIGMA * delta.shape[-1])
     return delta * (1 - error / TRUST_LEVELS).clamp(0, 1)
