@@ -23,7 +23,7 @@ from rigcli.edit.outputs import output_picture
 from rigcli.evaluate.quality import align_to, pair_error
 from rigcli.files import atomic_write_bytes
 from rigcli.image.grid import grid
-from rigcli.image.photo import encode_png
+from rigcli.image.photo import PhotoError, encode_png
 from rigcli.store import Store
 
 
@@ -66,8 +66,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     editor = Editor(Store(Path(os.environ["RIG_HOME"])), args.person)
-    a = editor.prepare(args.a)
-    target = editor.prepare(args.b, anyone=True)
+    try:
+        a = editor.prepare(args.a)
+        target = editor.prepare(args.b, anyone=True)
+    except PhotoError as exc:
+        raise SystemExit(str(exc)) from None
     outputs = {
         "A unedited": (a.pixels, np.asarray(a.landmarks, np.float64)),
         "physical edit (strength 0)": edited(editor, args.a, args.b, 0.0, args.steps),
