@@ -226,7 +226,7 @@ def run_bench(
     else:
         g = torch.Generator().manual_seed(plan.seed)
         images = (torch.rand(largest, 3, size, size, generator=g) * 2 - 1).to(device)
-        buffers = torch.rand(largest, 9, size, size, generator=g).to(device)
+        buffers = torch.rand(largest, cfg.condition_channels, size, size, generator=g).to(device)
 
     # what every engine's accuracy is measured against: the paper's computation (fp32, eager, the
     # separate elementwise passes), run in strict fp32

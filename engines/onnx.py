@@ -114,7 +114,7 @@ def export(unet: torch.nn.Module, folder: Path, image_size: int, fp16: bool = Fa
     args = (
         torch.randn(2, 3, image_size, image_size, dtype=dtype, device=device),
         torch.tensor([10, 500], device=device),
-        torch.randn(2, 9, image_size, image_size, dtype=dtype, device=device),
+        torch.randn(2, unet.cfg.condition_channels, image_size, image_size, dtype=dtype, device=device),
         torch.randn(2, unet.cfg.latent_dim, dtype=dtype, device=device),
     )
     tmp = folder / "export.tmp.onnx"

@@ -79,7 +79,9 @@ def _logger(trt):
     return trt.Logger(trt.Logger.WARNING)
 
 
-def build(onnx_path: Path, image_size: int, latent_dim: int, fp16: bool, max_batch: int) -> bytes:
+def build(
+    onnx_path: Path, image_size: int, latent_dim: int, fp16: bool, max_batch: int, buffer_channels: int = 9
+) -> bytes:
     """A serialized TensorRT engine for the ONNX UNet step, with a batch profile 1..max_batch."""
     trt = require_tensorrt()
     logger = _logger(trt)
@@ -99,7 +101,7 @@ def build(onnx_path: Path, image_size: int, latent_dim: int, fp16: bool, max_bat
     shapes = {
         "x_t": (3, image_size, image_size),
         "t": (),
-        "buffers": (9, image_size, image_size),
+        "buffers": (buffer_channels, image_size, image_size),
         "latent": (latent_dim,),
     }
     profile = builder.create_optimization_profile()
@@ -139,7 +141,7 @@ def trt_artifact(
     if on_build:
         on_build(f"building a TensorRT engine ({'fp16' if fp16 else 'fp32'}, batch 1..{max_batch}) for {key['gpu']}")
     started = time.perf_counter()
-    plan = build(onnx_path, image_size, unet.cfg.latent_dim, fp16, max_batch)
+    plan = build(onnx_path, image_size, unet.cfg.latent_dim, fp16, max_batch, unet.cfg.condition_channels)
     atomic_write_bytes(folder / "model.plan", plan)
     atomic_write_json(
         folder / "engine.json",

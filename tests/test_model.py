@@ -7,7 +7,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from rigcli import RigError
-from rigcli.diffusion.unet import PRESETS, DiffusionRig, ResBlock, count_parameters, preset
+from rigcli.diffusion.unet import (
+    PRESETS,
+    DiffusionRig,
+    ModelConfig,
+    ResBlock,
+    count_parameters,
+    paper_arguments,
+    preset,
+    widened,
+)
 
 
 def test_paper_preset_has_the_papers_size():
@@ -72,3 +81,33 @@ def test_presets_run_and_unknown_preset_is_refused():
     with pytest.raises(RigError, match="unknown preset"):
         preset("huge")
     assert preset("tiny", dropout=0.2).dropout == 0.2
+
+
+def test_a_widened_model_computes_exactly_what_its_base_did_and_learns_to_use_the_edit():
+    """Issue 27: the physical edit's channels enter through a zero convolution, so a base model
+    widened to take them gives the same noise bit for bit, whatever the edit channels hold; once that
+    convolution is not zero, the edit changes the prediction, and only the edit's channels do."""
+    torch.manual_seed(0)
+    base = DiffusionRig(PRESETS["tiny"]).eval()
+    for p in base.parameters():  # the zero-initialised output layer would hide every difference
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.02)
+    wide = widened(base).eval()
+    assert wide.cfg.edit_channels == 4 and wide.cfg.condition_channels == 13
+    assert base.cfg.condition_channels == 9 and "edit_channels" not in base.cfg.to_json()
+    assert ModelConfig.from_json(wide.cfg.to_json()) == wide.cfg
+    x, t, latent = torch.randn(2, 3, 64, 64), torch.tensor([5, 700]), torch.randn(2, 64)
+    buffers, edit = torch.randn(2, 9, 64, 64), torch.randn(2, 4, 64, 64)
+    with torch.no_grad():
+        want = base(x, t, buffers, latent)
+        assert torch.equal(wide(x, t, torch.cat([buffers, edit], 1), latent), want)
+        torch.nn.init.normal_(wide.denoisingUNet.edit_in.weight, std=0.02)
+        moved = wide(x, t, torch.cat([buffers, edit], 1), latent)
+        assert not torch.allclose(moved, want, atol=1e-4)
+        assert torch.equal(wide(x, t, torch.cat([buffers, edit], 1), latent), moved)
+    # the latent of a conditioned model is encoded from the edit's crop, the plain model's from the image
+    assert torch.equal(wide.latent_images(x, torch.cat([buffers, edit], 1)), edit[:, :3])
+    assert torch.equal(base.latent_images(x, buffers), x)
+    with pytest.raises(RigError, match="physical edit"):
+        paper_arguments(wide.cfg)
+    assert widened(wide) is wide

@@ -106,6 +106,15 @@ def finetune_command(
     augment_ratio: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Share of samples drawn from the augmented copies.")
     ] = 0.5,
+    pairs: Annotated[
+        bool,
+        typer.Option(
+            "--pairs/--no-pairs",
+            help="Train a model that refines the physical edit: it also sees the edit, and learns from the album's "
+            "own pairs (photo A physically edited toward photo B's pose, expression and light, made into the real "
+            "B). Pairs whose heads turn more than 20 degrees apart are left out.",
+        ),
+    ] = False,
 ) -> None:
     """Stage 2: fine-tune a diffusion model on one person's photos (resumes an interrupted run)."""
 
@@ -139,9 +148,10 @@ def finetune_command(
                 augment=augment,
                 augment_copies=augment_copies,
                 augment_ratio=augment_ratio,
+                pairs=pairs,
                 on_step=stepped,
                 on_copy=lambda done, total: progress.update(
-                    task, description=f"augmenting  copy {done}/{total}", completed=0
+                    task, description=f"{'pairing' if pairs else 'augmenting'}  {done}/{total}", completed=0
                 ),
             )
         except KeyboardInterrupt:
@@ -154,6 +164,8 @@ def finetune_command(
     out().print(f"{escape(name)}: {info['steps']} steps ({origin}), final loss {info['final_loss']:.4f}")
     copies = info["augmented_copies_per_photo"]
     extra = f" + {copies} augmented copies each, and mirrored samples" if copies else " (no augmentation)"
+    if pairs:
+        extra = f", as {info['pairs']} pairs of two photos and each with itself"
     out().print(f"trained on {info['photos']} album photo(s){extra}")
     if info["holdout"]:
         out().print(f"held out for `rig eval`: {', '.join(info['holdout'])}")

@@ -56,7 +56,7 @@ def model_info(cfg: ModelConfig, batch: int = 1) -> dict:
         args = (
             x,
             torch.zeros(batch, dtype=torch.long),
-            torch.randn(batch, 9, size, size),
+            torch.randn(batch, cfg.condition_channels, size, size),
             torch.randn(batch, cfg.latent_dim),
         )
         with torch.no_grad(), FlopCounterMode(display=False) as counter:

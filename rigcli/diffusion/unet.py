@@ -39,12 +39,23 @@ class ModelConfig:
     in_channels: int = 12  # noisy image 3 + buffers 9 (shaded, normal, albedo)
     out_channels: int = 3  # predicted noise (fixed variance)
     groups: int = 32
+    # issue 27: channels of the physical edit the UNet also sees (its crop 3 + the mask of surface the
+    # photo never showed 1, after the buffers); 0 is the paper's UNet. Their input convolution starts
+    # at zero, so a base model widened to take them computes exactly what it did (``widened``)
+    edit_channels: int = 0
     extra: dict = field(default_factory=dict)
+
+    @property
+    def condition_channels(self) -> int:
+        """Channels of the conditioning tensor the UNet takes with x_t: buffers (9), then the edit's."""
+        return self.in_channels - 3 + self.edit_channels
 
     def to_json(self) -> dict:
         data = asdict(self)
         data["channel_mult"] = list(self.channel_mult)
         data["attention_resolutions"] = list(self.attention_resolutions)
+        if not self.edit_channels:  # the paper's UNet: its config (and what is keyed by it) as before the field
+            del data["edit_channels"]
         return data
 
     @classmethod
@@ -101,6 +112,8 @@ def paper_arguments(cfg: ModelConfig) -> list[str]:
         problems.append(f"image size {cfg.image_size} not divisible by {2 ** (levels - 1)}")
     if not set(cfg.attention_resolutions) <= sizes:
         problems.append(f"attention at {cfg.attention_resolutions}, not all feature-map sizes of the UNet")
+    if cfg.edit_channels:
+        problems.append("an input for the physical edit (the paper's code has none)")
     if cfg.out_channels not in (3, 6):
         problems.append(f"{cfg.out_channels} output channels (the paper's code has 3, or 6 with learn_sigma)")
     if problems:
@@ -365,6 +378,9 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         ch = int(cfg.channel_mult[0] * base)
         self.input_blocks = nn.ModuleList([Step([nn.Conv2d(cfg.in_channels, ch, 3, padding=1)])])
+        # the physical edit's channels, added to the first convolution's output (a separate zero-started
+        # convolution rather than wider input weights: adding an exact zero keeps a base model bit for bit)
+        self.edit_in = zeroed(nn.Conv2d(cfg.edit_channels, ch, 3, padding=1)) if cfg.edit_channels else None
         skips, size = [ch], cfg.image_size
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.res_blocks):
@@ -397,13 +413,21 @@ class UNet(nn.Module):
         )
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, buffers: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        """Predicted noise for noisy images (B, 3, H, W) at timesteps t (B,), given buffers (B, 9, H, W)."""
+        """Predicted noise for noisy images (B, 3, H, W) at timesteps t (B,), given the buffers (B, 9, H, W),
+        followed, for a model with ``edit_channels``, by the physical edit's channels (``condition_channels``)."""
         emb = self.time_embed(timestep_embedding(t, self.cfg.base_channels).to(x_t.dtype))
-        h = torch.cat([x_t, buffers.to(x_t.dtype)], dim=1)
+        buffers = buffers.to(x_t.dtype)
+        extra = None
+        if self.edit_in is not None:
+            split = self.cfg.in_channels - 3
+            buffers, extra = buffers[:, :split], buffers[:, split:]
+        h = torch.cat([x_t, buffers], dim=1)
         latent = latent.to(x_t.dtype)
         skips = []
-        for block in self.input_blocks:
+        for i, block in enumerate(self.input_blocks):
             h = block(h, emb, latent)
+            if i == 0 and extra is not None:
+                h = h + self.edit_in(extra)
             skips.append(h)
         h = self.middle_block(h, emb, latent)
         for block in self.output_blocks:
@@ -475,6 +499,14 @@ class DiffusionRig(nn.Module):
         """64-D global latent of clean images in [-1, 1], (B, 3, H, W) -> (B, latent_dim)."""
         return self.encoder(images)
 
+    def latent_images(self, images: torch.Tensor, buffers: torch.Tensor) -> torch.Tensor:
+        """What the latent is encoded from in training: the clean images, or for a model conditioned on
+        the physical edit the edit's own crop (the target is another photo, which an edit never has)."""
+        if not self.cfg.edit_channels:
+            return images
+        start = self.cfg.in_channels - 3
+        return buffers[:, start : start + 3]
+
     def forward(
         self,
         x_t: torch.Tensor,
@@ -488,6 +520,24 @@ class DiffusionRig(nn.Module):
         if latent is None:
             latent = self.encode(images)
         return self.denoisingUNet(x_t, t, buffers, latent)
+
+
+EDIT_CHANNELS = 4  # the physically edited crop (3) and the mask of what the photo never showed (1)
+
+
+def widened(model: DiffusionRig, edit_channels: int = EDIT_CHANNELS) -> DiffusionRig:
+    """``model`` (a base model, the paper's layout) as one that also takes the physical edit: the same
+    weights, and a zero input convolution for the edit's channels, so it computes exactly what
+    ``model`` did until fine-tuning teaches it to use them."""
+    if model.cfg.edit_channels == edit_channels:
+        return model
+    if model.cfg.edit_channels:
+        raise RigError(f"the model already takes {model.cfg.edit_channels} edit channels, not {edit_channels}")
+    wide = DiffusionRig(replace(model.cfg, edit_channels=edit_channels)).to(next(model.parameters()).device)
+    missing, unexpected = wide.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("denoisingUNet.edit_in.") for k in missing):
+        raise RigError(f"cannot widen the model: missing {missing}, unexpected {unexpected}")
+    return wide.train(model.training)
 
 
 def count_parameters(module: nn.Module) -> int:

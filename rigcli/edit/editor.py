@@ -11,6 +11,10 @@ parameters and render the edited fit once. Then one of two methods:
   global latent, then sample under the edited buffers with the same latent (``invert=False``: from
   seeded noise).
 
+A model conditioned on the physical edit (``rig finetune --pairs``, issue 27) also takes the edit in
+the crop's frame and the mask of what the photo never showed (``Editor.condition``); the photo itself
+is the condition of its own reconstruction.
+
 Controls change parameters only (``edit.controls``). Writing files, sheets and sweeps: ``outputs``.
 """
 
@@ -180,6 +184,35 @@ class Editor:
     def size(self) -> int:
         return self.model.cfg.image_size
 
+    @property
+    def conditioned(self) -> bool:
+        """The model refines a physical edit it is shown (``rig finetune --pairs``)."""
+        return bool(self.model.cfg.edit_channels)
+
+    def condition(self, buffers: torch.Tensor, crops: np.ndarray, unseen: np.ndarray | None = None) -> torch.Tensor:
+        """What the UNet is conditioned on: ``buffers`` (B, 9, s, s), and for a model conditioned on the
+        physical edit, the edit's aligned crops (B, C, C, 3) uint8 in [-1, 1] and where it shows what the
+        photo never did (``unseen`` (B, C, C) in [0, 1]; None: nothing, the photo as its own edit)."""
+        if not self.conditioned:
+            return buffers
+        mask = np.zeros(crops.shape[:3], np.float32) if unseen is None else np.asarray(unseen, np.float32)
+        levels = area_resize(np.concatenate([crops.astype(np.float32), mask[..., None] * 255], -1), self.size)
+        edit = torch.cat([levels[:, :3] / 127.5 - 1.0, levels[:, 3:] / 255.0], 1)
+        return torch.cat([buffers, edit.to(buffers.device, buffers.dtype)], 1)
+
+    def crop_edits(
+        self, photos: list[PreparedPhoto], before: Rendered, after: Rendered
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The physical edit of each photo's aligned crop, in the crop's own frame, and where it filled
+        what the photo never showed: ((B, C, C, 3) uint8, (B, C, C) float32), as ``rig finetune --pairs``
+        made its training pairs."""
+        edits = [
+            physical_edit(p.crop, np.eye(2, 3), self.crop_size, self.face_model, before.fit.select([k]),
+                          after.fit.select([k]), landmarks=p.crop_landmarks)
+            for k, p in enumerate(photos)
+        ]  # fmt: skip
+        return np.stack([e.image for e in edits]), np.stack([e.fill for e in edits]).astype(np.float32)
+
     @cached_property
     def control_names(self) -> list[str]:
         """Blendshape names ``--blend`` and ``--sweep`` accept (the face model's answer)."""
@@ -249,9 +282,15 @@ class Editor:
         """The paper's edit, batched: (outputs in [-1, 1], x_T) at the model's size."""
 
         device = self.device
-        images = model_input(np.stack([p.crop for p in photos]), self.size).to(device)
+        crops = np.stack([p.crop for p in photos])
+        images = model_input(crops, self.size).to(device)
         original, changed = before.buffers.to(device), after.buffers.to(device)
         latent = self.model.encode(images)
+        edit_latent = latent
+        if self.conditioned:  # the physical edit in the crop's frame is the condition of the edited branch
+            edits, unseen = self.crop_edits(photos, before, after)
+            original, changed = self.condition(original, crops), self.condition(changed, edits, unseen)
+            edit_latent = self.model.encode(model_input(edits, self.size).to(device))
         diffusion, ts = Diffusion(), ddim_timesteps(steps)
         total = 2 * steps if invert else steps
         if start is not None:
@@ -268,7 +307,7 @@ class Editor:
         # after an inversion, sample with the very update the inversion ran backwards: clamping the x0
         # estimate would break the round trip (20 steps: 15.6 dB instead of 22.8 dB on a tiny model)
         out = ddim_sample(
-            lambda x, t: self.denoise(x, t, changed, latent), x_t, diffusion, ts, clip=not invert,
+            lambda x, t: self.denoise(x, t, changed, edit_latent), x_t, diffusion, ts, clip=not invert,
             callback=(lambda i, n: callback(offset + i, total)) if callback else None,
         )  # fmt: skip
         return out.cpu(), x_t
@@ -283,6 +322,7 @@ class Editor:
         strength: float,
         steps: int = 20,
         callback: Callable[[int, int], None] | None = None,
+        unseen: np.ndarray | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The model's part of the edit at ``strength`` in [0, 1], both branches in one batch.
 
@@ -293,8 +333,12 @@ class Editor:
         unedited crop under its own buffers. Returns (edited samples, reconstructions, the edited
         branch's input, the unedited crop), (B, 3, s, s) in [-1, 1] at the model's size s. At
         strength 0 nothing is called (and nothing rendered): the samples are the inputs.
-        """
 
+        A model conditioned on the physical edit (``unseen``: where the edit filled what the photo never
+        showed, crop frame) is run as it was trained: see ``_refine_conditioned``.
+        """
+        if self.conditioned:
+            return self._refine_conditioned(photos, before, after, physical, unseen, strength, steps, callback)
         device = self.device
         unedited = model_input(np.stack([p.crop for p in photos]), self.size)
         start = unedited if strength >= 1 else model_input(physical, self.size)
@@ -316,6 +360,50 @@ class Editor:
         )  # fmt: skip
         out = ddim_sample(
             lambda x, t: self.denoise(x, t, back, latent), x_t, diffusion, ts, clip=False,
+            callback=(lambda i, n: callback(count - 1 + i, total)) if callback else None,
+        )  # fmt: skip
+        out = out.cpu()
+        return out[:batch], out[batch:], start, unedited
+
+    def _refine_conditioned(
+        self,
+        photos: list[PreparedPhoto],
+        before: Rendered,
+        after: Rendered,
+        physical: np.ndarray,
+        unseen: np.ndarray | None,
+        strength: float,
+        steps: int,
+        callback: Callable[[int, int], None] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``refine`` for a model that sees the physical edit. The unedited crop is DDIM-inverted for
+        round(strength x steps) timesteps under its own buffers with itself as the edit (the album's
+        photo-with-itself pairs: a round trip); the physical edit takes the photo's noise so found
+        (x_t moved by sqrt(abar_t) x (edit - crop), so at timestep 0 it is the edit exactly) and is
+        sampled back under the edited buffers with the edit as the condition, which the model learnt
+        from the album's pairs to make into a real photo; the reconstruction samples the photo's own
+        x_t back. At strength 1 the edit's start is pure noise: the model's own picture of the edit."""
+        device = self.device
+        crops = np.stack([p.crop for p in photos])
+        unedited, start = model_input(crops, self.size), model_input(physical, self.size)
+        count = round(strength * steps)
+        if count == 0:
+            return start.clone(), unedited.clone(), start, unedited
+        batch = len(photos)
+        own = self.condition(before.buffers.to(device), crops)
+        edit = self.condition(after.buffers.to(device), physical, unseen)
+        own_latent = self.model.encode(unedited.to(device))
+        edit_latent = self.model.encode(start.to(device))
+        diffusion, ts = Diffusion(), ddim_timesteps(steps)[:count]
+        total = 2 * count - 1
+        x_t = ddim_invert(
+            lambda x, t: self.denoise(x, t, own, own_latent), unedited.to(device), diffusion, ts,
+            callback=(lambda i, n: callback(i, total)) if callback else None,
+        )  # fmt: skip
+        shift = diffusion.alpha_bar(ts[-1:].to(device), x_t).sqrt().to(x_t.dtype) * (start - unedited).to(device)
+        both, latent = torch.cat([edit, own]), torch.cat([edit_latent, own_latent])
+        out = ddim_sample(
+            lambda x, t: self.denoise(x, t, both, latent), torch.cat([x_t + shift, x_t]), diffusion, ts, clip=False,
             callback=(lambda i, n: callback(count - 1 + i, total)) if callback else None,
         )  # fmt: skip
         out = out.cpu()
@@ -358,16 +446,21 @@ def refine_photos(
     check_strength(strength)
     size = editor.crop_size
     physical: list[PhysicalEdit | None] = [None] * len(photos)
-    if strength < 1:
+    unseen = None
+    if strength < 1 or editor.conditioned:  # a conditioned model is shown the physical edit at any strength
         physical = [
             physical_edit(p.pixels, p.crop_to_photo, size, editor.face_model, before.fit.select([k]),
                           after.fit.select([k]), landmarks=p.landmarks)
             for k, p in enumerate(photos)
         ]  # fmt: skip
-        crops = np.stack([warp(e.image, p.crop_to_photo, size) for e, p in zip(physical, photos, strict=True)])
+        packed = np.stack([
+            warp(np.dstack([e.image, np.round(e.fill * 255).astype(np.uint8)]), p.crop_to_photo, size)
+            for e, p in zip(physical, photos, strict=True)
+        ])  # fmt: skip
+        crops, unseen = packed[..., :3], packed[..., 3].astype(np.float32) / 255
     else:
         crops = np.stack([p.crop for p in photos])
-    samples, recon, start, unedited = editor.refine(photos, before, after, crops, strength, steps, callback)
+    samples, recon, start, unedited = editor.refine(photos, before, after, crops, strength, steps, callback, unseen)
     correction = model_correction(samples, start, recon, unedited, trust=strength < 1)  # 1: the model alone
     faces = before.faces | after.faces
     refined = []

@@ -1,4 +1,6 @@
-"""Training pairs: photos with the buffers their fits render (one person, or a folder of many)."""
+"""Training pairs: photos with the buffers their fits render (one person, or a folder of many), and
+for a model conditioned on the physical edit (issue 27) the album's own pairs: photo A physically
+edited toward photo B's fitted parameters as the condition, the real B as the target."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, save
 
 from rigcli import RigError
-from rigcli.enroll import read_fit
+from rigcli.enroll import crop_landmarks, read_face, read_fit
 from rigcli.face.flame import flame_texture_id
 from rigcli.face.params import FaceFit, fit_from_json, rescale_fit
 from rigcli.face.registry import face_model_name, load_face_model
@@ -37,21 +39,44 @@ RENDER_VERSION = 1  # bump when the buffers a fit renders to change
 @dataclass
 class TrainingData:
     """Clean images in [-1, 1] (N, 3, S, S) and their buffers (N, 9, S, S); with augmentation,
-    ``groups`` (P, 1 + K): per album photo its own row index, then those of its K augmented copies."""
+    ``groups`` (P, 1 + K): per album photo its own row index, then those of its K augmented copies.
+
+    With album pairs (``pair_data``), a sample is a pair: ``pairs`` (M, 2) the rows of its source A and
+    target B, and ``edits`` (M, 4, S, S) uint8 the physical edit of A toward B's parameters and the mask
+    of what A never showed (0..255); the cross pairs come first, then each photo's pair with itself."""
 
     images: torch.Tensor
     buffers: torch.Tensor
     data_hash: str
     face_model_id: str
     groups: torch.Tensor | None = None
+    pairs: torch.Tensor | None = None
+    edits: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return int(self.images.shape[0])
+        return int(self.images.shape[0] if self.pairs is None else self.pairs.shape[0])
 
     @property
     def photos(self) -> int:
-        """Album photos (the augmented copies not counted)."""
+        """Album photos (the augmented copies and pairs not counted)."""
+        if self.pairs is not None:
+            return int(self.images.shape[0])
         return len(self) if self.groups is None else int(self.groups.shape[0])
+
+    @property
+    def cross(self) -> int:
+        """Pairs of two different photos (the first rows of ``pairs``)."""
+        return 0 if self.pairs is None else int((self.pairs[:, 0] != self.pairs[:, 1]).sum())
+
+    def take(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples ``rows``: (images in [-1, 1] (B, 3, S, S), their conditioning (B, C, S, S)), for
+        pairs the target's image and its buffers followed by the edit's crop in [-1, 1] and mask in [0, 1]."""
+        if self.pairs is None:
+            return self.images[rows], self.buffers[rows]
+        target = self.pairs[rows, 1]
+        edit = self.edits[rows].float()
+        condition = torch.cat([self.buffers[target], edit[:, :3] / 127.5 - 1.0, edit[:, 3:] / 255.0], 1)
+        return self.images[target], condition
 
     @property
     def copies(self) -> int:
@@ -140,12 +165,24 @@ def augmented_fit(
     return out
 
 
+PAIR_VERSION = 1  # bump when the pairs pair_edits makes change
+MAX_PAIR_TURN = 20.0  # degrees of yaw or pitch between A and B beyond which the warp means little: pair left out
+
+
 def person_data(
-    store, name: str, size: int, exclude: Sequence[str] = (), augment: Augment | None = None, on_copy=None
+    store,
+    name: str,
+    size: int,
+    exclude: Sequence[str] = (),
+    augment: Augment | None = None,
+    on_copy=None,
+    pairs: bool = False,
 ) -> TrainingData:
     """A person's training photos (crop + buffers at ``size``), rendered once and cached; photos
     whose ids are in ``exclude`` (held out for evaluation) are left out. With ``augment``, each
     photo's augmented copies follow the album's rows (``TrainingData.groups``), cached with them.
+    With ``pairs``, the album's pairs and their physical edits (``pair_edits``), cached with them;
+    ``on_copy`` hears the progress of either.
 
     The cache key covers the fit, the face model, the renderer, the augmentation and, for a DECA fit,
     the texture space its albedo comes from, so a refit, a new face model or a texture import makes a
@@ -164,9 +201,13 @@ def person_data(
     if any("texture_code" in p for p in fit_doc["photos"].values()):  # a DECA fit: albedo from the texture space
         parts.append(flame_texture_id(store))
     if augment is not None and augment.copies > 0:
+        if pairs:
+            raise RigError("--augment with album pairs is not supported: the pairs already show the model edits")
         parts.append(augment.key())
     else:
         augment = None
+    if pairs:
+        parts.append(["pairs", PAIR_VERSION, MAX_PAIR_TURN])
     key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
     cache = store.person_dir(name) / "cache" / f"train-{size}-{key}.safetensors"
     count = len(records)
@@ -176,8 +217,14 @@ def person_data(
         groups = torch.cat([torch.arange(count)[:, None], copies], 1)
     if cache.is_file():
         tensors = load_file(cache)
-        return TrainingData(tensors["images"], tensors["buffers"], key, fit_doc["model_id"], groups)
+        return TrainingData(
+            tensors["images"], tensors["buffers"], key, fit_doc["model_id"], groups, tensors.get("pairs"),
+            tensors.get("edits"),
+        )  # fmt: skip
     images, buffers = render_training_pairs(store, name, records, fit_doc, size)
+    extra = {}
+    if pairs:
+        extra["pairs"], extra["edits"] = pair_edits(store, name, records, fit_doc, size, on_copy)
     if augment is not None:
         more, more_buffers, _ = augmented_pairs(store, name, records, fit_doc, size, augment, on_copy)
         images, buffers = torch.cat([images, more]), torch.cat([buffers, more_buffers])
@@ -187,8 +234,8 @@ def person_data(
     # layout, since a permuted layout sends the convolutions down another path (other rounding), and a
     # run killed after building the cache must resume bit for bit
     images, buffers = images.contiguous(), buffers.contiguous()
-    atomic_write_bytes(cache, save({"images": images, "buffers": buffers}))
-    return TrainingData(images, buffers, key, fit_doc["model_id"], groups)
+    atomic_write_bytes(cache, save({"images": images, "buffers": buffers, **extra}))
+    return TrainingData(images, buffers, key, fit_doc["model_id"], groups, extra.get("pairs"), extra.get("edits"))
 
 
 def blob_data(count: int, size: int, seed: int = 0) -> TrainingData:
@@ -255,3 +302,43 @@ def augmented_pairs(
     buffers = render_buffers(model, rescale_fit(FaceFit.cat(fits), crop_size, size), size)
     tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return tensor, buffers, fits
+
+
+def pair_turn(fit: FaceFit, a: int, b: int) -> float:
+    """Degrees the head turns from photo ``a`` to photo ``b`` of a fit: the larger of yaw and pitch."""
+    return math.degrees(max(abs(float(fit.yaw[a] - fit.yaw[b])), abs(float(fit.pitch[a] - fit.pitch[b]))))
+
+
+def pair_edits(store, name: str, records, fit_doc: dict, size: int, on_pair=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The album's pairs as (pairs (M, 2) long, edits (M, 4, size, size) uint8): for every ordered pair
+    of photos A != B whose head turns at most MAX_PAIR_TURN between them, A's aligned crop physically
+    edited toward B's fitted parameters (``render.compose.physical_edit``, as ``rig edit`` makes it with
+    --pose-from B --expression-from B --light-from B) and where that edit filled surface A never
+    showed; then every photo with itself (its crop, nothing filled), so a no-op stays a no-op.
+    Deterministic: no randomness at all, and the order is the records'."""
+    model = load_face_model(store, face_model_name(fit_doc))
+    crop_size = fit_doc["crop_size"]
+    fit = fit_from_json([fit_doc["photos"][r.id] for r in records], fit_doc["identity"], model.expression_names)
+    count = len(records)
+    chosen = [(a, b) for a in range(count) for b in range(count) if a != b and pair_turn(fit, a, b) <= MAX_PAIR_TURN]
+    crops = [read_photo(store.person_dir(name) / r.aligned).pixels for r in records]
+    points = [crop_landmarks(read_face(store, name, r)) for r in records]
+
+    def shrink(image: np.ndarray) -> np.ndarray:  # (crop, crop, C) uint8 -> (C, size, size), area-averaged
+        if image.shape[0] != size:
+            channels = [Image.fromarray(image[..., c]).resize((size, size), Image.Resampling.BOX) for c in range(4)]
+            image = np.stack([np.asarray(c) for c in channels], -1)
+        return np.ascontiguousarray(image.transpose(2, 0, 1))
+
+    edits = []
+    for i, (a, b) in enumerate(chosen):
+        one, other = fit.select([a]), fit.select([b])
+        edit = physical_edit(crops[a], np.eye(2, 3), crop_size, model, one, other, landmarks=points[a])
+        unseen = np.clip(np.round(edit.fill * 255), 0, 255).astype(np.uint8)
+        edits.append(shrink(np.concatenate([edit.image, unseen[..., None]], -1)))
+        if on_pair:
+            on_pair(i + 1, len(chosen))
+    for a in range(count):
+        edits.append(shrink(np.concatenate([crops[a], np.zeros((*crops[a].shape[:2], 1), np.uint8)], -1)))
+    pairs = torch.tensor(chosen + [(a, a) for a in range(count)], dtype=torch.long).reshape(-1, 2)
+    return pairs, torch.from_numpy(np.stack(edits))

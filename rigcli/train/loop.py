@@ -41,6 +41,7 @@ class TrainConfig:
     precision: str = "fp16"
     augment_ratio: float = 0.0  # share of samples drawn from a photo's augmented copies (TrainingData.groups)
     flip: bool = False  # mirror half the samples, with their buffers (normals' x negated)
+    self_share: float = 0.25  # with album pairs: share of samples that pair a photo with itself (a no-op)
 
 
 PRECISIONS = ("fp16", "bf16", "fp32")
@@ -53,7 +54,15 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 def draw_rows(data: TrainingData, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
     """A batch's row indices: uniform over the rows; with augmentation, uniform over the album's
-    photos, each sample taken from one of that photo's copies with chance ``cfg.augment_ratio``."""
+    photos, each sample taken from one of that photo's copies with chance ``cfg.augment_ratio``; with
+    album pairs, a photo with itself with chance ``cfg.self_share``, else a pair of two photos."""
+    if data.pairs is not None:
+        cross, own = data.cross, len(data) - data.cross
+        pick = torch.rand(cfg.batch, generator=generator)
+        row = torch.randint(0, 2**62, (cfg.batch,), generator=generator)
+        if cross == 0:
+            return cross + row % own
+        return torch.where(pick < cfg.self_share, cross + row % own, row % cross)
     if data.groups is None or cfg.augment_ratio <= 0:
         return torch.randint(0, len(data), (cfg.batch,), generator=generator)
     photo = torch.randint(0, data.photos, (cfg.batch,), generator=generator)
@@ -67,8 +76,7 @@ def training_batch(data, cfg: TrainConfig, step: int, rank: int, world: int, gen
     or streamed from shards (``ShardData``: rows a function of the step, rank and world size)."""
     if not isinstance(data, TrainingData):
         return data.batch(step, cfg.batch, cfg.seed, rank, world, device)
-    index = draw_rows(data, cfg, generator)
-    x0, cond = data.images[index], data.buffers[index]
+    x0, cond = data.take(draw_rows(data, cfg, generator))
     if cfg.flip:
         x0, cond = flip_pairs(x0, cond, torch.rand(cfg.batch, generator=generator) < 0.5)
     return x0.to(device), cond.to(device)
@@ -203,12 +211,13 @@ def train(
             noise = torch.randn(x0.shape, generator=generator).to(device)
             x_t = diffusion.q_sample(x0, t, noise)
             with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
+                source = net.latent_images(x0, cond)
                 if cfg.freeze_encoder:
                     with torch.no_grad():
-                        latent = net.encode(x0)
+                        latent = net.encode(source)
                     eps = model(x_t, t, cond, latent)
                 else:
-                    eps = model(x_t, t, cond, images=x0)
+                    eps = model(x_t, t, cond, images=source)
                 loss = diffusion.loss(eps, noise, t)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -244,15 +253,16 @@ def train(
 
 @torch.no_grad()
 def write_preview(model: DiffusionRig, data, path: Path, device: str, count: int = 4) -> None:
-    """A grid: the first ``count`` training photos over samples drawn for their buffers (10 DDIM steps)."""
+    """A grid: the first ``count`` training samples over samples drawn for their buffers (10 DDIM steps);
+    with album pairs, the first pairs' targets over what the model draws from their physical edits."""
 
     if isinstance(data, TrainingData):
         count = min(count, len(data))
-        x0, cond = data.images[:count].to(device), data.buffers[:count].to(device)
+        x0, cond = (v.to(device) for v in data.take(torch.arange(count)))
     else:
         x0, cond = data.preview(count, device)
         count = len(x0)
-    latent = model.encode(x0)
+    latent = model.encode(model.latent_images(x0, cond))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(device)
     samples = ddim_sample(lambda x, t: model(x, t, cond, latent), noise, Diffusion(), ddim_timesteps(10))
     atomic_write_bytes(path, encode_png(grid([*to_uint8(x0), *to_uint8(samples)], columns=count)))

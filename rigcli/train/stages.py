@@ -18,7 +18,7 @@ import torch
 from engines.bench import BenchPlan, run_bench
 from rigcli import RigError
 from rigcli.diffusion.checkpoints import check_base_buffers, load_model, save_model
-from rigcli.diffusion.unet import DiffusionRig, preset
+from rigcli.diffusion.unet import EDIT_CHANNELS, DiffusionRig, preset, widened
 from rigcli.enroll import read_fit
 from rigcli.face.registry import load_face_model
 from rigcli.files import now_iso
@@ -62,6 +62,7 @@ def finetune(
     augment: bool | Augment | None = None,
     augment_copies: int = 4,
     augment_ratio: float = 0.5,
+    pairs: bool = False,
     on_step: Callable[[int, float], None] | None = None,
     on_copy: Callable[[int, int], None] | None = None,
 ) -> dict:
@@ -70,7 +71,10 @@ def finetune(
     ``holdout`` photos are drawn with ``seed``, kept out of training and listed in model.json
     (``holdout``) for ``rig eval``. ``augment`` (off by default) adds ``augment_copies``
     physical-edit copies of each photo (``train.data.Augment``), drawn with chance ``augment_ratio``
-    per sample, and mirrors half the samples. Resumes an interrupted run with the same settings;
+    per sample, and mirrors half the samples. ``pairs`` (issue 27) trains a model that also takes the
+    physical edit (``unet.widened``; a base model computes as before until it learns) on the album's
+    pairs (``train.data.pair_edits``): A physically edited toward B's parameters, to be made into the
+    real B; ``on_copy`` hears their making. Resumes an interrupted run with the same settings;
     ``restart`` discards it.
     """
     if not 0 <= augment_ratio <= 1:
@@ -94,8 +98,10 @@ def finetune(
         if preset_name is not None and preset(preset_name).to_json() != model.cfg.to_json():
             raise RigError(f"--preset {preset_name} does not match base model {base!r}'s configuration")
         cfg = TrainConfig(steps=steps or 5000, batch=batch or 4, lr=lr or 1e-5, seed=seed, freeze_encoder=True)
+        if pairs:
+            model = widened(model)
     else:
-        model, base_info = DiffusionRig(preset(preset_name or "tiny")), {}
+        model, base_info = DiffusionRig(preset(preset_name or "tiny", edit_channels=EDIT_CHANNELS if pairs else 0)), {}
         # from scratch there is no prior to preserve: stage 1's learning rate, encoder trained too
         cfg = TrainConfig(steps=steps or 5000, batch=batch or 4, lr=lr or 1e-4, seed=seed, freeze_encoder=False)
     cfg.checkpoint_every = checkpoint_every
@@ -106,7 +112,9 @@ def finetune(
         cfg.augment_ratio, cfg.flip = augment_ratio, True
     with store.locked(name):  # held for the whole run: one training per person at a time
         held_out = holdout_photos(store, name, holdout, seed)
-        data = person_data(store, name, model.cfg.image_size, exclude=held_out, augment=plan, on_copy=on_copy)
+        data = person_data(
+            store, name, model.cfg.image_size, exclude=held_out, augment=plan, on_copy=on_copy, pairs=pairs
+        )
         if base_info:
             check_base_buffers(base, base_info, name, data.face_model_id)
         run_dir = store.person_dir(name) / "training"
@@ -126,6 +134,7 @@ def finetune(
             "holdout": held_out,
             "photos": data.photos,
             "augmented_copies_per_photo": data.copies,
+            "pairs": data.cross,
             "train": asdict(cfg),
             "trained": now_iso(),
         }
