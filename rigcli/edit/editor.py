@@ -410,7 +410,8 @@ def edit_photos(
     if strength is not None:
         check_strength(strength)
     controls.validate(editor.control_names)
-    reference = {path: fit_reference(editor, path) for path in controls.needs_reference_fits}
+    # one fit per reference photo, however many of --light-from, --expression-from, --pose-from name it
+    reference = {path: fit_reference(editor, path) for path in dict.fromkeys(controls.needs_reference_fits)}
     results: list[EditResult] = []
     for i, source in enumerate(Path(p) for p in inputs):
         try:
