@@ -525,6 +525,30 @@ def test_eval_cross_scores_each_pairs_edit_against_the_other_photo(held_out_home
         assert np.abs(tiles[0][inner].astype(float) - tiles[3][inner]).mean() > 3  # and not B
 
 
+def test_cross_doc_keeps_a_failed_pair_and_method_with_its_reason_and_means_over_complete_pairs():
+    C, P = cross_module.CrossMethod, cross_module.CrossPair
+    labels = [cross_module.UNEDITED, cross_module.PHYSICAL, cross_module.model_label(0.3)]
+
+    def pair(a, b, errors, reason=None):
+        methods = [C(label, s, error=e, reason=None if e is not None else "no face found in the output")
+                   for label, s, e in zip(labels, (None, 0.0, 0.3), errors, strict=True)]  # fmt: skip
+        return P(a, b, Path(a), Path(b), [] if reason else methods, reason)
+
+    pairs = [pair("x", "y", (20.0, 10.0, 8.0)), pair("y", "x", (22.0, 12.0, None)), pair("x", "z", (30.0, 14.0, 13.0))]
+    pairs.append(pair("z", "x", (0, 0, 0), reason="no face: no face found"))
+    doc = cross_module.cross_doc(cross_module.CrossResult([0.3], 2, pairs))
+    assert [p["reason"] for p in doc["pairs"]] == [None, None, None, "no face: no face found"]
+    failed = doc["pairs"][1]["methods"][2]
+    assert failed["error"] is None and failed["reason"] == NO_FACE and failed["vs_physical_pct"] is None
+    assert doc["pairs"][0]["methods"][2]["vs_physical_pct"] == pytest.approx(-20.0)
+    mean = doc["mean"]  # over the pairs every method measured: the first and the third
+    assert mean["pairs"] == 2 and [m["error"] for m in mean["methods"]] == [25.0, 12.0, 10.5]
+    (verdict,) = doc["verdicts"]
+    assert verdict["vs_physical_pct"] == pytest.approx(-12.5) and verdict["better_by_bound"] is True
+    worse = cross_module.cross_doc(cross_module.CrossResult([0.3], 2, [pair("x", "y", (20.0, 10.0, 9.5))]))
+    assert worse["verdicts"][0]["better_by_bound"] is False and "misses" in worse["verdicts"][0]["text"]
+
+
 def test_eval_cross_needs_two_photos(held_out_home, tmp_path):
     for args, words in (
         (["--holdout", "1"], "--cross needs at least 2 photos to pair, got 1"),
