@@ -91,10 +91,15 @@ def test_expression_and_pose_edits_are_in_the_geometry(editor, album):
     assert abs(math.degrees(again.yaw.item()) - math.degrees(edited.yaw.item())) < 2.0
 
 
-def test_copy_controls_from_another_photo(editor, album):
+def test_copy_controls_from_another_photo(editor, album, monkeypatch):
+    from rigcli.edit import editor as editor_module
+    from rigcli.edit.editor import fit_reference
+
+    fitted = []  # a reference named by several --*-from options is fitted once
+    monkeypatch.setattr(editor_module, "fit_reference", lambda e, path: fitted.append(path) or fit_reference(e, path))
     reference = album[3].path  # a mirrored copy: its yaw has the other sign
     result = edit_photos(editor, [album[0].path], Controls(pose_from=reference, light_from=reference), steps=2)[0]
-    from rigcli.edit.editor import fit_reference
+    assert fitted == [reference]
 
     ref = fit_reference(editor, reference)
     assert torch.allclose(result.edited_fit.yaw, ref.yaw) and torch.allclose(result.edited_fit.light, ref.light)

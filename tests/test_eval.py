@@ -21,10 +21,13 @@ from typer.testing import CliRunner
 
 from rigcli import RigError
 from rigcli.cli import app
+from rigcli.edit import editor as editor_module
 from rigcli.edit.controls import LIGHT_DIRECTIONS, light_for
 from rigcli.edit.editor import refine_photos
 from rigcli.enroll import add_photos
 from rigcli.estimate.landmarks import fit_light
+from rigcli.evaluate import cross as cross_module
+from rigcli.evaluate import report as report_module
 from rigcli.evaluate import suite as suite_module
 from rigcli.evaluate.metrics import (
     DECIMALS,
@@ -34,7 +37,7 @@ from rigcli.evaluate.metrics import (
     light_error_deg,
     yaw_error_deg,
 )
-from rigcli.evaluate.quality import BOUNDS, NO_FACE, Quality, measure_quality, misses
+from rigcli.evaluate.quality import BOUNDS, NO_FACE, Quality, align_to, measure_quality, misses, pair_error
 from rigcli.evaluate.suite import (
     METRICS,
     QUALITY_METRICS,
@@ -433,6 +436,130 @@ def check_issue_26_measures(doc: dict, made: list, out) -> None:
     print(json.dumps([{e["label"]: e["quality_misses"] for e in m["edits"]} for m in doc["models"]]))
 
 
+def test_eval_cross_scores_each_pairs_edit_against_the_other_photo(held_out_home, tmp_path, monkeypatch):
+    """rig eval --cross on the two held-out photos: both ordered pairs, A unedited, the physical edit and
+    the model's edit each scored against B by pair_error on the very outputs `rig edit` writes; the mean,
+    the verdict, the sheets in report.html and the progress all follow."""
+    made = []  # (A, B, strength, the full-size output) of every edit the measure asked for
+    progress = []
+
+    edit_photos, measure_cross = cross_module.edit_photos, cross_module.measure_cross
+
+    def spy_edit(editor, inputs, controls, **kwargs):
+        results = edit_photos(editor, inputs, controls, **kwargs)
+        picture = cross_module.output_picture(results[0], "refined", False, 0)
+        made.append((inputs[0], controls.light_from, kwargs["strength"], picture))
+        assert controls.pose_from == controls.expression_from == controls.light_from != inputs[0]
+        return results
+
+    def spy_measure(*args, on_progress, **kwargs):
+        record = lambda *a: (progress.append(a), on_progress(*a))  # noqa: E731
+        return measure_cross(*args, on_progress=record, **kwargs)
+
+    fit_reference, fitted = editor_module.fit_reference, []  # each photo is fitted as a reference once
+    monkeypatch.setattr(editor_module, "fit_reference", lambda e, path: fitted.append(path) or fit_reference(e, path))
+    monkeypatch.setattr(cross_module, "edit_photos", spy_edit)
+    monkeypatch.setattr(report_module, "measure_cross", spy_measure)
+    out = tmp_path / "cross"
+    result = rig(held_out_home, "eval", "astro", "--cross", "--steps", "2", "--strength", "0.5", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "metrics.json").read_text())
+    cross = doc["cross"]
+    photos = {p["label"]: Path(p["path"]) for p in doc["photos"]}
+    first, second = photos
+    assert [(p["a"], p["b"]) for p in cross["pairs"]] == [(first, second), (second, first)]
+    labels = ["A unedited", "physical edit (strength 0)", "model edit (strength 0.5)"]
+    assert cross["strengths"] == [0.5] and cross["steps"] == 2
+    analyzer = FaceAnalyzer("hog")
+    faces = {label: read_photo(path).pixels for label, path in photos.items()}
+    points = {label: analyzer.find_face(pixels).landmarks for label, pixels in faces.items()}
+    for pair in cross["pairs"]:
+        a, b = pair["a"], pair["b"]
+        assert pair["reason"] is None and [m["label"] for m in pair["methods"]] == labels
+        by_label = {m["label"]: m for m in pair["methods"]}
+        unedited = pair_error(faces[a], points[a], faces[b], points[b])  # A's own pixels against B
+        assert by_label["A unedited"]["error"] == pytest.approx(unedited, abs=10**-DECIMALS)
+        for strength, label in ((0.0, labels[1]), (0.5, labels[2])):
+            (output,) = [o for src, ref, s, o in made if (src, ref, s) == (photos[a], photos[b], strength)]
+            found = analyzer.face_near(output, points[a])
+            want = pair_error(output, found, faces[b], points[b])
+            assert by_label[label]["error"] == pytest.approx(want, abs=10**-DECIMALS), (a, b, label)
+        physical = by_label[labels[1]]["error"]
+        for m in pair["methods"]:
+            assert m["vs_physical_pct"] == pytest.approx(100 * (m["error"] / physical - 1), abs=1e-3)
+    assert len(made) == 4  # per pair the physical edit and one model edit
+    assert sorted(fitted) == sorted(photos.values())
+    # the physical edit at strength 0 is not the photo: B's pose, expression and light were asked for
+    assert all(p["methods"][1]["error"] != p["methods"][0]["error"] for p in cross["pairs"])
+    mean = cross["mean"]
+    assert mean["pairs"] == 2 and [m["label"] for m in mean["methods"]] == labels
+    for i, m in enumerate(mean["methods"]):
+        errors = [p["methods"][i]["error"] for p in cross["pairs"]]
+        assert m["error"] == pytest.approx(np.mean(errors), abs=2 * 10**-DECIMALS)
+    (verdict,) = cross["verdicts"]
+    change = mean["methods"][2]["vs_physical_pct"]
+    assert verdict["better_by_bound"] == (change <= -10) and verdict["vs_physical_pct"] == change
+    assert verdict["text"] in result.stdout.replace("\n", "") and "mean (2 pairs)" in result.stdout
+    assert f"{mean['methods'][1]['error']:.{DECIMALS}f}" in result.stdout
+    # progress through the callback: every edit counted, to the total
+    assert [done for _, done, _ in progress] == [1, 2, 3, 4] and {total for *_, total in progress} == {4}
+    # report.html: the table and a sheet per pair, A | physical | model | B, the last tile B itself
+    page = (out / "report.html").read_text()
+    assert "<table id='cross'>" in page and html.escape(verdict["text"]) in page
+    sheets = re.findall(r"<figure class='cross' data-a='([^']*)' data-b='([^']*)'><img alt='[^']*' "
+                        r"src='data:image/jpeg;base64,([^']+)'>", page)  # fmt: skip
+    assert [(a, b) for a, b, _ in sheets] == [(first, second), (second, first)]
+    for a, b, uri in sheets:
+        image = iio.imread(base64.b64decode(uri))
+        low, high = points[b].min(0), points[b].max(0)
+        margin = 0.5 * (high - low).max()
+        x0, y0 = np.maximum(np.floor(low - margin), 0).astype(int)
+        x1, y1 = np.minimum(np.ceil(high + margin), [faces[b].shape[1], faces[b].shape[0]]).astype(int)
+        width, height = x1 - x0, y1 - y0
+        assert image.shape == (height + 8, 4 * width + 20, 3)
+        tiles = [image[4 : 4 + height, 4 + k * (width + 4) : 4 + k * (width + 4) + width] for k in range(4)]
+        assert np.abs(tiles[3].astype(float) - faces[b][y0:y1, x0:x1]).mean() < 3  # B itself
+        aligned, _ = align_to(faces[a], points[a], faces[b].shape[:2], points[b])
+        inner = slice(height // 4, 3 * height // 4), slice(width // 4, 3 * width // 4)
+        assert np.abs(tiles[0][inner].astype(float) - aligned[y0:y1, x0:x1][inner]).mean() < 3  # A aligned to B
+        assert np.abs(tiles[0][inner].astype(float) - tiles[3][inner]).mean() > 3  # and not B
+
+
+def test_cross_doc_keeps_a_failed_pair_and_method_with_its_reason_and_means_over_complete_pairs():
+    C, P = cross_module.CrossMethod, cross_module.CrossPair
+    labels = [cross_module.UNEDITED, cross_module.PHYSICAL, cross_module.model_label(0.3)]
+
+    def pair(a, b, errors, reason=None):
+        methods = [C(label, s, error=e, reason=None if e is not None else "no face found in the output")
+                   for label, s, e in zip(labels, (None, 0.0, 0.3), errors, strict=True)]  # fmt: skip
+        return P(a, b, Path(a), Path(b), [] if reason else methods, reason)
+
+    pairs = [pair("x", "y", (20.0, 10.0, 8.0)), pair("y", "x", (22.0, 12.0, None)), pair("x", "z", (30.0, 14.0, 13.0))]
+    pairs.append(pair("z", "x", (0, 0, 0), reason="no face: no face found"))
+    doc = cross_module.cross_doc(cross_module.CrossResult([0.3], 2, pairs))
+    assert [p["reason"] for p in doc["pairs"]] == [None, None, None, "no face: no face found"]
+    failed = doc["pairs"][1]["methods"][2]
+    assert failed["error"] is None and failed["reason"] == NO_FACE and failed["vs_physical_pct"] is None
+    assert doc["pairs"][0]["methods"][2]["vs_physical_pct"] == pytest.approx(-20.0)
+    mean = doc["mean"]  # over the pairs every method measured: the first and the third
+    assert mean["pairs"] == 2 and [m["error"] for m in mean["methods"]] == [25.0, 12.0, 10.5]
+    (verdict,) = doc["verdicts"]
+    assert verdict["vs_physical_pct"] == pytest.approx(-12.5) and verdict["better_by_bound"] is True
+    worse = cross_module.cross_doc(cross_module.CrossResult([0.3], 2, [pair("x", "y", (20.0, 10.0, 9.5))]))
+    assert worse["verdicts"][0]["better_by_bound"] is False and "misses" in worse["verdicts"][0]["text"]
+
+
+def test_eval_cross_needs_two_photos(held_out_home, tmp_path):
+    for args, words in (
+        (["--holdout", "1"], "--cross needs at least 2 photos to pair, got 1"),
+        (["--compare", ":2"], "--compare does not apply to --cross: run it once per model"),
+    ):
+        result = rig(held_out_home, "eval", "astro", "--cross", "--out", str(tmp_path / "x"), *args)
+        assert result.exit_code == 2 and words in result.stderr, result.output
+        assert "Traceback" not in result.output and f"error: {words}" in result.stderr.splitlines()
+    assert not (tmp_path / "x").exists()
+
+
 def test_eval_errors(held_out_home, album, tmp_path):
     store = Store(held_out_home)
     recorded = json.loads((held_out_home / "people" / "astro" / "model" / "model.json").read_text())["holdout"]
@@ -462,7 +589,9 @@ def test_eval_errors(held_out_home, album, tmp_path):
 def test_help_explains_every_option():
     result = runner.invoke(app, ["eval", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "MODEL:STEPS@ENGINE" in result.stdout
-    for option in ("--holdout", "--photos", "--model", "--compare", "--steps", "--engine", "--seed", "--out"):
+    assert "pairs measure" in result.stdout
+    options = ("--holdout", "--photos", "--model", "--compare", "--steps", "--engine", "--seed", "--out", "--cross")
+    for option in options:
         assert option in result.stdout
     finetune = runner.invoke(app, ["finetune", "--help"], env={"COLUMNS": "200"})
     assert "--holdout" in finetune.stdout and "rig eval" in finetune.stdout

@@ -303,6 +303,17 @@ def eval_command(
         typer.Option("--out", help="Folder for metrics.json and report.html (default: eval-NAME).", show_default=False),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an earlier metrics.json and report.html.")] = False,
+    cross: Annotated[
+        bool,
+        typer.Option(
+            "--cross",
+            help="Issue 27's pairs measure instead of the suite: each photo A edited to each other photo B's pose, "
+            "expression and light (as `rig edit A --pose-from B --expression-from B --light-from B`), scored "
+            "against B itself, aligned by dlib's landmarks (mean error in 8-bit levels over B's face); A unedited "
+            f"and the physical edit (strength 0) beside the model's edit at each --strength (default "
+            f"{DEFAULT_STRENGTH:g}). Needs 2+ photos.",
+        ),
+    ] = False,
 ) -> None:
     """Measure identity, fidelity and edit accuracy on photos the model did not train on.
 
@@ -312,7 +323,9 @@ def eval_command(
     balance, mouth, eyelids, nose, foreign pixels, colour blotches) and the bounds each edit misses.
     Writes metrics.json (every edit, and means per edit type, rounded to 4 decimals) and report.html
     (self-contained: the same summary, the measures with a contact sheet at the photo's size, and
-    one image grid per edit type).
+    one image grid per edit type). With --cross, the pairs measure instead: per ordered pair and on
+    the mean, each method's error and its change against the physical edit, whether the model's edit
+    is 10 % better, and a sheet per pair (A | physical | model | B, aligned to B).
     """
 
     strengths = _parse_strengths(strength)
@@ -321,12 +334,15 @@ def eval_command(
         task = progress.add_task("reading", total=None)
         run = run_eval(
             store_of(ctx), name, out_dir, holdout=holdout, photos=photos, model=model, steps=steps, engine=engine,
-            compare=compare, strengths=strengths, seed=seed, device=device, force=force,
+            compare=compare, strengths=strengths, seed=seed, device=device, force=force, cross=cross,
             on_progress=lambda label, done, total: progress.update(
                 task, description=escape(label)[:48], completed=done, total=total
             ),
         )  # fmt: skip
     doc = run.doc
+    if cross:
+        _print_cross(name, run)
+        return
     table = Table(title=f"eval {escape(name)}: {run.photos} photo(s), seed {seed}", title_justify="left")
     # the row labels stay whole; the numeric columns wrap their headers when the terminal is narrow
     table.add_column("model", min_width=max(len(m["label"]) for m in doc["models"]), no_wrap=True)
@@ -338,6 +354,37 @@ def eval_command(
         for kind, row in entry["summary"].items():
             table.add_row(escape(entry["label"]), kind, str(row["count"]), *(format_value(row[k]) for k, _ in METRICS))
     out().print(table)
+    out().print(f"metrics: {escape(str(run.metrics_path))}\nreport:  {escape(str(run.report_path))}")
+
+
+def _print_cross(name: str, run) -> None:
+    """The pairs measure's table: a row per ordered pair and the mean, per method the error (8-bit
+    levels) and its change against the physical edit; then the verdict per strength."""
+    cross = run.doc["cross"]
+    methods = cross["mean"]["methods"]
+    title = f"eval {escape(name)} --cross: {run.photos} photo(s), {cross['steps']} steps; error (vs physical edit)"
+    table = Table(title=title, title_justify="left")
+    table.add_column("A to B", no_wrap=True)
+    for method in methods:
+        table.add_column(escape(method["label"]), justify="right")
+
+    def cell(method: dict) -> str:
+        if method.get("error") is None:
+            return f"[yellow]{escape(method.get('reason') or '-')}[/]"
+        change = method["vs_physical_pct"]
+        return f"{format_value(method['error'])} ({'-' if change is None else f'{change:+.1f} %'})"
+
+    for pair in cross["pairs"]:
+        label = escape(f"{pair['a']} to {pair['b']}")
+        if pair["reason"]:
+            table.add_row(label, f"[yellow]{escape(pair['reason'])}[/]", *[""] * (len(methods) - 1))
+        else:
+            table.add_row(label, *(cell(m) for m in pair["methods"]))
+    table.add_row(f"mean ({cross['mean']['pairs']} pairs)", *(cell(m) for m in methods), style="bold")
+    out().print(table)
+    for verdict in cross["verdicts"]:
+        colour = {True: "green", False: "red", None: "yellow"}[verdict["better_by_bound"]]
+        out().print(f"[{colour}]{escape(verdict['text'])}[/]")
     out().print(f"metrics: {escape(str(run.metrics_path))}\nreport:  {escape(str(run.report_path))}")
 
 

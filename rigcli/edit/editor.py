@@ -494,16 +494,23 @@ def edit_photos(
     on_progress: Callable[[str, int, int], None] | None = None,
     strength: float | None = None,
     face: int | None = None,
+    references: dict[Path, FaceFit] | None = None,
 ) -> list[EditResult]:
     """Edit many photos: every input gets a result; one that fails (no face, unreadable) says why
     and the rest go on. Usable photos go through the model in batches of ``batch``.
 
     ``strength`` None: the paper's edit at the model's size (``output``). A strength S in [0, 1]:
-    also the photo edited at its own size (``photo_output``), by ``refine_photos``."""
+    also the photo edited at its own size (``photo_output``), by ``refine_photos``. ``references``: the
+    reference photos' fits (``fit_reference``) by path, filled in here as they are made, so that edits
+    to the same reference (rig eval --cross) fit it once."""
     if strength is not None:
         check_strength(strength)
     controls.validate(editor.control_names)
-    reference = {path: fit_reference(editor, path) for path in controls.needs_reference_fits}
+    # one fit per reference photo, however many of --light-from, --expression-from, --pose-from name it
+    reference = {} if references is None else references
+    for path in controls.needs_reference_fits:
+        if path not in reference:
+            reference[path] = fit_reference(editor, path)
     results: list[EditResult] = []
     for i, source in enumerate(Path(p) for p in inputs):
         try:

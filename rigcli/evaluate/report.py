@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image
 
 from rigcli import RigError, __version__
+from rigcli.edit.editor import DEFAULT_STRENGTH, Editor
+from rigcli.evaluate.cross import CrossResult, cross_doc, measure_cross
 from rigcli.evaluate.metrics import DECIMALS, SAME_PERSON
 from rigcli.evaluate.quality import BOUNDS, IDENTITY_BOUND, NO_FACE
 from rigcli.evaluate.suite import (
@@ -22,11 +24,13 @@ from rigcli.evaluate.suite import (
     METRICS,
     QUALITY_METRICS,
     SUITE_DOC,
+    EvalPhoto,
     Evaluation,
     ModelRun,
     ModelSpec,
     eval_photos,
     evaluate,
+    model_folder,
     parse_spec,
 )
 from rigcli.files import atomic_write_bytes, atomic_write_json, now_iso
@@ -34,24 +38,32 @@ from rigcli.image.grid import grid
 from rigcli.image.photo import encode_png
 
 
+def _settings(person: str, seed: int, photos: Sequence[EvalPhoto]) -> dict:
+    """What every metrics.json starts with: who, when, by which rig, the seed, and the photos (with
+    their files' SHA-256)."""
+    return {
+        "person": person,
+        "created": now_iso(),
+        "rig_version": __version__,
+        "seed": seed,
+        "photos": [
+            {"label": p.label, "path": str(p.path), "sha256": hashlib.sha256(p.path.read_bytes()).hexdigest()}
+            for p in photos
+        ],
+    }
+
+
 def metrics_json(evaluation: Evaluation) -> dict:
     """The evaluation as JSON: settings, photos (with their files' SHA-256), per model every edit's
     metrics and the per-type summary."""
 
     return {
-        "person": evaluation.person,
-        "created": now_iso(),
-        "rig_version": __version__,
-        "seed": evaluation.seed,
+        **_settings(evaluation.person, evaluation.seed, evaluation.photos),
         "suite": SUITE_DOC,
         "same_person_threshold": SAME_PERSON,
         "rounding": f"every number is round(value, {DECIMALS}); report.html shows the same values",
         "quality": QUALITY_DOC,
         "quality_bounds": doc_bounds(),
-        "photos": [
-            {"label": p.label, "path": str(p.path), "sha256": hashlib.sha256(p.path.read_bytes()).hexdigest()}
-            for p in evaluation.photos
-        ],
         "models": [
             {
                 "label": run.spec.label,
@@ -135,14 +147,20 @@ div.sheet figcaption { font-size: 13px; padding: 2px 6px; max-width: 100%; }
 """
 
 
+def _page_head(person: str) -> str:
+    esc = html.escape
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>rig eval {esc(person)}</title><style>{CSS}</style></head><body><h1>rig eval: {esc(person)}</h1>"
+    )
+
+
 def report_html(evaluation: Evaluation, doc: dict) -> str:
     """A self-contained page: the summary table (the values of ``doc``, metrics.json) and per edit
     type a grid, one row per photo and edit: input | edited shaded, normal | output of each model."""
     esc = html.escape
     parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>rig eval {esc(evaluation.person)}</title><style>{CSS}</style></head><body>",
-        f"<h1>rig eval: {esc(evaluation.person)}</h1>",
+        _page_head(evaluation.person),
         f"<p class='note'>{len(evaluation.photos)} photo(s): {esc(', '.join(p.label for p in evaluation.photos))}; "
         f"seed {evaluation.seed}; models: {esc(', '.join(r.spec.label for r in evaluation.runs))}. "
         f"id dist: euclidean distance of dlib's face descriptors of input and output (same person below "
@@ -257,6 +275,63 @@ def quality_section(evaluation: Evaluation, run: ModelRun, model: dict) -> list[
     return parts
 
 
+def cross_report_html(result: CrossResult, doc: dict) -> str:
+    """``rig eval --cross``'s page: the pairs measure's table (the values of ``doc``'s ``cross``, one row
+    per pair and the mean, an error and its change against the physical edit per method), the verdict
+    per strength, and per pair a sheet: A | physical edit | model edit(s) | B, each aligned to B."""
+    esc = html.escape
+    cross = doc["cross"]
+    labels = [m["label"] for m in cross["mean"]["methods"]]
+    parts = [
+        _page_head(doc["person"]),
+        f"<p class='note'>{len(doc['photos'])} photo(s): {esc(', '.join(p['label'] for p in doc['photos']))}; "
+        f"seed {doc['seed']}; model {esc(doc['model'])}, {cross['steps']} DDIM steps, engine {esc(doc['engine'])}. "
+        f"Numbers are rounded to {DECIMALS} decimals, as in metrics.json.</p>",
+        f"<h2>Issue 27's pairs measure</h2><p class='note'>{esc(cross['doc'])}</p>",
+        "<table id='cross'><thead><tr><th>A</th><th>B</th>",
+    ]
+    parts += [f"<th>{esc(label)}</th>" for label in labels]
+    parts.append("</tr></thead><tbody>")
+
+    def cell(method: dict) -> str:
+        if method.get("error") is None:
+            return f"<td class='none'>{esc(method.get('reason') or '-')}</td>"
+        change = method["vs_physical_pct"]
+        return f"<td>{format_value(method['error'])} ({'-' if change is None else f'{change:+.1f} %'})</td>"
+
+    for pair in cross["pairs"]:
+        parts.append(f"<tr data-a='{esc(pair['a'])}' data-b='{esc(pair['b'])}'><td class='name'>{esc(pair['a'])}"
+                     f"</td><td class='name'>{esc(pair['b'])}</td>")  # fmt: skip
+        if pair["reason"]:
+            parts.append(f"<td class='none' colspan='{len(labels)}'>{esc(pair['reason'])}</td></tr>")
+            continue
+        parts += [cell(m) for m in pair["methods"]]
+        parts.append("</tr>")
+    mean = cross["mean"]
+    parts.append(f"<tr data-a='mean'><td class='name' colspan='2'>mean over {mean['pairs']} pair(s)</td>")
+    parts += [cell(m) for m in mean["methods"]]
+    parts.append("</tr></tbody></table><ul class='note'>")
+    for v in cross["verdicts"]:
+        css = "none" if v["better_by_bound"] is None else ("pass" if v["better_by_bound"] else "miss")
+        parts.append(f"<li class='verdict {css}'>{esc(v['text'])}</li>")
+    parts.append("</ul>")
+    columns = " | ".join(["A", *labels[1:], "B"])
+    parts.append(
+        f"<h2>Sheets</h2><p class='note'>Per pair: {esc(columns)}; each aligned to B by the similarity of dlib's "
+        "landmarks (uncovered pixels black; a failed method black), cut around B's face.</p>"
+    )
+    for pair in result.pairs:
+        if pair.sheet is None:
+            continue
+        words = f"{pair.a} to {pair.b}"
+        parts.append(
+            f"<figure class='cross' data-a='{esc(pair.a)}' data-b='{esc(pair.b)}'><img alt='{esc(words)}' "
+            f"src='{_jpeg_uri(pair.sheet)}'><figcaption>{esc(words)}</figcaption></figure>"
+        )
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
 def doc_bounds() -> dict[str, list[str]]:
     """Issue 26's bounds per named edit, in words (metrics.json's ``quality_bounds``)."""
     return {label: [f"identity <= {IDENTITY_BOUND}", *(b.text for b in bounds)] for label, bounds in BOUNDS.items()}
@@ -274,6 +349,28 @@ def write_outputs(evaluation: Evaluation, out_dir: Path) -> tuple[Path, Path, di
     atomic_write_json(metrics_path, doc)
     atomic_write_bytes(report_path, report_html(evaluation, doc).encode("utf-8"))
     return metrics_path, report_path, doc
+
+
+def run_cross(
+    store,
+    name: str,
+    photos: Sequence[EvalPhoto],
+    spec: ModelSpec,
+    strengths: Sequence[float],
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[CrossResult, dict]:
+    """Issue 27's pairs measure on every ordered pair of ``photos`` by the model of ``spec``, and
+    metrics.json's document for it (settings, photos, the ``cross`` section)."""
+    if len(photos) < 2:
+        raise RigError(f"--cross needs at least 2 photos to pair, got {len(photos)}")
+    editor = Editor(store, name, model_folder(store, name, spec.model), device, engine=spec.engine)
+    pairs = [(p.label, p.path) for p in photos]
+    result = measure_cross(editor, pairs, strengths, spec.steps, seed=seed, on_progress=on_progress)
+    doc = _settings(name, seed, photos) | {"model": spec.model, "engine": spec.engine, "cross": cross_doc(result)}
+    return result, doc
 
 
 @dataclass
@@ -301,13 +398,15 @@ def run_eval(
     seed: int = 0,
     device: str = "cpu",
     force: bool = False,
+    cross: bool = False,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> EvalRun:
     """``rig eval``: choose the photos, run the suite on the model (and ``compare``'s, a
     ``MODEL[:STEPS][@ENGINE]`` spec), write metrics.json and report.html into ``out_dir``
     (default ``eval-NAME``); the outputs are checked before any work. ``strengths``: each model is
     run by ``rig edit``'s method at the photo's size once per strength, instead of by the paper's
-    edit at the model's size."""
+    edit at the model's size. ``cross``: issue 27's pairs measure (``cross.py``) instead of the suite, the
+    model's edit at each of ``strengths`` (default: rig edit's) beside A unedited and the physical edit."""
     for value in strengths or ():
         if not 0 <= value <= 1:
             raise RigError(f"--strength {value:g}: give values between 0 and 1")
@@ -317,6 +416,15 @@ def run_eval(
         raise RigError(f"output exists (pass --force to overwrite): {', '.join(existing)}")
     chosen = eval_photos(store, name, holdout, photos)
     first = ModelSpec(model, steps, engine)
+    if cross:
+        if compare is not None:
+            raise RigError("--compare does not apply to --cross: run it once per model")
+        result, doc = run_cross(store, name, chosen, first, strengths or [DEFAULT_STRENGTH], seed=seed,
+                                device=device, on_progress=on_progress)  # fmt: skip
+        metrics_path, report_path = output_paths(target)
+        atomic_write_json(metrics_path, doc)
+        atomic_write_bytes(report_path, cross_report_html(result, doc).encode("utf-8"))
+        return EvalRun(len(chosen), metrics_path, report_path, doc)
     specs = [first] if compare is None else [first, parse_spec(compare, first)]
     if strengths:
         specs = [replace(spec, strength=float(value)) for spec in specs for value in strengths]
