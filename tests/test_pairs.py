@@ -52,8 +52,9 @@ def test_a_pair_is_a_physical_edit_of_one_photo_toward_anothers_parameters_with_
     data = person_data(store, "astro", SIZE, pairs=True)
     count = len(records)
     cross = [(a, b) for a in range(count) for b in range(count) if a != b and pair_turn(fit, a, b) <= 20.0]
-    assert data.photos == count and data.cross == len(cross) and len(data) == len(cross) + count
-    assert [tuple(p) for p in data.pairs.tolist()] == cross + [(a, a) for a in range(count)]
+    assert data.photos == count and data.cross == 2 * len(cross) and len(data) == 2 * len(cross) + count
+    rows = [(a, b, b) for a, b in cross] + [(a, b, a) for a, b in cross] + [(a, a, a) for a in range(count)]
+    assert [tuple(p) for p in data.pairs.tolist()] == rows
     # one cross pair checked against the physical edit made directly, at the crop's size
     row = 1
     a, b = cross[row]
@@ -65,6 +66,13 @@ def test_a_pair_is_a_physical_edit_of_one_photo_toward_anothers_parameters_with_
     want = box(np.dstack([edit.image, unseen]))
     assert np.array_equal(data.edits[row].numpy(), want)
     assert (edit.image != crop).any()  # the two photos' parameters differ: the edit did something
+    # and the same edit edited back toward A's parameters, with A as its target
+    back = physical_edit(edit.image, np.eye(2, 3), fit_doc["crop_size"], model, fit.select([b]), fit.select([a]),
+                         landmarks=crop_landmarks(read_face(store, "astro", records[b])))  # fmt: skip
+    filled = np.round(np.maximum(back.fill, edit.fill) * 255).astype(np.uint8)
+    assert np.array_equal(data.edits[len(cross) + row].numpy(), box(np.dstack([back.image, filled])))
+    back_image, _ = data.take(torch.tensor([len(cross) + row]))
+    assert torch.equal(back_image[0], data.images[a])
     image, condition = data.take(torch.tensor([row]))
     assert torch.equal(image[0], data.images[b])  # the target is the real B
     assert condition.shape == (1, 13, SIZE, SIZE)
@@ -72,7 +80,7 @@ def test_a_pair_is_a_physical_edit_of_one_photo_toward_anothers_parameters_with_
     assert torch.allclose(condition[0, 9:12], torch.from_numpy(want[:3]).float() / 127.5 - 1)
     assert torch.allclose(condition[0, 12], torch.from_numpy(want[3]).float() / 255)
     # each photo with itself: its own crop as the edit, nothing filled, itself as the target
-    own_image, own = data.take(torch.tensor([len(cross)]))
+    own_image, own = data.take(torch.tensor([2 * len(cross)]))
     assert torch.equal(own_image[0], data.images[0]) and torch.equal(own[0, 9:12], data.images[0])
     assert own[0, 12].abs().sum() == 0
 
@@ -89,7 +97,7 @@ def test_pairs_are_cached_deterministic_bounded_by_the_turn_and_not_mixed_with_a
     assert torch.equal(again.edits, first.edits) and torch.equal(again.pairs, first.pairs)
     # the turn bound leaves pairs out (and is part of the cache's key)
     _, _, _, fit = album_fit(store)
-    turns = sorted({round(pair_turn(fit, a, b), 6) for a, b in first.pairs.tolist() if a != b})
+    turns = sorted({round(pair_turn(fit, a, b), 6) for a, b, _ in first.pairs.tolist() if a != b})
     assert len(turns) > 1, "the album's photos should differ in pose"
     monkeypatch.setattr(training_data, "MAX_PAIR_TURN", float(np.median(turns)))
     fewer = person_data(store, "astro", SIZE, pairs=True)
@@ -129,7 +137,7 @@ def _copy(model: DiffusionRig) -> DiffusionRig:
     return fresh
 
 
-def test_a_conditioned_models_no_op_returns_the_photo_and_its_edit_differs_from_the_physical_one(home, album):
+def test_a_conditioned_models_no_op_returns_the_photo_and_its_edit_differs_from_the_physical_one(home, album, tmp_path):
     """A conditioned model, its edit input set to non-zero weights: a no-op edit is the photo bit for bit
     at any strength (the edit's condition is the photo's own, and both branches cancel); an edit is the
     physical edit at strength 0 and something else at 0.5 and 1."""
@@ -142,7 +150,10 @@ def test_a_conditioned_models_no_op_returns_the_photo_and_its_edit_differs_from_
     save_model(folder, wide, info)
     editor = Editor(store, "astro", model_dir=folder)
     assert editor.conditioned and not Editor(store, "astro").conditioned
-    path = album[0].path
+    # at three times the size, so that the crop is a reduction of the photo (``warp``'s box filter)
+    path = tmp_path / "large.png"
+    photo = Image.open(album[0].path).convert("RGB")
+    photo.resize((3 * photo.width, 3 * photo.height), Image.Resampling.BICUBIC).save(path)
     for strength in (0.5, 1.0):
         (same,) = edit_photos(editor, [path], Controls(), steps=4, strength=strength)
         assert np.array_equal(same.photo_output, same.prepared.pixels), strength

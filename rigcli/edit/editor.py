@@ -453,11 +453,11 @@ def refine_photos(
                           after.fit.select([k]), landmarks=p.landmarks)
             for k, p in enumerate(photos)
         ]  # fmt: skip
-        packed = np.stack([
-            warp(np.dstack([e.image, np.round(e.fill * 255).astype(np.uint8)]), p.crop_to_photo, size)
-            for e, p in zip(physical, photos, strict=True)
-        ])  # fmt: skip
-        crops, unseen = packed[..., :3], packed[..., 3].astype(np.float32) / 255
+        crops = np.stack([warp(e.image, p.crop_to_photo, size) for e, p in zip(physical, photos, strict=True)])
+        # the mask as a grey picture of its own (four channels would be RGBA, whose reduction premultiplies)
+        filled = [np.repeat(np.round(e.fill * 255).astype(np.uint8)[..., None], 3, -1) for e in physical]
+        unseen = np.stack([warp(f, p.crop_to_photo, size)[..., 0] for f, p in zip(filled, photos, strict=True)])
+        unseen = unseen.astype(np.float32) / 255
     else:
         crops = np.stack([p.crop for p in photos])
     samples, recon, start, unedited = editor.refine(photos, before, after, crops, strength, steps, callback, unseen)

@@ -41,9 +41,10 @@ class TrainingData:
     """Clean images in [-1, 1] (N, 3, S, S) and their buffers (N, 9, S, S); with augmentation,
     ``groups`` (P, 1 + K): per album photo its own row index, then those of its K augmented copies.
 
-    With album pairs (``pair_data``), a sample is a pair: ``pairs`` (M, 2) the rows of its source A and
-    target B, and ``edits`` (M, 4, S, S) uint8 the physical edit of A toward B's parameters and the mask
-    of what A never showed (0..255); the cross pairs come first, then each photo's pair with itself."""
+    With album pairs (``pair_edits``), a sample is a pair: ``pairs`` (M, 3) the rows of its source, the
+    photo whose parameters it was edited toward, and its target; ``edits`` (M, 4, S, S) uint8 the
+    physical edit and the mask of what its source never showed (0..255); the pairs that edit come
+    first, then each photo with itself (source, via and target the same)."""
 
     images: torch.Tensor
     buffers: torch.Tensor
@@ -65,15 +66,15 @@ class TrainingData:
 
     @property
     def cross(self) -> int:
-        """Pairs of two different photos (the first rows of ``pairs``)."""
-        return 0 if self.pairs is None else int((self.pairs[:, 0] != self.pairs[:, 1]).sum())
+        """Pairs made by an edit (the first rows of ``pairs``); the rest pair a photo with itself."""
+        return 0 if self.pairs is None else int((self.pairs != self.pairs[:, :1]).any(1).sum())
 
     def take(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Samples ``rows``: (images in [-1, 1] (B, 3, S, S), their conditioning (B, C, S, S)), for
         pairs the target's image and its buffers followed by the edit's crop in [-1, 1] and mask in [0, 1]."""
         if self.pairs is None:
             return self.images[rows], self.buffers[rows]
-        target = self.pairs[rows, 1]
+        target = self.pairs[rows, 2]
         edit = self.edits[rows].float()
         condition = torch.cat([self.buffers[target], edit[:, :3] / 127.5 - 1.0, edit[:, 3:] / 255.0], 1)
         return self.images[target], condition
@@ -165,7 +166,7 @@ def augmented_fit(
     return out
 
 
-PAIR_VERSION = 1  # bump when the pairs pair_edits makes change
+PAIR_VERSION = 2  # bump when the pairs pair_edits makes change
 MAX_PAIR_TURN = 20.0  # degrees of yaw or pitch between A and B beyond which the warp means little: pair left out
 
 
@@ -310,12 +311,16 @@ def pair_turn(fit: FaceFit, a: int, b: int) -> float:
 
 
 def pair_edits(store, name: str, records, fit_doc: dict, size: int, on_pair=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The album's pairs as (pairs (M, 2) long, edits (M, 4, size, size) uint8): for every ordered pair
-    of photos A != B whose head turns at most MAX_PAIR_TURN between them, A's aligned crop physically
-    edited toward B's fitted parameters (``render.compose.physical_edit``, as ``rig edit`` makes it with
-    --pose-from B --expression-from B --light-from B) and where that edit filled surface A never
-    showed; then every photo with itself (its crop, nothing filled), so a no-op stays a no-op.
-    Deterministic: no randomness at all, and the order is the records'."""
+    """The album's pairs as (pairs (M, 3) long: source, via, target rows; edits (M, 4, size, size) uint8).
+
+    For every ordered pair of photos A != B whose head turns at most MAX_PAIR_TURN between them: A's
+    aligned crop physically edited toward B's fitted parameters (``render.compose.physical_edit``, as
+    ``rig edit`` makes it with --pose-from B --expression-from B --light-from B), with B as the target
+    (A, B, B); and that edit edited back toward A's parameters, with A as the target (A, B, A): a
+    physical edit of the photo whose real result is known, so the model learns to keep what the edit
+    shows and mend what it breaks, not to draw the album's photos. Then every photo with itself
+    (A, A, A: its crop, nothing filled), so a no-op stays a no-op. The mask channel: where the (last)
+    edit filled surface its input never showed. Deterministic, in the records' order."""
     model = load_face_model(store, face_model_name(fit_doc))
     crop_size = fit_doc["crop_size"]
     fit = fit_from_json([fit_doc["photos"][r.id] for r in records], fit_doc["identity"], model.expression_names)
@@ -324,21 +329,27 @@ def pair_edits(store, name: str, records, fit_doc: dict, size: int, on_pair=None
     crops = [read_photo(store.person_dir(name) / r.aligned).pixels for r in records]
     points = [crop_landmarks(read_face(store, name, r)) for r in records]
 
-    def shrink(image: np.ndarray) -> np.ndarray:  # (crop, crop, C) uint8 -> (C, size, size), area-averaged
+    def shrink(image: np.ndarray, fill: np.ndarray) -> np.ndarray:  # -> (4, size, size), area-averaged
+        unseen = np.clip(np.round(fill * 255), 0, 255).astype(np.uint8)
+        image = np.concatenate([image, unseen[..., None]], -1)
         if image.shape[0] != size:
             channels = [Image.fromarray(image[..., c]).resize((size, size), Image.Resampling.BOX) for c in range(4)]
             image = np.stack([np.asarray(c) for c in channels], -1)
         return np.ascontiguousarray(image.transpose(2, 0, 1))
 
-    edits = []
+    def edit(image: np.ndarray, a: int, b: int, landmarks: np.ndarray):
+        return physical_edit(
+            image, np.eye(2, 3), crop_size, model, fit.select([a]), fit.select([b]), landmarks=landmarks
+        )
+
+    direct, back = [], []
     for i, (a, b) in enumerate(chosen):
-        one, other = fit.select([a]), fit.select([b])
-        edit = physical_edit(crops[a], np.eye(2, 3), crop_size, model, one, other, landmarks=points[a])
-        unseen = np.clip(np.round(edit.fill * 255), 0, 255).astype(np.uint8)
-        edits.append(shrink(np.concatenate([edit.image, unseen[..., None]], -1)))
+        there = edit(crops[a], a, b, points[a])
+        direct.append(shrink(there.image, there.fill))
+        again = edit(there.image, b, a, points[b])  # the edit now shows B's pose: B's landmarks stand in
+        back.append(shrink(again.image, np.maximum(again.fill, there.fill)))
         if on_pair:
             on_pair(i + 1, len(chosen))
-    for a in range(count):
-        edits.append(shrink(np.concatenate([crops[a], np.zeros((*crops[a].shape[:2], 1), np.uint8)], -1)))
-    pairs = torch.tensor(chosen + [(a, a) for a in range(count)], dtype=torch.long).reshape(-1, 2)
-    return pairs, torch.from_numpy(np.stack(edits))
+    own = [shrink(crops[a], np.zeros(crops[a].shape[:2], np.float32)) for a in range(count)]
+    rows = [(a, b, b) for a, b in chosen] + [(a, b, a) for a, b in chosen] + [(a, a, a) for a in range(count)]
+    return torch.tensor(rows, dtype=torch.long).reshape(-1, 3), torch.from_numpy(np.stack(direct + back + own))
