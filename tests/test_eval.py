@@ -37,7 +37,16 @@ from rigcli.evaluate.metrics import (
     light_error_deg,
     yaw_error_deg,
 )
-from rigcli.evaluate.quality import BOUNDS, NO_FACE, Quality, align_to, measure_quality, misses, pair_error
+from rigcli.evaluate.quality import (
+    BOUNDS,
+    NO_FACE,
+    Quality,
+    align_to,
+    foreign_pixels,
+    measure_quality,
+    misses,
+    pair_error,
+)
 from rigcli.evaluate.suite import (
     METRICS,
     QUALITY_METRICS,
@@ -484,6 +493,10 @@ def test_eval_cross_scores_each_pairs_edit_against_the_other_photo(held_out_home
             found = analyzer.face_near(output, points[a])
             want = pair_error(output, found, faces[b], points[b])
             assert by_label[label]["error"] == pytest.approx(want, abs=10**-DECIMALS), (a, b, label)
+            # paint around A's face, against A (issue 26's foreign pixels), on the same output
+            share = 100 * foreign_pixels(faces[a], output, points[a])
+            assert by_label[label]["foreign_pct"] == pytest.approx(share, abs=0.02), (a, b, label)
+        assert by_label["A unedited"]["foreign_pct"] == 0
         physical = by_label[labels[1]]["error"]
         for m in pair["methods"]:
             assert m["vs_physical_pct"] == pytest.approx(100 * (m["error"] / physical - 1), abs=1e-3)
@@ -530,7 +543,8 @@ def test_cross_doc_keeps_a_failed_pair_and_method_with_its_reason_and_means_over
     labels = [cross_module.UNEDITED, cross_module.PHYSICAL, cross_module.model_label(0.3)]
 
     def pair(a, b, errors, reason=None):
-        methods = [C(label, s, error=e, reason=None if e is not None else "no face found in the output")
+        methods = [C(label, s, error=e, reason=None if e is not None else "no face found in the output",
+                     foreign=None if e is None else e / 4000)
                    for label, s, e in zip(labels, (None, 0.0, 0.3), errors, strict=True)]  # fmt: skip
         return P(a, b, Path(a), Path(b), [] if reason else methods, reason)
 
@@ -545,6 +559,13 @@ def test_cross_doc_keeps_a_failed_pair_and_method_with_its_reason_and_means_over
     assert mean["pairs"] == 2 and [m["error"] for m in mean["methods"]] == [25.0, 12.0, 10.5]
     (verdict,) = doc["verdicts"]
     assert verdict["vs_physical_pct"] == pytest.approx(-12.5) and verdict["better_by_bound"] is True
+    # foreign pixels: the worst pair's share per edit, against issue 26's 0.5 % bound
+    assert doc["pairs"][0]["methods"][1]["foreign_pct"] == pytest.approx(0.25)
+    physical, model = doc["foreign"]
+    assert (physical["label"], physical["max_pct"], physical["within_bound"]) == (labels[1], 0.35, True)
+    assert (model["max_pct"], model["within_bound"]) == (0.325, True)
+    louder = cross_module.cross_doc(cross_module.CrossResult([0.3], 2, [pair("x", "y", (20.0, 30.0, 9.5))]))
+    assert louder["foreign"][0]["within_bound"] is False and "over the 0.5 % bound" in louder["foreign"][0]["text"]
     worse = cross_module.cross_doc(cross_module.CrossResult([0.3], 2, [pair("x", "y", (20.0, 10.0, 9.5))]))
     assert worse["verdicts"][0]["better_by_bound"] is False and "misses" in worse["verdicts"][0]["text"]
 

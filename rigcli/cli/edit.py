@@ -385,6 +385,9 @@ def _print_cross(name: str, run) -> None:
     for verdict in cross["verdicts"]:
         colour = {True: "green", False: "red", None: "yellow"}[verdict["better_by_bound"]]
         out().print(f"[{colour}]{escape(verdict['text'])}[/]")
+    for line in cross["foreign"]:
+        colour = {True: "green", False: "red", None: "yellow"}[line["within_bound"]]
+        out().print(f"[{colour}]{escape(line['text'])}[/]")
     out().print(f"metrics: {escape(str(run.metrics_path))}\nreport:  {escape(str(run.report_path))}")
 
 

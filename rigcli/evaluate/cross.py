@@ -5,7 +5,9 @@ makes it, aligned to B by the similarity of dlib's landmarks and scored against 
 
 Per ordered pair, in one run: A unedited (what no edit scores), the physical edit alone (strength 0)
 and the model's edit at each strength asked. The model earns its keep where its edit beats the
-physical one by BOUND_PCT on the mean over pairs.
+physical one by BOUND_PCT on the mean over pairs. Each edit's foreign pixels (``quality.foreign_pixels``
+against A: paint over hair or wall around the face) are held to issue 26's bound there too, for a
+large turn toward B must not paint over hair.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from rigcli.edit.controls import Controls
 from rigcli.edit.editor import Editor, edit_photos
 from rigcli.edit.outputs import output_picture
 from rigcli.evaluate.metrics import DECIMALS
-from rigcli.evaluate.quality import NO_FACE, align_to, pair_error
+from rigcli.evaluate.quality import NO_FACE, SHARE_BOUND, align_to, foreign_pixels, pair_error
 from rigcli.image.grid import grid
 from rigcli.image.photo import PhotoError
 
@@ -36,7 +38,10 @@ CROSS_DOC = (
     "(the hull of its jaw and brows) where the aligned output covers it. Methods: A unedited (no edit at all), "
     "the physical edit alone (strength 0), the model's edit at each strength. vs_physical_pct: the error over "
     "the physical edit's, less 1, in % (negative: better). The mean is over the pairs every method measured; "
-    f"the verdict: whether the model's edit is at least {BOUND_PCT:g} % better than the physical edit there."
+    f"the verdict: whether the model's edit is at least {BOUND_PCT:g} % better than the physical edit there. "
+    "foreign_pct: the share of the band around A's face (from 0.15 eye widths inside the hull of A's jaw and "
+    "brows to 0.6 outside) whose output colour A does not show within a quarter of its eye-corner distance, by "
+    f"more than 25 levels in some channel (issue 26's measure; bound {100 * SHARE_BOUND:g} % per edit)."
 )
 
 
@@ -51,6 +56,7 @@ class CrossMethod:
     label: str
     strength: float | None  # None: A unedited
     error: float | None = None
+    foreign: float | None = None  # share of the band around A's face painted in colours A does not show there
     reason: str | None = None
     output: np.ndarray | None = None  # the full-size output (A itself for A unedited); dropped once sheeted
     points: np.ndarray | None = None  # dlib's 68 landmarks of the face in it
@@ -153,8 +159,10 @@ def measure_pair(
         pair.methods.append(method)
         if on_edit:
             on_edit(f"{a_label} to {b_label} {method.label}")
+    a_points = np.asarray(photo.landmarks, np.float64)
     for method in pair.methods:
         if method.output is not None:
+            method.foreign = foreign_pixels(photo.pixels, method.output, a_points)
             try:
                 method.error = pair_error(method.output, method.points, target.pixels, target_points)
             except ValueError as exc:
@@ -216,7 +224,8 @@ def cross_doc(result: CrossResult) -> dict:
         physical = pair.error(PHYSICAL)
         methods = [
             {"label": m.label, "strength": m.strength, "error": _round(m.error),
-             "vs_physical_pct": _round(_change(m.error, physical)), "reason": m.reason}
+             "vs_physical_pct": _round(_change(m.error, physical)),
+             "foreign_pct": None if m.foreign is None else _round(100 * m.foreign), "reason": m.reason}
             for m in pair.methods
         ]  # fmt: skip
         pairs.append({"a": pair.a, "b": pair.b, "a_path": str(pair.a_path), "b_path": str(pair.b_path),
@@ -242,6 +251,15 @@ def cross_doc(result: CrossResult) -> dict:
             text = (f"{model_label(s)} {word} issue 27's bound: {change:+.1f} % against the physical edit on the "
                     f"mean over {len(complete)} pair(s) (needs <= -{BOUND_PCT:g} %)")  # fmt: skip
         verdicts.append({"strength": s, "vs_physical_pct": change, "better_by_bound": better, "text": text})
+    foreign = []  # issue 26's bound on every pair's edit: the worst pair counts
+    for label, s in zip(labels[1:], strengths[1:], strict=True):
+        shares = [m.foreign for p in result.pairs for m in p.methods if m.label == label and m.foreign is not None]
+        worst = _round(100 * max(shares)) if shares else None
+        within = None if worst is None else worst <= 100 * SHARE_BOUND
+        text = (f"{label}: no output measured" if worst is None else
+                f"{label}: foreign pixels at most {worst:.2f} % over {len(shares)} pair(s) "
+                f"({'within' if within else 'over'} the {100 * SHARE_BOUND:g} % bound)")  # fmt: skip
+        foreign.append({"label": label, "strength": s, "max_pct": worst, "within_bound": within, "text": text})
     return {
         "doc": CROSS_DOC,
         "steps": result.steps,
@@ -250,4 +268,5 @@ def cross_doc(result: CrossResult) -> dict:
         "pairs": pairs,
         "mean": mean,
         "verdicts": verdicts,
+        "foreign": foreign,
     }

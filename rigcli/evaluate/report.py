@@ -314,6 +314,9 @@ def cross_report_html(result: CrossResult, doc: dict) -> str:
     for v in cross["verdicts"]:
         css = "none" if v["better_by_bound"] is None else ("pass" if v["better_by_bound"] else "miss")
         parts.append(f"<li class='verdict {css}'>{esc(v['text'])}</li>")
+    for line in cross["foreign"]:
+        css = "none" if line["within_bound"] is None else ("pass" if line["within_bound"] else "miss")
+        parts.append(f"<li class='foreign {css}'>{esc(line['text'])}</li>")
     parts.append("</ul>")
     columns = " | ".join(["A", *labels[1:], "B"])
     parts.append(
