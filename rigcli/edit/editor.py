@@ -382,7 +382,8 @@ class Editor:
         (x_t moved by sqrt(abar_t) x (edit - crop), so at timestep 0 it is the edit exactly) and is
         sampled back under the edited buffers with the edit as the condition, which the model learnt
         from the album's pairs to make into a real photo; the reconstruction samples the photo's own
-        x_t back. At strength 1 the edit's start is pure noise: the model's own picture of the edit."""
+        x_t back. At strength 1 the shift all but vanishes (abar_T is 4e-5): the model's own picture of
+        the edit, drawn from the photo's x_T, as the paper's edit is."""
         device = self.device
         crops = np.stack([p.crop for p in photos])
         unedited, start = model_input(crops, self.size), model_input(physical, self.size)
@@ -437,9 +438,10 @@ def refine_photos(
     """The edit at the photos' own size: the physical edit, refined by the model as far as ``strength``.
 
     Per photo: the physical edit (``compose.physical_edit``; skipped at strength 1, where the model
-    starts from the photo itself); the model's two branches (``Editor.refine``); and what the model
-    added (``compose.model_correction``) carried onto the physical edit (at strength 1: onto the photo;
-    held off the lids a blink shut) inside the feathered faces of θ0 and θ1 (``compose.transfer``).
+    starts from the photo itself, unless the model is conditioned on it); the model's two branches
+    (``Editor.refine``); and what the model added (``compose.model_correction``) carried onto the
+    physical edit (without one, at strength 1: onto the photo; held off the lids a blink shut) inside
+    the feathered faces of θ0 and θ1 (``compose.transfer``).
     Returns the edited samples (B, 3, s, s) in [-1, 1] and each photo's result, with a warning where
     the model reconstructs the photo under POOR_RECONSTRUCTION_DB.
     """
