@@ -18,7 +18,7 @@ from rigcli.edit.controls import Controls
 from rigcli.edit.editor import DEFAULT_STRENGTH
 from rigcli.edit.outputs import edit_to_files
 from rigcli.enroll import NOT_PERSON
-from rigcli.evaluate.report import format_value, run_eval
+from rigcli.evaluate.report import cross_cell, format_value, run_eval
 from rigcli.evaluate.suite import METRICS
 from rigcli.store import Store
 from rigcli.studio.page import LOOPBACK, serve
@@ -371,8 +371,7 @@ def _print_cross(name: str, run) -> None:
     def cell(method: dict) -> str:
         if method.get("error") is None:
             return f"[yellow]{escape(method.get('reason') or '-')}[/]"
-        change = method["vs_physical_pct"]
-        return f"{format_value(method['error'])} ({'-' if change is None else f'{change:+.1f} %'})"
+        return cross_cell(method)
 
     for pair in cross["pairs"]:
         label = escape(f"{pair['a']} to {pair['b']}")

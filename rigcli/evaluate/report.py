@@ -107,6 +107,13 @@ QUALITY_DOC = (
 )
 
 
+def cross_cell(method: dict) -> str:
+    """A measured method of the pairs measure as a table shows it: its error and its change against the
+    physical edit, e.g. ``22.94 (-1.3 %)``."""
+    change = method["vs_physical_pct"]
+    return f"{format_value(method['error'])} ({'-' if change is None else f'{change:+.1f} %'})"
+
+
 def _png_uri(image: np.ndarray) -> str:
 
     return "data:image/png;base64," + base64.b64encode(encode_png(image)).decode("ascii")
@@ -296,8 +303,7 @@ def cross_report_html(result: CrossResult, doc: dict) -> str:
     def cell(method: dict) -> str:
         if method.get("error") is None:
             return f"<td class='none'>{esc(method.get('reason') or '-')}</td>"
-        change = method["vs_physical_pct"]
-        return f"<td>{format_value(method['error'])} ({'-' if change is None else f'{change:+.1f} %'})</td>"
+        return f"<td>{cross_cell(method)}</td>"
 
     for pair in cross["pairs"]:
         parts.append(f"<tr data-a='{esc(pair['a'])}' data-b='{esc(pair['b'])}'><td class='name'>{esc(pair['a'])}"
