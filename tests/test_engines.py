@@ -58,6 +58,25 @@ def test_onnx_matches_torch_on_random_inputs(unet, exported):
         assert relative_error(onnx(x, t, b, z), reference(x, t, b, z)) < 1e-4
 
 
+def test_a_model_conditioned_on_the_physical_edit_exports_with_its_edit_channels(tmp_path):
+    """Issue 27: the edit's channels travel with the buffers (13 of them), so the ONNX export takes
+    them on the same input and the engine interface is unchanged; they count in its output."""
+    torch.manual_seed(0)
+    model = DiffusionRig(preset("tiny", edit_channels=4)).eval()
+    for p in model.parameters():
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.05)
+    unet = model.denoisingUNet
+    reference, onnx = torch_engine(unet), onnx_engine(artifact(unet, tmp_path, 64), providers=[])
+    g = torch.Generator().manual_seed(2)
+    x, b = torch.randn(2, 3, 64, 64, generator=g), torch.randn(2, 13, 64, 64, generator=g)
+    t, z = torch.tensor([20, 800]), torch.randn(2, 64, generator=g)
+    assert relative_error(onnx(x, t, b, z), reference(x, t, b, z)) < 1e-4
+    other = b.clone()
+    other[:, 9:] = torch.randn(2, 4, 64, 64, generator=g)
+    assert relative_error(onnx(x, t, other, z), onnx(x, t, b, z)) > 1e-3
+
+
 @pytest.fixture(scope="module")
 def rendered(face_model):
     """Two buffer sets rendered from the face model (two poses, one light)."""
