@@ -139,8 +139,8 @@ def _copy(model: DiffusionRig) -> DiffusionRig:
 
 def test_a_conditioned_models_no_op_returns_the_photo_and_its_edit_differs_from_the_physical_one(home, album, tmp_path):
     """A conditioned model, its edit input set to non-zero weights: a no-op edit is the photo bit for bit
-    at any strength (the edit's condition is the photo's own, and both branches cancel); an edit is the
-    physical edit at strength 0 and something else at 0.5 and 1."""
+    at any strength (the edit's condition is the photo's own, and both branches cancel); a turn is the
+    physical edit at strength 0 and something else at 0.5 and 1, where the model is told what is new."""
     store = Store(home)
     base, info = load_model(store.model_dir("astro"))
     wide = widened(base)
@@ -157,16 +157,16 @@ def test_a_conditioned_models_no_op_returns_the_photo_and_its_edit_differs_from_
     for strength in (0.5, 1.0):
         (same,) = edit_photos(editor, [path], Controls(), steps=4, strength=strength)
         assert np.array_equal(same.photo_output, same.prepared.pixels), strength
-    outputs = {}
+    outputs = {}  # a turn: surface the photo never showed, which only the edit's mask tells the model
     for strength in (0.0, 0.5, 1.0):
-        (lit,) = edit_photos(editor, [path], Controls(light="left"), steps=4, strength=strength)
-        outputs[strength] = lit.photo_output.astype(int)
-    assert np.array_equal(outputs[0.0], lit.physical.image)
+        (turned,) = edit_photos(editor, [path], Controls(yaw=12), steps=4, strength=strength)
+        outputs[strength] = turned.photo_output.astype(int)
+    assert np.array_equal(outputs[0.0], turned.physical.image)
     moved = {s: int(np.abs(outputs[s] - outputs[0.0]).max()) for s in (0.5, 1.0)}
     print("largest change from the physical edit, levels:", moved)
-    assert moved[0.5] > 0 and moved[1.0] > 2
+    assert moved[0.5] > 2 and moved[1.0] > 2
     # and the paper's edit at the model's size runs with the edit as its condition
-    (paper,) = edit_photos(editor, [path], Controls(light="left"), steps=3)
+    (paper,) = edit_photos(editor, [path], Controls(yaw=12), steps=3)
     assert paper.output.shape == (SIZE, SIZE, 3)
     with pytest.raises(RigError, match="physical edit"):
         from rigcli.diffusion.unet import paper_arguments

@@ -113,7 +113,7 @@ def finetune_command(
             help="Train a model that refines the physical edit: it also sees the edit, and learns from the album's "
             "own pairs (photo A physically edited toward photo B's pose, expression and light, made into the real "
             "B). Pairs whose heads turn more than 20 degrees apart are left out. Off by default: measured on two "
-            "held-out photos, a tiny model from scratch on two photos did worse than the physical edit alone "
+            "held-out photos, a tiny model from scratch on two photos did no better than the plain one "
             "(benchmarks/RESULTS.md).",
         ),
     ] = False,

@@ -376,14 +376,13 @@ class Editor:
         steps: int,
         callback: Callable[[int, int], None] | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``refine`` for a model that sees the physical edit. The unedited crop is DDIM-inverted for
-        round(strength x steps) timesteps under its own buffers with itself as the edit (the album's
-        photo-with-itself pairs: a round trip); the physical edit takes the photo's noise so found
-        (x_t moved by sqrt(abar_t) x (edit - crop), so at timestep 0 it is the edit exactly) and is
-        sampled back under the edited buffers with the edit as the condition, which the model learnt
-        from the album's pairs to make into a real photo; the reconstruction samples the photo's own
-        x_t back. At strength 1 the shift all but vanishes (abar_T is 4e-5): the model's own picture of
-        the edit, drawn from the photo's x_T, as the paper's edit is."""
+        """``refine`` for a model that sees the physical edit, as the paper edits with buffers: invert
+        under the condition the picture has, sample under the one asked. The physical edit is
+        DDIM-inverted for round(strength x steps) timesteps under the edited buffers with itself as a
+        real photo (the album's photo-with-itself pairs: its own crop, nothing filled), and sampled back
+        with itself as a physical edit (its unseen mask), which the album's pairs taught the model to
+        make into a real photo; the unedited crop makes the same round trip as itself, under its own
+        buffers. At strength 1 the edit is inverted all the way."""
         device = self.device
         crops = np.stack([p.crop for p in photos])
         unedited, start = model_input(crops, self.size), model_input(physical, self.size)
@@ -391,20 +390,19 @@ class Editor:
         if count == 0:
             return start.clone(), unedited.clone(), start, unedited
         batch = len(photos)
-        own = self.condition(before.buffers.to(device), crops)
-        edit = self.condition(after.buffers.to(device), physical, unseen)
-        own_latent = self.model.encode(unedited.to(device))
-        edit_latent = self.model.encode(start.to(device))
+        changed, original = after.buffers.to(device), before.buffers.to(device)
+        own = self.condition(original, crops)
+        into = torch.cat([self.condition(changed, physical), own])
+        back = torch.cat([self.condition(changed, physical, unseen), own])
+        latent = self.model.encode(torch.cat([start, unedited]).to(device))
         diffusion, ts = Diffusion(), ddim_timesteps(steps)[:count]
         total = 2 * count - 1
         x_t = ddim_invert(
-            lambda x, t: self.denoise(x, t, own, own_latent), unedited.to(device), diffusion, ts,
+            lambda x, t: self.denoise(x, t, into, latent), torch.cat([start, unedited]).to(device), diffusion, ts,
             callback=(lambda i, n: callback(i, total)) if callback else None,
         )  # fmt: skip
-        shift = diffusion.alpha_bar(ts[-1:].to(device), x_t).sqrt().to(x_t.dtype) * (start - unedited).to(device)
-        both, latent = torch.cat([edit, own]), torch.cat([edit_latent, own_latent])
         out = ddim_sample(
-            lambda x, t: self.denoise(x, t, both, latent), torch.cat([x_t + shift, x_t]), diffusion, ts, clip=False,
+            lambda x, t: self.denoise(x, t, back, latent), x_t, diffusion, ts, clip=False,
             callback=(lambda i, n: callback(count - 1 + i, total)) if callback else None,
         )  # fmt: skip
         out = out.cpu()
