@@ -335,70 +335,37 @@ class Editor:
         strength 0 nothing is called (and nothing rendered): the samples are the inputs.
 
         A model conditioned on the physical edit (``unseen``: where the edit filled what the photo never
-        showed, crop frame) is run as it was trained: see ``_refine_conditioned``.
+        showed, crop frame) is run as the paper edits with buffers, inverting under the condition the
+        picture has and sampling under the one asked: the physical edit (at every strength) is inverted
+        with itself as a real photo (the album's photo-with-itself pairs: its own crop, nothing filled)
+        and sampled back with itself as a physical edit (its unseen mask), which the album's pairs
+        taught the model to make into a real photo; each branch is encoded from its own input. The
+        unedited crop makes the same round trip as itself.
         """
-        if self.conditioned:
-            return self._refine_conditioned(photos, before, after, physical, unseen, strength, steps, callback)
         device = self.device
-        unedited = model_input(np.stack([p.crop for p in photos]), self.size)
-        start = unedited if strength >= 1 else model_input(physical, self.size)
+        crops = np.stack([p.crop for p in photos])
+        unedited = model_input(crops, self.size)
+        start = unedited if strength >= 1 and not self.conditioned else model_input(physical, self.size)
         count = round(strength * steps)
         if count == 0:
             return start.clone(), unedited.clone(), start, unedited
         batch = len(photos)
         original, changed = before.buffers.to(device), after.buffers.to(device)
         images = torch.cat([start, unedited]).to(device)
-        latent = self.model.encode(unedited.to(device))
-        latent = torch.cat([latent, latent])  # the photo's own latent in both branches
-        into = torch.cat([original if strength >= 1 else changed, original])
-        back = torch.cat([changed, original])
+        if self.conditioned:
+            own = self.condition(original, crops)
+            into = torch.cat([self.condition(changed, physical), own])
+            back = torch.cat([self.condition(changed, physical, unseen), own])
+            latent = self.model.encode(images)
+        else:
+            latent = self.model.encode(unedited.to(device))
+            latent = torch.cat([latent, latent])  # the photo's own latent in both branches
+            into = torch.cat([original if strength >= 1 else changed, original])
+            back = torch.cat([changed, original])
         diffusion, ts = Diffusion(), ddim_timesteps(steps)[:count]
         total = 2 * count - 1
         x_t = ddim_invert(
             lambda x, t: self.denoise(x, t, into, latent), images, diffusion, ts,
-            callback=(lambda i, n: callback(i, total)) if callback else None,
-        )  # fmt: skip
-        out = ddim_sample(
-            lambda x, t: self.denoise(x, t, back, latent), x_t, diffusion, ts, clip=False,
-            callback=(lambda i, n: callback(count - 1 + i, total)) if callback else None,
-        )  # fmt: skip
-        out = out.cpu()
-        return out[:batch], out[batch:], start, unedited
-
-    def _refine_conditioned(
-        self,
-        photos: list[PreparedPhoto],
-        before: Rendered,
-        after: Rendered,
-        physical: np.ndarray,
-        unseen: np.ndarray | None,
-        strength: float,
-        steps: int,
-        callback: Callable[[int, int], None] | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``refine`` for a model that sees the physical edit, as the paper edits with buffers: invert
-        under the condition the picture has, sample under the one asked. The physical edit is
-        DDIM-inverted for round(strength x steps) timesteps under the edited buffers with itself as a
-        real photo (the album's photo-with-itself pairs: its own crop, nothing filled), and sampled back
-        with itself as a physical edit (its unseen mask), which the album's pairs taught the model to
-        make into a real photo; the unedited crop makes the same round trip as itself, under its own
-        buffers. At strength 1 the edit is inverted all the way."""
-        device = self.device
-        crops = np.stack([p.crop for p in photos])
-        unedited, start = model_input(crops, self.size), model_input(physical, self.size)
-        count = round(strength * steps)
-        if count == 0:
-            return start.clone(), unedited.clone(), start, unedited
-        batch = len(photos)
-        changed, original = after.buffers.to(device), before.buffers.to(device)
-        own = self.condition(original, crops)
-        into = torch.cat([self.condition(changed, physical), own])
-        back = torch.cat([self.condition(changed, physical, unseen), own])
-        latent = self.model.encode(torch.cat([start, unedited]).to(device))
-        diffusion, ts = Diffusion(), ddim_timesteps(steps)[:count]
-        total = 2 * count - 1
-        x_t = ddim_invert(
-            lambda x, t: self.denoise(x, t, into, latent), torch.cat([start, unedited]).to(device), diffusion, ts,
             callback=(lambda i, n: callback(i, total)) if callback else None,
         )  # fmt: skip
         out = ddim_sample(
