@@ -41,6 +41,7 @@ from rigcli.render.compose import (
     LID_HOLD_REACH,
     LID_LIFT_MAX,
     MESH_SHUT_GAP,
+    OUTLINE_SMOOTH,
     REVEAL_REACH,
     SILHOUETTE_FADE,
     SLIVER,
@@ -498,6 +499,47 @@ def test_a_turn_fills_the_cheek_within_the_photos_outline_not_the_meshs(face_mod
                    np.clip(np.round(u + bounded.flow[..., 0]), 0, size - 1).astype(int)]  # fmt: skip
     claimed = ndimage.binary_opening(trusting.covered & head1 & ~source, iterations=max(1, round(SLIVER * size)))
     assert claimed.sum() > 100 and bounded.unseen[claimed].all()  # the wall the mesh claims, but not slivers
+
+
+def test_a_large_turn_fills_the_revealed_cheek_with_skin_not_the_wall(face_model, base_fit, photo):
+    """A photo whose real cheek ends inside the mesh's outline (the wall painted blue beyond its jaw
+    line), turned 25 degrees: the surface the turn reveals is filled from the head's own skin and the
+    warped cheek beside it carries no wall. Before: the fill drew from pixels the warp brings from
+    the wall beside the chin (a grey-blue band) and the photo's outline, a blend of skin and wall,
+    was warped in as a pale seam between cheek and fill; the fill's edge stepped where the chin's
+    and the ears' shares of the flow took turns (``photo_head``)."""
+    image0, _ = photo
+    size = working_size(CROP_TO_PHOTO, CROP)
+    work_to_photo = compose_affine(CROP_TO_PHOTO, resize_affine(CROP, size))
+    mesh = rasterize_fit(face_model, rescale_fit(base_fit, CROP, size), size).screen[0, face_model.landmark_vertices]
+    points = mesh[:, :2].numpy().astype(np.float64)
+    centre = points[27:36].mean(0)
+    points[:17] = centre + 0.85 * (points[:17] - centre)  # the real cheek inside the mesh's outline
+    in_photo_px = points @ work_to_photo[:, :2].T + work_to_photo[:, 2]
+    head_photo = photo_head(in_photo_px[:17], np.zeros((PHOTO, PHOTO, 2), np.float32))[0]
+    blue = np.array([40, 90, 200], np.uint8)
+    image = np.where(head_photo[..., None], image0, blue)
+    turned = edited(base_fit, face_model, yaw=-25.0)
+    result = physical_edit(image, CROP_TO_PHOTO, CROP, face_model, base_fit, turned, landmarks=in_photo_px)
+    corr = _correspondence(face_model, base_fit, turned, CROP, size, points)[0]
+    out = warp(result.image, work_to_photo, size).astype(int)
+    wall = (out[..., 2] - out[..., 0]) > 40  # blue over red: the skin is the other way round
+    wall[: int(points[[0, 16], 1].max()) + 3] = False  # above the jaw's ends the wall is the photo's noise
+    fill = warp(np.repeat((result.fill[..., None] * 255).astype(np.uint8), 3, -1), work_to_photo, size)[..., 0]
+    filled = ndimage.binary_erosion(fill > 128, iterations=2)  # its feathered edge blends into the wall
+    # the head's smoothed outline may stand a few pixels off the photo's: the wall there borders the wall
+    inside = ndimage.binary_erosion(corr.head, iterations=max(2, round(OUTLINE_SMOOTH * size))) & corr.covered
+    print(
+        f"filled {int(filled.sum())} px, {int((filled & wall).sum())} of them wall-blue; "
+        f"wall-blue inside the edited head {int((inside & wall).sum())} px"
+    )
+    assert filled.sum() > 2000 and not (filled & wall).any()
+    assert not (inside & wall).any()
+    # the edited outline is a smooth curve: a step would leave pixels an opening or closing changes
+    smooth = ndimage.binary_closing(ndimage.binary_opening(corr.head, iterations=2), iterations=2)
+    changed = (smooth != corr.head)[3:-3, 3:-3]  # not the border, where the head leaves the crop
+    print(f"outline: {int(changed.sum())} px changed by an opening and closing of 2 px")
+    assert changed.sum() <= 10  # the union of the two warps before smoothing: 31
 
 
 def test_unseen_surface_is_inpainted_from_the_photo_and_openings_keep_the_render():

@@ -79,6 +79,8 @@ LID_HOLD_REACH = 0.03  # of the working size: how far round shut lids the model'
 LID_SHUT = 0.25  # an eye whose opening (over its width) shrinks less than this is left to the warp
 REVEAL_REACH = 0.01  # of the crop: how far beyond the edited head's outline (``photo_head``) a fill may reach
 SHADOW_LIFT_MAX = 1.3  # the most the cast shadows' term brightens a point (the photo's own shadows divided out)
+OUTLINE_SMOOTH = 0.008  # of the crop: the edited head's outline is smoothed this much (sigma)
+OUTLINE_BLEND = 0.006  # of the crop: the photo's outline, a blend of skin and wall, is not a fill's source
 SLIVER = 0.008  # of the crop: unseen surface thinner than about twice this is warped, not filled
 
 
@@ -97,6 +99,7 @@ class Correspondence:
     lids: np.ndarray | None = None  # (S, S) bool: the closing lids over the photo's eyes (``lid_cover``), in ``unseen``
     lashes: np.ndarray | None = None  # (S, S) in [0, 1]: the lash line where closing lids meet (``lid_cover``)
     head: np.ndarray | None = None  # (S, S) bool: where the edited head lies (``photo_head``)
+    from_head: np.ndarray | None = None  # (S, S) bool: the warp brings the pixel from inside the photo's head
 
 
 @dataclass
@@ -313,16 +316,20 @@ def _correspondence(
     # surface θ0 shows foreshortened to a sliver (an upper lid folded under the brow that a blink
     # spreads over the eye) would be smeared by the warp: the photo has too few pixels of it
     unseen |= covered & (_source_area(flow) < STRETCH_MIN)
-    lids = lashes = head = None
+    lids = lashes = head = from_head = None
     if points is not None:
         lm = model.landmark_vertices[36:48]
         lids, lashes = lid_cover(points[36:48], g0.screen[0, lm, :2].numpy(), g1.screen[0, lm, :2].numpy(), flow)
         head0, head = photo_head(points[:17], flow)
+        # the photo's outline is a blend of skin and wall a few pixels wide: not the person's colour
+        blend = max(1, round(OUTLINE_BLEND * size))
+        from_head = ndimage.binary_erosion(head0, iterations=blend)[src_row, src_col]
         # the cheek the turn keeps in view whose source is the wall beyond the photo's cheek (the mesh
-        # outline's excess) is the person's skin to fill; what the mesh shows beyond it is not
-        unseen = (unseen | (covered & head & ~head0[src_row, src_col])) & ndimage.binary_dilation(
-            head, iterations=max(1, round(REVEAL_REACH * size))
-        )
+        # outline's excess) is the person's skin to fill, and so is the outline the warp brings in
+        # beside it (a pale seam between cheek and fill); what the mesh shows beyond the head is not
+        unseen |= covered & head & ~head0[src_row, src_col]
+        unseen |= ndimage.binary_dilation(unseen, iterations=2 * blend) & covered & head & ~from_head
+        unseen &= ndimage.binary_dilation(head, iterations=max(1, round(REVEAL_REACH * size)))
     unseen = ndimage.binary_opening(unseen, iterations=max(1, round(SLIVER * size)))
     if lids is not None:
         unseen |= lids
@@ -354,7 +361,7 @@ def _correspondence(
     log_ratio = np.broadcast_to(log_ratio, (size, size, 3))
     corr = Correspondence(
         size, flow.astype(np.float32), covered, seen, unseen, log_ratio.astype(np.float32), edge, hole, lids, lashes,
-        head,
+        head, from_head,
     )  # fmt: skip
     return corr, g1
 
@@ -439,7 +446,8 @@ def photo_head(jaw: np.ndarray, flow: np.ndarray) -> tuple[np.ndarray, np.ndarra
     """(S, S) bool each: where the photo's head is (inside its jaw line, landmarks 0-16 in working
     pixels, or above the jaw's ends: forehead, temples, scalp, where the mesh's outline is trusted),
     and where the edited head lies: that moved by the backward ``flow``, or moved by a part of it
-    that grows from none at the jaw's ends (by the ears) to all of it at the chin.
+    that grows from none at the jaw's ends (by the ears) to all of it at the chin, its outline
+    smoothed (``OUTLINE_SMOOTH``); a head the flow leaves still keeps its own outline exactly.
 
     A head turning about the neck keeps its outline by the temples and cheeks nearly in place while
     its features move; the chin, in front of the axis, moves with them. The fitted mesh is often
@@ -451,12 +459,18 @@ def photo_head(jaw: np.ndarray, flow: np.ndarray) -> tuple[np.ndarray, np.ndarra
     above = [[far, jaw[-1, 1]], [far, top], [-far, top], [-far, jaw[0, 1]]]  # level with the jaw's ends, to either side
     head = _polygon(np.concatenate([jaw, above]), size)
     v, u = np.mgrid[0:size, 0:size].astype(np.float32)
+    if float(np.abs(flow).max(initial=0.0)) < 0.5:  # a still head (a relight, a no-op) keeps its outline exactly
+        return head, head.copy()
     ends, chin = (jaw[0, 1] + jaw[-1, 1]) / 2, jaw[8, 1]
     part = np.clip((v - ends) / max(chin - ends, 1.0), 0, 1)
-    edited = np.zeros_like(head)
+    edited = np.zeros(head.shape, np.float32)
     for t in (1.0, part):
-        edited |= ndimage.map_coordinates(head, [v + t * flow[..., 1], u + t * flow[..., 0]], order=0, mode="nearest")
-    return head, edited
+        moved = ndimage.map_coordinates(
+            head.astype(np.float32), [v + t * flow[..., 1], u + t * flow[..., 0]], order=1, mode="nearest"
+        )
+        edited = np.maximum(edited, moved)
+    # the union of two warps steps where one overtakes the other: an outline is a smooth curve
+    return head, ndimage.gaussian_filter(edited, OUTLINE_SMOOTH * size) > 0.5
 
 
 def _polygon(points: np.ndarray, size: int) -> np.ndarray:
@@ -632,6 +646,8 @@ def photo_fill(
     source = ~around & ndimage.binary_fill_holes(corr.covered)
     if corr.head is not None:  # not the wall that the mesh's outline, wider than the cheek, covers
         source &= corr.head
+    if corr.from_head is not None:  # nor the wall the warp brings in beside the chin (a large turn)
+        source &= corr.from_head
     inpainted = harmonic_fill(moved, source)
     if corr.lids is not None and corr.lids.any():
         inpainted = _closed_lids(inpainted, moved, corr.lids, corr.lashes)
