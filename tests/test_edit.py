@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from rigcli import RigError
 from rigcli.cli import app
 from rigcli.edit.controls import LIGHT_DIRECTIONS, Controls, apply_controls, direction_from_angles
-from rigcli.edit.editor import Editor, edit_photos, model_input
+from rigcli.edit.editor import UNSEEN_WARN, Editor, edit_photos, model_input, unseen_share
 from rigcli.enroll import read_fit
 from rigcli.estimate.landmarks import fit_landmarks, fit_light, project_landmarks, silhouette_candidates
 from rigcli.image.metrics import psnr
@@ -308,3 +308,28 @@ def test_an_edit_rasterises_each_fit_once_per_size(editor, album, monkeypatch):
         assert sizes[editor.size] == model_renders, dict(sizes)
         assert sum(sizes.values()) == fitting + 2 + 2 + model_renders, dict(sizes)
         assert sum(shadow_maps.values()) == 2, dict(shadow_maps)  # θ0's light and θ1's, once each
+
+
+def test_a_turn_beyond_what_the_photo_shows_warns_and_a_small_one_does_not(editor, album):
+    """A physical edit that must fill more than UNSEEN_WARN of the edited head (surface the photo never
+    showed, painted flat) says so; a small turn is quiet. ``unseen_share`` weighs the fill by its alpha."""
+    head = np.zeros((10, 10), bool)
+    head[:, :5] = True
+    fill = np.zeros((10, 10), np.float32)
+    fill[:2, :5], fill[2:4, :5], fill[:, 5:] = 1.0, 0.5, 1.0  # outside the head: not counted
+    assert unseen_share(fill, head) == pytest.approx(0.3) and unseen_share(fill, ~np.ones_like(head)) == 0.0
+    small, large = (
+        edit_photos(editor, [album[0].path], Controls(yaw=yaw), steps=2, strength=0.0)[0] for yaw in (5.0, -40.0)
+    )
+    print(f"yaw 5: {small.warning}; yaw -40: {large.warning}")
+    assert small.warning is None
+    share = float(large.warning.split("shows ")[1].split(" %")[0]) / 100
+    assert share > UNSEEN_WARN and "never showed" in large.warning
+    # the share against the physical edit's own fill, placed in the crop the other way (nearest pixels)
+    crop_to_photo, fill = large.prepared.crop_to_photo, large.physical.fill
+    v, u = np.mgrid[0 : editor.crop_size, 0 : editor.crop_size]
+    x = np.round(crop_to_photo[0, 0] * u + crop_to_photo[0, 1] * v + crop_to_photo[0, 2]).astype(int)
+    y = np.round(crop_to_photo[1, 0] * u + crop_to_photo[1, 1] * v + crop_to_photo[1, 2]).astype(int)
+    inside = (x >= 0) & (x < fill.shape[1]) & (y >= 0) & (y < fill.shape[0])
+    crop_fill = np.where(inside, fill[y.clip(0, fill.shape[0] - 1), x.clip(0, fill.shape[1] - 1)], 0)
+    assert abs(unseen_share(crop_fill, large.after.faces[large.index]) - share) < 0.02

@@ -47,6 +47,7 @@ from rigcli.render.compose import PhysicalEdit, model_correction, physical_edit,
 
 DEFAULT_STRENGTH = 0.3  # by measurement on a held-out real photo (benchmarks/bench_strength.py, RESULTS.md)
 POOR_RECONSTRUCTION_DB = 20.0
+UNSEEN_WARN = 0.10  # of the edited head: a physical edit that must fill more of it than this is mostly paint
 
 
 @dataclass
@@ -437,16 +438,28 @@ def refine_photos(
         delta = correction[k].permute(1, 2, 0).numpy()
         hold = None if edit is None else edit.lids
         image, mask = transfer(base, base_mask, delta, photo.crop_to_photo, size, faces[k], hold)
-        db, warning = None, None
+        db, warnings = None, []
         if strength > 0:
             db = psnr(recon[k], unedited[k], value_range=(-1, 1))
             if db < POOR_RECONSTRUCTION_DB:
-                warning = (
+                warnings.append(
                     f"the model reconstructs this photo at only {db:.1f} dB (under {POOR_RECONSTRUCTION_DB:.0f}):"
                     " its part of the edit is unreliable; a lower --strength trusts it less"
                 )
-        refined.append(Refined(image, mask, edit, db, warning))
+        share = unseen_share(unseen[k], after.faces[k]) if unseen is not None and strength < 1 else 0.0
+        if share > UNSEEN_WARN:
+            warnings.append(
+                f"the edit shows {100 * share:.0f} % of the head that the photo never showed (a turn this large is "
+                "beyond a warp): it is filled flat there; a smaller turn reads better"
+            )
+        refined.append(Refined(image, mask, edit, db, "; ".join(warnings) or None))
     return samples, refined
+
+
+def unseen_share(unseen: np.ndarray, head: np.ndarray) -> float:
+    """The share of the edited head (``head``: θ1's mesh in the crop, bool) that the physical edit
+    filled (``unseen``: its fill weight in the crop, in [0, 1]): surface the photo never showed."""
+    return float(unseen[head].mean()) if head.any() else 0.0
 
 
 def edit_photos(
