@@ -447,7 +447,7 @@ def refine_photos(
                     " its part of the edit is unreliable; a lower --strength trusts it less"
                 )
         share = unseen_share(unseen[k], after.faces[k]) if unseen is not None and strength < 1 else 0.0
-        if share > UNSEEN_WARN:
+        if round(100 * share) > round(100 * UNSEEN_WARN):  # as the message rounds it
             warnings.append(
                 f"the edit shows {100 * share:.0f} % of the head that the photo never showed (a turn this large is "
                 "beyond a warp): it is filled flat there; a smaller turn reads better"
