@@ -130,6 +130,7 @@ class DemoResult:
     aligned: Path
     fit: Path
     edits: dict[str, Path] = field(default_factory=dict)
+    warnings: dict[str, str] = field(default_factory=dict)  # per edit, what `rig edit` would warn of
     sheet: Path | None = None
     steps: int = 0
 
@@ -176,6 +177,8 @@ def run_demo(
         (edited,) = edit_photos(editor, [album[0].path], Controls(**fields), steps=20, strength=DEFAULT_STRENGTH)
         result.edits[label] = out_dir / "edits" / f"{label}.png"
         atomic_write_bytes(result.edits[label], encode_png(edited.photo_output))  # as rig edit writes it
+        if edited.warning:
+            result.warnings[label] = edited.warning
         rows.extend(method_sheet_row(edited, SHEET_TILE))
     moved("editing", len(DEMO_EDITS), len(DEMO_EDITS))
     result.sheet = out_dir / "edits" / "sheet.png"

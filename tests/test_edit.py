@@ -333,3 +333,19 @@ def test_a_turn_beyond_what_the_photo_shows_warns_and_a_small_one_does_not(edito
     inside = (x >= 0) & (x < fill.shape[1]) & (y >= 0) & (y < fill.shape[0])
     crop_fill = np.where(inside, fill[y.clip(0, fill.shape[0] - 1), x.clip(0, fill.shape[1] - 1)], 0)
     assert abs(unseen_share(crop_fill, large.after.faces[large.index]) - share) < 0.02
+
+
+def test_the_demo_prints_what_rig_edit_would_warn_of(tmp_path, monkeypatch):
+    """`rig demo` says of each edit what `rig edit` would warn of: with the fill warning's threshold at
+    zero, the turn (which fills some surface its photo never showed) warns, the lights (which fill
+    none) do not."""
+    import rigcli.edit.editor as editor_module
+
+    monkeypatch.setattr(editor_module, "UNSEEN_WARN", 0.0)
+    out = tmp_path / "demo"
+    result = rig(out / "home", "demo", "--quick", "--out", str(out), "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    warned = [line.split(":")[1].strip() for line in result.output.splitlines() if line.startswith("warning: ")]
+    print(warned)
+    assert "yaw" in warned and "light-left" not in warned and "light-right" not in warned
+    assert "warning: yaw: the edit shows" in result.output

@@ -440,6 +440,8 @@ def demo(
         f"displacement | shading ratio): "
         f"{escape(str(out_dir / 'edits'))}"
     )
+    for label, warning in result.warnings.items():
+        console.print(f"[yellow]warning[/]: {escape(label)}: {escape(warning)}")
     console.print(
         "This shows the pipeline, not the paper's quality: a 64-pixel model trained from scratch for "
         f"{result.steps} steps on one album. For that quality use a GPU, the paper preset and a stage-1 "
