@@ -458,16 +458,15 @@ def photo_head(jaw: np.ndarray, flow: np.ndarray) -> tuple[np.ndarray, np.ndarra
     top, far = min(float(jaw[:, 1].min()), 0.0) - size, 2.0 * size
     above = [[far, jaw[-1, 1]], [far, top], [-far, top], [-far, jaw[0, 1]]]  # level with the jaw's ends, to either side
     head = _polygon(np.concatenate([jaw, above]), size)
-    v, u = np.mgrid[0:size, 0:size].astype(np.float32)
     if float(np.abs(flow).max(initial=0.0)) < 0.5:  # a still head (a relight, a no-op) keeps its outline exactly
         return head, head.copy()
+    v, u = np.mgrid[0:size, 0:size].astype(np.float32)
     ends, chin = (jaw[0, 1] + jaw[-1, 1]) / 2, jaw[8, 1]
     part = np.clip((v - ends) / max(chin - ends, 1.0), 0, 1)
+    inside = head.astype(np.float32)
     edited = np.zeros(head.shape, np.float32)
     for t in (1.0, part):
-        moved = ndimage.map_coordinates(
-            head.astype(np.float32), [v + t * flow[..., 1], u + t * flow[..., 0]], order=1, mode="nearest"
-        )
+        moved = ndimage.map_coordinates(inside, [v + t * flow[..., 1], u + t * flow[..., 0]], order=1, mode="nearest")
         edited = np.maximum(edited, moved)
     # the union of two warps steps where one overtakes the other: an outline is a smooth curve
     return head, ndimage.gaussian_filter(edited, OUTLINE_SMOOTH * size) > 0.5
