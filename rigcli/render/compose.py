@@ -20,8 +20,8 @@ and after (θ1)) and the model's correction carried onto it.
    wide band where the mesh's open edge (the neck's cut) or the crop square's edge crosses the face.
    Surface θ1 shows and θ0 hid (a cheek turned into view, the opening of the mouth) is filled from
    ``fill`` (the model's output, crop frame, any size) or else from the photo's own warped pixels
-   around it, inpainted (``photo_fill``; the mesh's openings, where θ1 has no surface, from the
-   render of θ1).
+   that border it, inpainted (``photo_fill``, ``region_fill``; the mesh's openings, where θ1 has no
+   surface, from the render of θ1).
 3. Composition: a feathered mask over everything that changed; it fades to zero before the crop
    square's edge (where the crop reflects the photo), and outside it the photo is returned bit for bit.
    The per-photo-pixel work (sampling the fields, the warp, the relight, the fill, the blend) runs in
@@ -42,7 +42,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from scipy import ndimage
+from scipy import ndimage, sparse
+from scipy.sparse.linalg import spsolve
 
 from rigcli.face.model import FaceModel, vertex_normals
 from rigcli.face.params import FaceFit, rescale_fit
@@ -82,6 +83,7 @@ SHADOW_LIFT_MAX = 1.3  # the most the cast shadows' term brightens a point (the 
 OUTLINE_SMOOTH = 0.008  # of the crop: the edited head's outline is smoothed this much (sigma)
 OUTLINE_BLEND = 0.006  # of the crop: the photo's outline, a blend of skin and wall, is not a fill's source
 SLIVER = 0.008  # of the crop: unseen surface thinner than about twice this is warped, not filled
+FILL_REACH = 0.01  # of the crop: how far round the unseen surface the fill is read (feather, resampling)
 
 
 @dataclass
@@ -170,6 +172,51 @@ def harmonic_fill(values: np.ndarray, known: np.ndarray, iterations: int = 8) ->
     coarse = harmonic_fill(total / np.maximum(weight, 1)[..., None], coarse_known, 2 * iterations)
     guess = np.repeat(np.repeat(coarse, 2, 0), 2, 1)[:height, :width]
     return _relax(np.where(known[..., None], values, guess), values, known, steps)
+
+
+def region_fill(values: np.ndarray, known: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """``values`` (H, W, C) with the unknown pixels of ``region`` replaced by the harmonic interpolant
+    of the known pixels that border them, the region's other edges free (Neumann: no flux), by one
+    sparse solve. Unlike ``harmonic_fill``, whose unknowns span the whole image, what lies beyond
+    the region feeds nothing in: a band along a cheek takes its colour from the cheek beside it, not
+    from the hair above it by way of the wall. A part of the region no known pixel borders keeps
+    ``values``."""
+    values = np.asarray(values, np.float32)
+    free = region & ~known
+    height, width = known.shape
+    labels, count = ndimage.label(free)
+    touching = ndimage.binary_dilation(known) & free  # 4-neighbours of a known pixel
+    fed = np.zeros(count + 1, bool)
+    fed[np.unique(labels[touching])] = True  # label 0, not free, stays False
+    free &= fed[labels]
+    if not free.any():
+        return values.copy()
+    index = np.full(known.shape, -1, np.int64)
+    rows, cols = np.nonzero(free)
+    count = len(rows)
+    index[rows, cols] = np.arange(count)
+    degree = np.zeros(count)
+    rhs = np.zeros((count, values.shape[-1]))
+    links_from, links_to = [], []
+    me = np.arange(count)
+    for dr, dc in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+        r, c = rows + dr, cols + dc
+        inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
+        r, c, at = r[inside], c[inside], me[inside]
+        to_free, to_known = free[r, c], known[r, c]
+        degree += np.bincount(at[to_free | to_known], minlength=count)
+        links_from.append(at[to_free])
+        links_to.append(index[r[to_free], c[to_free]])
+        np.add.at(rhs, at[to_known], values[r[to_known], c[to_known]])
+    # the graph Laplacian of the free pixels (each a neighbour's mean), the known ones on the right
+    a, b = np.concatenate(links_from), np.concatenate(links_to)
+    matrix = sparse.csc_matrix(
+        (np.concatenate([degree, -np.ones(len(a))]), (np.concatenate([me, a]), np.concatenate([me, b]))),
+        shape=(count, count),
+    )
+    out = values.copy()
+    out[rows, cols] = np.asarray(spsolve(matrix, rhs)).reshape(count, -1)
+    return out
 
 
 def _relax(x: np.ndarray, values: np.ndarray, known: np.ndarray, iterations: int) -> np.ndarray:
@@ -628,7 +675,8 @@ def photo_fill(
 ) -> np.ndarray:
     """The fill where no model output is given (crop frame, working size, sRGB in [0, 1]): surface the
     photo never showed (a cheek a turn brings into view) inpainted from the photo's own warped pixels
-    of the head around it (a harmonic fill; the wall beyond the outline is not a source), never painted
+    of the head that border it (``region_fill``: a band along the outline takes the cheek beside it,
+    not the hair above it; the wall beyond the outline is not a source), never painted
     in the render's flat colour, which lies on hair and walls as a band; only the mesh's openings (the
     mouth's: no surface of θ1) keep the render's dark. Surface the warp would stretch (``STRETCH_MIN``:
     a blink's upper lid) is filled so too."""
@@ -647,7 +695,10 @@ def photo_fill(
         source &= corr.head
     if corr.from_head is not None:  # nor the wall the warp brings in beside the chin (a large turn)
         source &= corr.from_head
-    inpainted = harmonic_fill(moved, source)
+    # the fill is read a few pixels round the unseen surface (its feathered edge); within that reach
+    # only the head's pixels bordering it feed it; beyond, the whole head's harmonic fill
+    reach = ndimage.binary_dilation(corr.unseen, iterations=max(3, math.ceil(FILL_REACH * size)))
+    inpainted = region_fill(harmonic_fill(moved, source), source, reach)
     if corr.lids is not None and corr.lids.any():
         inpainted = _closed_lids(inpainted, moved, corr.lids, corr.lashes)
     return np.where(corr.opening[..., None], render, inpainted).astype(np.float32)
