@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -42,6 +43,7 @@ from rigcli.render.compose import (
     LID_LIFT_MAX,
     MESH_SHUT_GAP,
     OUTLINE_SMOOTH,
+    RELIGHT_SPACES,
     REVEAL_REACH,
     SILHOUETTE_FADE,
     SLIVER,
@@ -50,9 +52,11 @@ from rigcli.render.compose import (
     _closed_lids,
     _correspondence,
     _source_area,
+    compose_edit,
     correspondence,
     ears,
     harmonic_fill,
+    kind_fill,
     lid_cover,
     linear_to_srgb,
     model_correction,
@@ -64,6 +68,7 @@ from rigcli.render.compose import (
     relit_skin,
     srgb_to_linear,
     transfer,
+    warped_hair,
     working_size,
 )
 from rigcli.render.raster import project, rasterize
@@ -545,12 +550,14 @@ def test_a_large_turn_fills_the_revealed_cheek_with_skin_not_the_wall(face_model
 
 
 def test_unseen_surface_is_inpainted_from_the_photo_and_openings_keep_the_render():
-    """A photo whose colours are linear in x and y: a harmonic fill of it is the photo itself, so the
-    unseen square must come back as the photo there (not the render's flat colour), while the mesh's
-    opening keeps the render's value."""
+    """A photo whose colours are linear in x and y (one kind of surface: a skin's shading
+    drifting, ``kind_fill`` keeps it whole): a harmonic fill of it is the photo itself, so the unseen
+    square must come back as the photo there (not the render's flat colour), while the mesh's opening
+    keeps the render's value."""
     size = 96
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
-    photo = np.stack([40 + 1.5 * xs, 200 - xs - ys / 2, 60 + ys], -1).round().astype(np.uint8)
+    photo = np.stack([120 + 0.6 * xs + 0.3 * ys, 85 + 0.45 * xs + 0.2 * ys, 70 + 0.35 * xs + 0.2 * ys], -1)
+    photo = photo.round().astype(np.uint8)
     unseen = np.zeros((size, size), bool)
     unseen[30:60, 40:70] = True
     opening = np.zeros((size, size), bool)
@@ -618,6 +625,137 @@ def test_a_band_revealed_at_the_outline_takes_the_skin_beside_it_not_the_hair_ab
     error = np.abs(fill[unseen] * 255 - skin).max()
     print(f"band: largest distance from the skin {error:.2f} levels")
     assert error < 1.0
+
+
+def test_a_band_under_the_temple_hair_keeps_hair_and_skin_apart():
+    """A band bordered on one side by skin below and hair above (the temple a turn reveals): each part
+    is filled from its own kind, with a hairline between, where one harmonic fill of both borders
+    browns the skin and lightens the hair near the line (the demo's turned cheek)."""
+    height, width = 60, 40
+    skin, hair = np.array([0.85, 0.66, 0.55]), np.array([0.30, 0.20, 0.10])
+    values = np.zeros((height, width, 3), np.float32)
+    values[:, 20:] = np.where(np.arange(height)[:, None] < 25, hair, skin)[:, None]
+    known = np.zeros((height, width), bool)
+    known[:, 20:] = True
+    region = np.zeros((height, width), bool)
+    region[:, 8:20] = True  # fed from its right edge only, free elsewhere
+    region |= ndimage.binary_dilation(region, iterations=3) & known
+    face = known.copy()
+    face[:25] = False  # the face's colour: the skin
+    plain = region_fill(values, known, region)
+    kinds = kind_fill(values, values, known, region, face)
+    lower, upper = (slice(32, 60), slice(8, 20)), (slice(0, 18), slice(8, 20))
+    off = {
+        name: (np.abs(out[lower] - skin).max(), np.abs(out[upper] - hair).max())
+        for name, out in (("plain", plain), ("kinds", kinds))
+    }
+    print("largest distance from skin below, from hair above:", {k: np.round(v, 3) for k, v in off.items()})
+    assert max(off["kinds"]) < 1e-4
+    assert min(off["plain"]) > 0.02  # the plain fill mixes the two near the line
+    assert np.array_equal(kinds[~region], values[~region])
+
+
+def test_a_filled_band_takes_the_grain_of_its_own_kind_and_no_contour():
+    """The fill of a band is given the fine detail of its own kind's sources: as much of it as they
+    have (where a harmonic fill alone is flat paint), the skin's on the skin, none of a contour that
+    crosses the sources (random pieces of it would be ghost lines), the same on every run."""
+    height, width = 100, 160
+    rng = np.random.default_rng(5)
+    skin, hair = np.array([0.80, 0.62, 0.52]), np.array([0.30, 0.22, 0.15])
+    values = np.where(np.arange(height)[:, None, None] < 30, hair, skin) * np.ones((height, width, 3))
+    values[:30] += rng.normal(0, 0.06, (30, width, 1))  # the hair: coarse, grey strands
+    values[30:] += rng.normal(0, 0.015, (height - 30, width, 3))  # the skin: fine grain
+    values[65, 40:] -= 0.15  # a crease across the skin's sources
+    values = np.clip(values, 0, 1).astype(np.float32)
+    known = np.zeros((height, width), bool)
+    known[:, 40:] = True
+    band = np.zeros((height, width), bool)
+    band[:, 16:40] = True
+    region = band | (ndimage.binary_dilation(band, iterations=4) & known)
+    flat = kind_fill(values, values, known, region, known)
+    grained = kind_fill(values, values, known, region, known, grain=band)
+    assert np.array_equal(grained, kind_fill(values, values, known, region, known, grain=band))
+
+    def fine(x: np.ndarray) -> np.ndarray:
+        return x - np.stack([ndimage.gaussian_filter(x[..., c], 1.5) for c in range(3)], -1)
+
+    cheek = (slice(40, 90), slice(18, 38))
+    skin_grain = fine(values)[40:60, 44:70].std()  # the sources' own, clear of the crease
+    shift = np.abs((grained - flat)[cheek].mean((0, 1))).max()
+    print(
+        f"grain of the skin's sources {skin_grain:.4f}; of the filled cheek {fine(grained)[cheek].std():.4f},"
+        f" flat fill {fine(flat)[cheek].std():.4f}; largest step from the flat fill"
+        f" {np.abs(grained - flat)[cheek].max():.3f}; colour shift {shift:.4f}"
+    )
+    assert 0.6 < fine(grained)[cheek].std() / skin_grain < 1.4
+    assert fine(flat)[cheek].std() < 0.2 * skin_grain
+    assert np.abs(grained - flat)[cheek].max() < 6 * 0.015  # skin grain, no piece of the crease (0.15 deep)
+    assert shift < 0.005  # the grain adds no colour
+    assert np.array_equal(grained[~band], flat[~band])
+
+
+def test_the_fill_meets_the_relit_surface_beside_it():
+    """A turn also relights what stays in view (its ratio): the fill of the surface it reveals takes
+    its colour from its border as relit, so it meets the brightened cheek without a step."""
+    size = 64
+    photo = np.full((size, size, 3), [150, 110, 90], np.uint8)
+    unseen = np.zeros((size, size), bool)
+    unseen[20:44, 10:20] = True
+    log_ratio = np.where(unseen[..., None], 0.0, np.log(1.5)).astype(np.float32) * np.ones(3, np.float32)
+    corr = Correspondence(
+        size, np.zeros((size, size, 2), np.float32), np.ones((size, size), bool), ~unseen, unseen,
+        log_ratio, np.ones((size, size), np.float32), np.zeros((size, size), bool),
+    )  # fmt: skip
+    render = np.full((size, size, 3), 0.8, np.float32)
+    for space in RELIGHT_SPACES:
+        fill = photo_fill(photo, np.array([[1.0, 0, 0], [0, 1.0, 0]]), size, corr, render, space)
+        relit = _relit_reference(photo[0, 0] / 255.0, 1.5, space)
+        error = np.abs(fill[unseen] - relit).max() * 255
+        print(f"{space}: fill {np.round(fill[unseen].mean(0) * 255, 1)}, the relit border {np.round(relit * 255, 1)}")
+        assert error < 0.5
+        assert np.abs(fill[unseen] * 255 - photo[unseen]).min() > 10  # the photo's own colour: a step
+
+
+def test_hair_the_warp_carries_is_not_filled():
+    """A turn reveals the side of the head under the temple's hair: where the warp brings the photo's
+    own hair from inside its head, it is kept (hair stretched a little reads as hair; a fill is a flat
+    band across it); the cheek below, whose warp source is the wall, is still filled; without the
+    photo's landmarks (no ``from_head``) nothing changes."""
+    size = 64
+    skin, hair, wall = np.array([200, 150, 120]), np.array([60, 50, 45]), np.array([90, 140, 220])
+    photo = np.empty((size, size, 3), np.uint8)
+    photo[:] = wall
+    photo[:, :48] = skin
+    photo[:24, :48] = hair + (np.indices((24, 48)).sum(0) % 3 * 20)[..., None]  # strands
+    head = np.zeros((size, size), bool)
+    head[:, :48] = True
+    unseen = np.zeros((size, size), bool)
+    unseen[4:60, 36:46] = True
+    from_head = head.copy()
+    from_head[24:, 36:] = False  # the revealed cheek's warp source is beyond the photo's outline
+    corr = Correspondence(
+        size, np.zeros((size, size, 2), np.float32), head, head & ~unseen, unseen,
+        np.zeros((size, size, 3), np.float32), np.ones((size, size), np.float32), np.zeros((size, size), bool),
+        head=head, from_head=from_head,
+    )  # fmt: skip
+    identity = np.array([[1.0, 0, 0], [0, 1.0, 0]])
+    kept = warped_hair(photo, identity, size, corr)
+    print(f"unseen {int(unseen.sum())} px, left to the warp {int((unseen & ~kept.unseen).sum())}")
+    assert not kept.unseen[4:20].any()  # the hair: warped
+    assert kept.unseen[28:58, 37:45].all()  # the cheek: filled (its corners rounded, as any unseen surface)
+    assert not (kept.unseen & ~unseen).any()
+    assert np.array_equal(warped_hair(photo, identity, size, replace(corr, from_head=None)).unseen, unseen)
+    edit = compose_edit(photo, identity, size, kept, photo_fill(photo, identity, size, kept, photo / 255.0))
+    assert np.array_equal(edit.image[4:20, 36:46], photo[4:20, 36:46])  # the hair's strands, not a flat fill
+
+
+def _relit_reference(srgb: np.ndarray, ratio: float, space: str) -> np.ndarray:
+    """An sRGB colour times ``ratio`` in linear light (the standard's piecewise curve) or in sRGB."""
+    if space == "srgb":
+        return np.clip(srgb * ratio, 0, 1)
+    linear = np.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4) * ratio
+    linear = np.clip(linear, 0, 1)
+    return np.where(linear <= 0.0031308, linear * 12.92, 1.055 * linear ** (1 / 2.4) - 0.055)
 
 
 def _ray_hits(origins: np.ndarray, direction: np.ndarray, corners: np.ndarray) -> np.ndarray:

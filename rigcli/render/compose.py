@@ -19,9 +19,12 @@ and after (θ1)) and the model's correction carried onto it.
    inside the outline, fading over HAIR_FADE across the scalp (no line at the hairline), and over a
    wide band where the mesh's open edge (the neck's cut) or the crop square's edge crosses the face.
    Surface θ1 shows and θ0 hid (a cheek turned into view, the opening of the mouth) is filled from
-   ``fill`` (the model's output, crop frame, any size) or else from the photo's own warped pixels
-   that border it, inpainted (``photo_fill``, ``region_fill``; the mesh's openings, where θ1 has no
-   surface, from the render of θ1).
+   ``fill`` (the model's output, crop frame, any size) or else from the photo's own warped and relit
+   pixels that border it, inpainted, each kind of surface (skin; hair, brows, lips) from its own
+   kind and given its grain (``photo_fill``, ``kind_fill``, ``region_fill``; the mesh's openings,
+   where θ1 has no surface, from the render of θ1). Where that surface lies under hair the warp
+   brings from inside the photo's head (a temple turned into view), the warp is kept: stretched hair
+   reads as hair, a fill as a band across it (``warped_hair``).
 3. Composition: a feathered mask over everything that changed; it fades to zero before the crop
    square's edge (where the crop reflects the photo), and outside it the photo is returned bit for bit.
    The per-photo-pixel work (sampling the fields, the warp, the relight, the fill, the blend) runs in
@@ -37,7 +40,7 @@ frame) to photo pixels (x = column, y = row); flows are backward: output pixel p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -84,6 +87,12 @@ OUTLINE_SMOOTH = 0.008  # of the crop: the edited head's outline is smoothed thi
 OUTLINE_BLEND = 0.006  # of the crop: the photo's outline, a blend of skin and wall, is not a fill's source
 SLIVER = 0.008  # of the crop: unseen surface thinner than about twice this is warped, not filled
 FILL_REACH = 0.01  # of the crop: how far round the unseen surface the fill is read (feather, resampling)
+KIND_CHROMA = 0.25  # a fill's source this far (log, any channel's share of the sum) from the face's colour is
+KIND_LIGHT = 2.5  # ... or this many times lighter or darker (linear light) is another kind (hair, brow, lip)
+KIND_SPLIT, KIND_BLEND = 0.35, 0.3  # a fill pixel is the other kind's from this share of its border, fully +BLEND
+GRAIN_SIGMA, GRAIN_PATCH = 1.5, 8  # working pixels: a fill's grain is its sources less their blur, in patches
+GRAIN_REACH = 0.1  # of the crop: the grain comes from sources of the fill's kind within this of it
+GRAIN_EDGE = 2.0  # a patch that reaches detail this many times the pool's median energy (a contour): unused
 
 
 @dataclass
@@ -655,7 +664,8 @@ def physical_edit(
     the shading ratio multiplies, "linear" light (physical) or "srgb" (the space the light is fitted
     in: ``fit_light`` models sRGB pixels as albedo x shading); benchmarks/bench_relight_space.py.
     ``landmarks``: the photo's 68 (photo pixels), whose eyes closing lids cover (``lid_cover``) and
-    whose jaw bounds the cheek a turn keeps in view (``photo_head``).
+    whose jaw bounds the cheek a turn keeps in view (``photo_head``), and so the hair the warp may
+    carry over surface the photo never showed (``warped_hair``).
     """
     if relight not in RELIGHT_SPACES:
         raise ValueError(f"relight {relight!r}: one of {RELIGHT_SPACES}")
@@ -665,21 +675,78 @@ def physical_edit(
         work_to_photo = compose_affine(np.asarray(crop_to_photo, np.float64), resize_affine(crop_size, size))
         points = apply_affine(invert_affine(work_to_photo), np.asarray(landmarks, np.float64))
     corr, g1 = _correspondence(model, fit0, fit1, crop_size, size, points)
+    corr = warped_hair(photo, crop_to_photo, crop_size, corr, relight)
     if fill is None:
-        fill = photo_fill(photo, crop_to_photo, crop_size, corr, render_fill(model, fit1, crop_size, size, g1))
+        render = render_fill(model, fit1, crop_size, size, g1)
+        fill = photo_fill(photo, crop_to_photo, crop_size, corr, render, relight)
     return compose_edit(photo, crop_to_photo, crop_size, corr, fill, relight)
 
 
 def photo_fill(
-    photo: np.ndarray, crop_to_photo: np.ndarray, crop_size: int, corr: Correspondence, render: np.ndarray
+    photo: np.ndarray,
+    crop_to_photo: np.ndarray,
+    crop_size: int,
+    corr: Correspondence,
+    render: np.ndarray,
+    relight: str = "linear",
 ) -> np.ndarray:
     """The fill where no model output is given (crop frame, working size, sRGB in [0, 1]): surface the
     photo never showed (a cheek a turn brings into view) inpainted from the photo's own warped pixels
-    of the head that border it (``region_fill``: a band along the outline takes the cheek beside it,
-    not the hair above it; the wall beyond the outline is not a source), never painted
-    in the render's flat colour, which lies on hair and walls as a band; only the mesh's openings (the
-    mouth's: no surface of θ1) keep the render's dark. Surface the warp would stretch (``STRETCH_MIN``:
-    a blink's upper lid) is filled so too."""
+    of the head that border it, as ``compose_edit`` relights them (``relight``: the fill meets the
+    relit cheek beside it without a step), each kind of surface from its own kind (``kind_fill``:
+    skin from the cheek, hair from the hair; ``region_fill``: the wall beyond the outline is not a
+    source), never painted in the render's flat colour, which lies on hair and walls as a band; only
+    the mesh's openings (the mouth's: no surface of θ1) keep the render's dark. Surface the warp
+    would stretch (``STRETCH_MIN``: a blink's upper lid) is filled so too."""
+    size = corr.size
+    moved, relit = _warped(photo, crop_to_photo, crop_size, corr, relight)
+    source = _fill_sources(corr)
+    # the fill is read a few pixels round the unseen surface (its feathered edge); within that reach
+    # only the head's pixels bordering it feed it; beyond, the whole head's harmonic fill
+    reach = ndimage.binary_dilation(corr.unseen, iterations=max(3, math.ceil(FILL_REACH * size)))
+    base = harmonic_fill(relit, source)
+    grain = corr.unseen if corr.lids is None else corr.unseen & ~corr.lids
+    inpainted = kind_fill(relit, base, source, reach, corr.seen & source, grain)
+    if corr.lids is not None and corr.lids.any():  # a shut lid is the lid's skin, lashes and all (``_closed_lids``)
+        near = ndimage.binary_dilation(corr.lids, iterations=max(3, math.ceil(FILL_REACH * size)))
+        inpainted = np.where(near[..., None], region_fill(base, source, reach), inpainted)
+        inpainted = _closed_lids(inpainted, moved, corr.lids, corr.lashes)
+    return np.where(corr.opening[..., None], render, inpainted).astype(np.float32)
+
+
+def warped_hair(
+    photo: np.ndarray, crop_to_photo: np.ndarray, crop_size: int, corr: Correspondence, relight: str = "linear"
+) -> Correspondence:
+    """``corr`` with the hair the warp carries left out of its unseen surface: where a turn reveals the
+    side of the head under the hair (the temple), the warp brings the photo's own hair from inside its
+    head, stretched a little, which reads as hair; a fill there, of any colour, is a flat band
+    across it. Kept: unseen pixels whose warp source lies inside the photo's head (``from_head``) and
+    that are mostly, over a window a hundredth of the crop wide, not of the face's colour
+    (``face_kind``); the shut lids and the mouth's opening stay filled. Without the photo's landmarks
+    (no ``from_head``) ``corr`` is returned as it is."""
+    if corr.from_head is None or not corr.unseen.any():
+        return corr
+    _, relit = _warped(photo, crop_to_photo, crop_size, corr, relight)
+    source = _fill_sources(corr)
+    other = ~face_kind(relit, corr.seen & source)
+    window = max(3, round(0.01 * corr.size)) | 1
+    hair = ndimage.uniform_filter(other.astype(np.float32), window) > 0.5
+    keep = corr.unseen & corr.from_head & hair & ~corr.opening
+    if corr.lids is not None:
+        keep &= ~corr.lids
+    if not keep.any():
+        return corr
+    unseen = ndimage.binary_opening(corr.unseen & ~keep, iterations=max(1, round(SLIVER * corr.size)))
+    if corr.lids is not None:
+        unseen |= corr.lids
+    return replace(corr, unseen=unseen)
+
+
+def _warped(
+    photo: np.ndarray, crop_to_photo: np.ndarray, crop_size: int, corr: Correspondence, relight: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The photo at the working size (sRGB in [0, 1]) warped by ``corr``'s flow, and that relit as
+    ``compose_edit`` relights it (in ``relight``'s space)."""
     size = corr.size
     work_to_photo = compose_affine(np.asarray(crop_to_photo, np.float64), resize_affine(crop_size, size))
     crop = warp(photo, work_to_photo, size).astype(np.float32) / 255.0
@@ -688,6 +755,13 @@ def photo_fill(
     moved = np.stack(
         [ndimage.map_coordinates(crop[..., c], [rows, cols], order=1, mode="nearest") for c in range(3)], -1
     )
+    ratio = np.exp(corr.log_ratio)
+    relit = linear_to_srgb(srgb_to_linear(moved) * ratio) if relight == "linear" else np.clip(moved * ratio, 0, 1)
+    return moved, relit
+
+
+def _fill_sources(corr: Correspondence) -> np.ndarray:
+    """(S, S) bool: the pixels a fill may read: the head's own, a little way from the unseen surface."""
     around = ndimage.binary_dilation(corr.unseen, iterations=2)  # the warp smears the seam: not a source
     # from the head's own pixels only: a cheek turned into view at the outline is skin, not the wall
     source = ~around & ndimage.binary_fill_holes(corr.covered)
@@ -695,13 +769,86 @@ def photo_fill(
         source &= corr.head
     if corr.from_head is not None:  # nor the wall the warp brings in beside the chin (a large turn)
         source &= corr.from_head
-    # the fill is read a few pixels round the unseen surface (its feathered edge); within that reach
-    # only the head's pixels bordering it feed it; beyond, the whole head's harmonic fill
-    reach = ndimage.binary_dilation(corr.unseen, iterations=max(3, math.ceil(FILL_REACH * size)))
-    inpainted = region_fill(harmonic_fill(moved, source), source, reach)
-    if corr.lids is not None and corr.lids.any():
-        inpainted = _closed_lids(inpainted, moved, corr.lids, corr.lashes)
-    return np.where(corr.opening[..., None], render, inpainted).astype(np.float32)
+    return source
+
+
+def face_kind(values: np.ndarray, face: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the pixels of ``values`` (sRGB in [0, 1]) of the face's colour, the median over
+    ``face`` (every pixel where ``face`` is empty): within KIND_CHROMA of it in chromaticity (log of
+    each channel's share, in linear light, which a change of light's strength keeps) and within a
+    factor KIND_LIGHT in light. The rest is another kind: hair, brows, lips, the wall."""
+    linear = srgb_to_linear(np.clip(values, 0, 1)) + 1e-3
+    light = linear.mean(-1)
+    chroma = np.log(linear / light[..., None])
+    if not face.any():
+        face = np.ones(face.shape, bool)
+    like = np.abs(chroma - np.median(chroma[face], 0)).max(-1) < KIND_CHROMA
+    return like & (np.abs(np.log(light) - np.median(np.log(light[face]))) < math.log(KIND_LIGHT))
+
+
+def kind_fill(
+    values: np.ndarray,
+    base: np.ndarray,
+    source: np.ndarray,
+    region: np.ndarray,
+    face: np.ndarray,
+    grain: np.ndarray | None = None,
+) -> np.ndarray:
+    """``region_fill`` of ``base`` (H, W, 3 sRGB in [0, 1]) over ``region`` that keeps two kinds of
+    source apart: those of the face's colour (``face_kind`` of ``values`` over ``face``) and the rest
+    (hair, brows, lips). Each kind is filled from its own sources alone; a pixel takes the other kind
+    where that kind holds more than KIND_SPLIT of its border (the harmonic measure: the plain fill of
+    the kinds' indicator), blended over KIND_BLEND. A band bordered by the cheek below and the
+    temple's hair above so meets each in its own colour, with a hairline between, where one harmonic
+    fill of both is a brown of neither. ``grain``: where each kind's fill is given the fine detail of
+    its own sources (``_grain``), so that a filled cheek is not a flat patch of paint."""
+    like = face_kind(values, face & source if (face & source).any() else source)
+    mixed = region_fill(np.concatenate([base, (~like)[..., None].astype(np.float32)], -1), source, region)
+    share = smoothstep((mixed[..., 3:] - KIND_SPLIT) / KIND_BLEND)
+    own = region_fill(base, source & like, region)
+    other = region_fill(base, source & ~like, region)
+    if grain is not None and grain.any():
+        rng = np.random.default_rng(0)  # the same edit, the same grain
+        own = own + _grain(values, source & like, grain, rng)
+        other = other + _grain(values, source & ~like, grain, rng)
+    out = np.where(region[..., None], own * (1 - share) + other * share, mixed[..., :3])
+    return np.clip(out, 0, 1)
+
+
+def _grain(values: np.ndarray, pool: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(H, W, 3): the fine detail of ``values`` (the image less its blur, GRAIN_SIGMA) over ``target``,
+    in overlapping patches (GRAIN_PATCH, a squared-sine window, their sum scaled to keep the detail's
+    variance) copied from random places of ``pool`` within GRAIN_REACH of the target; 0 elsewhere.
+    A patch that reaches detail whose energy exceeds GRAIN_EDGE times the pool's median (a jaw's
+    contour, a crease) is never copied: random pieces of a line would draw ghost lines across the fill."""
+    height, width = target.shape
+    out = np.zeros((height, width, 3), np.float32)
+    pool = pool & (ndimage.distance_transform_edt(~target) <= GRAIN_REACH * max(height, width))
+    if not pool.any():
+        return out
+    detail = values - np.stack([ndimage.gaussian_filter(values[..., c], GRAIN_SIGMA) for c in range(3)], -1)
+    energy = ndimage.gaussian_filter(np.square(detail).sum(-1), 2 * GRAIN_SIGMA)
+    half = GRAIN_PATCH // 2
+    calm = ndimage.binary_erosion(pool & (energy <= GRAIN_EDGE * np.median(energy[pool])), iterations=half)
+    centre_rows, centre_cols = np.nonzero(calm)
+    if not len(centre_rows):
+        return out
+    taper = np.sin(np.pi * (np.arange(GRAIN_PATCH) + 0.5) / GRAIN_PATCH) ** 2
+    window = np.outer(taper, taper).astype(np.float32)
+    power = np.zeros((height, width), np.float32)
+    rows, cols = np.nonzero(target)
+    for r0 in range(rows.min() - half, rows.max() + 1, half):
+        for c0 in range(cols.min() - half, cols.max() + 1, half):
+            r, c = slice(max(r0, 0), min(r0 + GRAIN_PATCH, height)), slice(max(c0, 0), min(c0 + GRAIN_PATCH, width))
+            if not target[r, c].any():
+                continue
+            k = rng.integers(len(centre_rows))
+            dr, dc = centre_rows[k] - half - r0, centre_cols[k] - half - c0  # the patch's offset
+            w = window[r.start - r0 : r.stop - r0, c.start - c0 : c.stop - c0]
+            out[r, c] += detail[r.start + dr : r.stop + dr, c.start + dc : c.stop + dc] * w[..., None]
+            power[r, c] += w * w
+    out /= np.sqrt(np.maximum(power, 1e-6))[..., None]
+    return np.where(target[..., None], out, 0)
 
 
 def _closed_lids(filled: np.ndarray, moved: np.ndarray, lids: np.ndarray, lashes: np.ndarray) -> np.ndarray:
