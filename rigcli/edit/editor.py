@@ -450,7 +450,7 @@ def refine_photos(
         if round(100 * share) > round(100 * UNSEEN_WARN):  # as the message rounds it
             warnings.append(
                 f"the edit shows {100 * share:.0f} % of the head that the photo never showed (a turn this large is "
-                "beyond a warp): it is filled flat there; a smaller turn reads better"
+                "beyond a warp): it is inpainted from its surroundings there; a smaller turn reads better"
             )
         refined.append(Refined(image, mask, edit, db, "; ".join(warnings) or None))
     return samples, refined
