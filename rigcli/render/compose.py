@@ -87,8 +87,8 @@ OUTLINE_SMOOTH = 0.008  # of the crop: the edited head's outline is smoothed thi
 OUTLINE_BLEND = 0.006  # of the crop: the photo's outline, a blend of skin and wall, is not a fill's source
 SLIVER = 0.008  # of the crop: unseen surface thinner than about twice this is warped, not filled
 FILL_REACH = 0.01  # of the crop: how far round the unseen surface the fill is read (feather, resampling)
-KIND_CHROMA = 0.25  # a fill's source this far (log, any channel's share of the sum) from the face's colour is
-KIND_LIGHT = 2.5  # ... or this many times lighter or darker (linear light) is another kind (hair, brow, lip)
+KIND_CHROMA = 0.25  # a fill's source this far (log of a channel over the channels' mean) from the face's colour
+KIND_LIGHT = 2.5  # ... or this many times lighter or darker (linear light) is of another kind (hair, brow, lip)
 KIND_SPLIT, KIND_BLEND = 0.35, 0.3  # a fill pixel is the other kind's from this share of its border, fully +BLEND
 GRAIN_SIGMA, GRAIN_PATCH = 1.5, 8  # working pixels: a fill's grain is its sources less their blur, in patches
 GRAIN_REACH = 0.1  # of the crop: the grain comes from sources of the fill's kind within this of it
@@ -722,8 +722,9 @@ def warped_hair(
     head, stretched a little, which reads as hair; a fill there, of any colour, is a flat band
     across it. Kept: unseen pixels whose warp source lies inside the photo's head (``from_head``) and
     that are mostly, over a window a hundredth of the crop wide, not of the face's colour
-    (``face_kind``); the shut lids and the mouth's opening stay filled. Without the photo's landmarks
-    (no ``from_head``) ``corr`` is returned as it is."""
+    (``face_kind``); the shut lids and the mouth's opening stay filled. Hair the warp stretches is
+    kept too: it reads as hair where a fill is flat. Without the photo's landmarks (no ``from_head``)
+    ``corr`` is returned as it is."""
     if corr.from_head is None or not corr.unseen.any():
         return corr
     _, relit = _warped(photo, crop_to_photo, crop_size, corr, relight)
@@ -775,8 +776,8 @@ def _fill_sources(corr: Correspondence) -> np.ndarray:
 def face_kind(values: np.ndarray, face: np.ndarray) -> np.ndarray:
     """(H, W) bool: the pixels of ``values`` (sRGB in [0, 1]) of the face's colour, the median over
     ``face`` (every pixel where ``face`` is empty): within KIND_CHROMA of it in chromaticity (log of
-    each channel's share, in linear light, which a change of light's strength keeps) and within a
-    factor KIND_LIGHT in light. The rest is another kind: hair, brows, lips, the wall."""
+    each channel over the channels' mean, in linear light, which a change of the light's strength
+    keeps) and within a factor KIND_LIGHT in light. The rest is another kind: hair, brows, lips."""
     linear = srgb_to_linear(np.clip(values, 0, 1)) + 1e-3
     light = linear.mean(-1)
     chroma = np.log(linear / light[..., None])
