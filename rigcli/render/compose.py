@@ -193,9 +193,9 @@ def region_fill(values: np.ndarray, known: np.ndarray, region: np.ndarray) -> np
     values = np.asarray(values, np.float32)
     free = region & ~known
     height, width = known.shape
-    labels, count = ndimage.label(free)
+    labels, components = ndimage.label(free)
     touching = ndimage.binary_dilation(known) & free  # 4-neighbours of a known pixel
-    fed = np.zeros(count + 1, bool)
+    fed = np.zeros(components + 1, bool)
     fed[np.unique(labels[touching])] = True  # label 0, not free, stays False
     free &= fed[labels]
     if not free.any():
@@ -810,25 +810,28 @@ def kind_fill(
     other = region_fill(base, source & ~like, region)
     if grain is not None and grain.any():
         rng = np.random.default_rng(0)  # the same edit, the same grain
-        own = own + _grain(values, source & like, grain, rng)
-        other = other + _grain(values, source & ~like, grain, rng)
+        detail = values - np.stack([ndimage.gaussian_filter(values[..., c], GRAIN_SIGMA) for c in range(3)], -1)
+        energy = ndimage.gaussian_filter(np.square(detail).sum(-1), 2 * GRAIN_SIGMA)
+        near = ndimage.distance_transform_edt(~grain) <= GRAIN_REACH * max(grain.shape)
+        own = own + _grain(detail, energy, source & like & near, grain, rng)
+        other = other + _grain(detail, energy, source & ~like & near, grain, rng)
     out = np.where(region[..., None], own * (1 - share) + other * share, mixed[..., :3])
     return np.clip(out, 0, 1)
 
 
-def _grain(values: np.ndarray, pool: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """(H, W, 3): the fine detail of ``values`` (the image less its blur, GRAIN_SIGMA) over ``target``,
-    in overlapping patches (GRAIN_PATCH, a squared-sine window, their sum scaled to keep the detail's
-    variance) copied from random places of ``pool`` within GRAIN_REACH of the target; 0 elsewhere.
-    A patch that reaches detail whose energy exceeds GRAIN_EDGE times the pool's median (a jaw's
-    contour, a crease) is never copied: random pieces of a line would draw ghost lines across the fill."""
+def _grain(
+    detail: np.ndarray, energy: np.ndarray, pool: np.ndarray, target: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """(H, W, 3): the fine ``detail`` (an image less its blur, GRAIN_SIGMA; ``energy``: its square,
+    blurred) over ``target``, in overlapping patches (GRAIN_PATCH, a squared-sine window, their sum
+    scaled to keep the detail's variance) copied from random places of ``pool`` (``kind_fill``: one
+    kind's sources within GRAIN_REACH of the target); 0 elsewhere. A patch that reaches detail whose
+    energy exceeds GRAIN_EDGE times the pool's median (a jaw's contour, a crease) is never copied:
+    random pieces of a line would draw ghost lines across the fill."""
     height, width = target.shape
     out = np.zeros((height, width, 3), np.float32)
-    pool = pool & (ndimage.distance_transform_edt(~target) <= GRAIN_REACH * max(height, width))
     if not pool.any():
         return out
-    detail = values - np.stack([ndimage.gaussian_filter(values[..., c], GRAIN_SIGMA) for c in range(3)], -1)
-    energy = ndimage.gaussian_filter(np.square(detail).sum(-1), 2 * GRAIN_SIGMA)
     half = GRAIN_PATCH // 2
     calm = ndimage.binary_erosion(pool & (energy <= GRAIN_EDGE * np.median(energy[pool])), iterations=half)
     centre_rows, centre_cols = np.nonzero(calm)
