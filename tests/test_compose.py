@@ -736,7 +736,7 @@ def test_hair_the_warp_carries_is_not_filled():
     corr = Correspondence(
         size, np.zeros((size, size, 2), np.float32), head, head & ~unseen, unseen,
         np.zeros((size, size, 3), np.float32), np.ones((size, size), np.float32), np.zeros((size, size), bool),
-        head=head, from_head=from_head,
+        head=head, from_head=from_head, inside=from_head,
     )  # fmt: skip
     identity = np.array([[1.0, 0, 0], [0, 1.0, 0]])
     kept = warped_hair(photo, identity, size, corr)
@@ -747,6 +747,44 @@ def test_hair_the_warp_carries_is_not_filled():
     assert np.array_equal(warped_hair(photo, identity, size, replace(corr, from_head=None)).unseen, unseen)
     edit = compose_edit(photo, identity, size, kept, photo_fill(photo, identity, size, kept, photo / 255.0))
     assert np.array_equal(edit.image[4:20, 36:46], photo[4:20, 36:46])  # the hair's strands, not a flat fill
+
+
+def test_an_outline_the_warp_stretches_is_filled_and_hair_kept():
+    """A turn stretches the photo's last pixels of cheek, a thin band of another colour (the outline's
+    blend of skin and wall, a jaw's shaded stubble), across the surface it reveals: seen where the
+    warp spreads it, that band reads as hair over any window; in the photo it is a few pixels beside
+    the cheek, so it is filled as skin. Hair stretched the same way (its source is in the photo's
+    hair) is kept. Both sources lie inside the photo's head (``from_head``): the stretch and the
+    colour are the same for both; only where the pixel comes from tells them apart."""
+    size = 400
+    skin, hair, band = np.array([200, 150, 120]), np.array([60, 50, 45]), np.array([123, 112, 100])
+    photo = np.empty((size, size, 3), np.uint8)
+    photo[:] = [90, 140, 220]  # the wall
+    photo[:, :300] = skin
+    photo[:100, :300] = hair + (np.indices((100, 300)).sum(0) % 3 * 20)[..., None]  # strands
+    photo[100:, 298:300] = band  # the outline, 2 px inside the photo's head
+    inside = np.zeros((size, size), bool)
+    inside[:, :300] = True
+    unseen = np.zeros((size, size), bool)
+    unseen[20:380, 270:297] = True
+    flow = np.zeros((size, size, 2), np.float32)
+    cols = np.arange(size, dtype=np.float32)
+    flow[unseen, 0] = np.broadcast_to(299 - cols, (size, size))[unseen]  # all of it from the photo's column 299
+    head = np.zeros((size, size), bool)  # the edited head, its outline beside the fill
+    head[:, :297] = True
+    corr = Correspondence(
+        size, flow, head, head & ~unseen, unseen, np.zeros((size, size, 3), np.float32),
+        np.ones((size, size), np.float32), np.zeros((size, size), bool), head=head, from_head=inside, inside=inside,
+    )  # fmt: skip
+    identity = np.array([[1.0, 0, 0], [0, 1.0, 0]])
+    kept = warped_hair(photo, identity, size, corr)
+    print(f"unseen {int(unseen.sum())} px, left to the warp {int((unseen & ~kept.unseen).sum())}")
+    assert not kept.unseen[20:95].any()  # the hair: warped, stretched as it is
+    assert kept.unseen[110:375, 274:294].all()  # the band: filled
+    edit = compose_edit(photo, identity, size, kept, photo_fill(photo, identity, size, kept, photo / 255.0))
+    cheek = edit.image[130:375, 274:294]  # below where the hair above shares its border.reshape(-1, 3).astype(int)
+    print(f"filled band: {cheek.mean(0).round(1)} against the skin {skin} and the outline {band}")
+    assert np.abs(cheek - skin).max() <= 3  # skin, not the outline's grey smeared across it
 
 
 def _relit_reference(srgb: np.ndarray, ratio: float, space: str) -> np.ndarray:

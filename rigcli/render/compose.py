@@ -93,6 +93,7 @@ KIND_SPLIT, KIND_BLEND = 0.35, 0.3  # a fill pixel is the other kind's from this
 GRAIN_SIGMA, GRAIN_PATCH = 1.5, 8  # working pixels: a fill's grain is its sources less their blur, in patches
 GRAIN_REACH = 0.1  # of the crop: the grain comes from sources of the fill's kind within this of it
 GRAIN_EDGE = 2.0  # a patch that reaches detail this many times the pool's median energy (a contour): unused
+HAIR_WINDOW = 0.02  # of the crop: the photo's hair, where a warp's source lies, is most of the head this wide round it
 
 
 @dataclass
@@ -111,6 +112,7 @@ class Correspondence:
     lashes: np.ndarray | None = None  # (S, S) in [0, 1]: the lash line where closing lids meet (``lid_cover``)
     head: np.ndarray | None = None  # (S, S) bool: where the edited head lies (``photo_head``)
     from_head: np.ndarray | None = None  # (S, S) bool: the warp brings the pixel from inside the photo's head
+    inside: np.ndarray | None = None  # (S, S) bool: inside the photo's head, less its outline's blend (θ0's frame)
 
 
 @dataclass
@@ -366,20 +368,20 @@ def _correspondence(
     open_edges, openings = mesh_boundaries(model)
     screen1 = g1.screen[0, :, :2].numpy()
     hole = _openings(screen1, openings, size) & ~covered
-    src_col = np.clip(np.round(u + flow[..., 0]), 0, size - 1).astype(int)
-    src_row = np.clip(np.round(v + flow[..., 1]), 0, size - 1).astype(int)
+    src_row, src_col = _source_pixels(flow)
     unseen = (covered & ~seen) | (hole & covered0.numpy()[src_row, src_col])
     # surface θ0 shows foreshortened to a sliver (an upper lid folded under the brow that a blink
     # spreads over the eye) would be smeared by the warp: the photo has too few pixels of it
     unseen |= covered & (_source_area(flow) < STRETCH_MIN)
-    lids = lashes = head = from_head = None
+    lids = lashes = head = from_head = inside = None
     if points is not None:
         lm = model.landmark_vertices[36:48]
         lids, lashes = lid_cover(points[36:48], g0.screen[0, lm, :2].numpy(), g1.screen[0, lm, :2].numpy(), flow)
         head0, head = photo_head(points[:17], flow)
         # the photo's outline is a blend of skin and wall a few pixels wide: not the person's colour
         blend = max(1, round(OUTLINE_BLEND * size))
-        from_head = ndimage.binary_erosion(head0, iterations=blend)[src_row, src_col]
+        inside = ndimage.binary_erosion(head0, iterations=blend)
+        from_head = inside[src_row, src_col]
         # the cheek the turn keeps in view whose source is the wall beyond the photo's cheek (the mesh
         # outline's excess) is the person's skin to fill, and so is the outline the warp brings in
         # beside it (a pale seam between cheek and fill); what the mesh shows beyond the head is not
@@ -417,7 +419,7 @@ def _correspondence(
     log_ratio = np.broadcast_to(log_ratio, (size, size, 3))
     corr = Correspondence(
         size, flow.astype(np.float32), covered, seen, unseen, log_ratio.astype(np.float32), edge, hole, lids, lashes,
-        head, from_head,
+        head, from_head, inside,
     )  # fmt: skip
     return corr, g1
 
@@ -463,8 +465,7 @@ def lid_cover(
     size = flow.shape[0]
     cover, lashes = np.zeros((size, size), bool), np.zeros((size, size), np.float32)
     v, u = np.mgrid[0:size, 0:size]
-    src_col = np.clip(np.round(u + flow[..., 0]), 0, size - 1).astype(int)
-    src_row = np.clip(np.round(v + flow[..., 1]), 0, size - 1).astype(int)
+    src_row, src_col = _source_pixels(flow)
     for eye in (slice(0, 6), slice(6, 12)):
         opening = _lid_gap(before[eye])
         shut = (opening - _lid_gap(after[eye])) / max(opening - MESH_SHUT_GAP, 1e-6)
@@ -675,7 +676,7 @@ def physical_edit(
         work_to_photo = compose_affine(np.asarray(crop_to_photo, np.float64), resize_affine(crop_size, size))
         points = apply_affine(invert_affine(work_to_photo), np.asarray(landmarks, np.float64))
     corr, g1 = _correspondence(model, fit0, fit1, crop_size, size, points)
-    corr = warped_hair(photo, crop_to_photo, crop_size, corr, relight)
+    corr = warped_hair(photo, crop_to_photo, crop_size, corr)
     if fill is None:
         render = render_fill(model, fit1, crop_size, size, g1)
         fill = photo_fill(photo, crop_to_photo, crop_size, corr, render, relight)
@@ -714,25 +715,30 @@ def photo_fill(
     return np.where(corr.opening[..., None], render, inpainted).astype(np.float32)
 
 
-def warped_hair(
-    photo: np.ndarray, crop_to_photo: np.ndarray, crop_size: int, corr: Correspondence, relight: str = "linear"
-) -> Correspondence:
+def warped_hair(photo: np.ndarray, crop_to_photo: np.ndarray, crop_size: int, corr: Correspondence) -> Correspondence:
     """``corr`` with the hair the warp carries left out of its unseen surface: where a turn reveals the
     side of the head under the hair (the temple), the warp brings the photo's own hair from inside its
     head, stretched a little, which reads as hair; a fill there, of any colour, is a flat band
-    across it. Kept: unseen pixels whose warp source lies inside the photo's head (``from_head``) and
-    that are mostly, over a window a hundredth of the crop wide, not of the face's colour
-    (``face_kind``); the shut lids and the mouth's opening stay filled. Hair the warp stretches is
-    kept too: it reads as hair where a fill is flat. Without the photo's landmarks (no ``from_head``)
-    ``corr`` is returned as it is."""
-    if corr.from_head is None or not corr.unseen.any():
+    across it. Kept: unseen pixels whose warp source lies inside the photo's head (``from_head``) and,
+    in the photo, in its hair: most of the head's pixels over a window ``HAIR_WINDOW`` of the crop
+    wide round the source are not of the face's colour (``face_kind``). The test is made where the
+    pixel comes from, not where the warp spreads it: the photo's outline (a blend of skin and wall)
+    or a jaw's shaded edge, a few pixels of another colour beside the cheek, would read as hair once
+    a turn stretches them into a band. The shut lids and the mouth's opening stay filled. Without
+    the photo's landmarks (no ``from_head``) ``corr`` is returned as it is."""
+    if corr.from_head is None or corr.inside is None or not corr.unseen.any():
         return corr
-    _, relit = _warped(photo, crop_to_photo, crop_size, corr, relight)
-    source = _fill_sources(corr)
-    other = ~face_kind(relit, corr.seen & source)
-    window = max(3, round(0.01 * corr.size)) | 1
-    hair = ndimage.uniform_filter(other.astype(np.float32), window) > 0.5
-    keep = corr.unseen & corr.from_head & hair & ~corr.opening
+    crop = _work_crop(photo, crop_to_photo, crop_size, corr.size)
+    rows, cols = _source_pixels(corr.flow)
+    # the face's colour: the photo's pixels that the seen surface, a fill's sources, comes from
+    seen = corr.seen & _fill_sources(corr)
+    face = np.zeros(corr.inside.shape, bool)
+    face[rows[seen], cols[seen]] = True
+    other = ~face_kind(crop, face) & corr.inside
+    window = max(3, round(HAIR_WINDOW * corr.size)) | 1
+    share = ndimage.uniform_filter(other.astype(np.float32), window)
+    share /= np.maximum(ndimage.uniform_filter(corr.inside.astype(np.float32), window), 1e-6)
+    keep = corr.unseen & corr.from_head & (share[rows, cols] > 0.5) & ~corr.opening
     if corr.lids is not None:
         keep &= ~corr.lids
     if not keep.any():
@@ -743,14 +749,27 @@ def warped_hair(
     return replace(corr, unseen=unseen)
 
 
+def _work_crop(photo: np.ndarray, crop_to_photo: np.ndarray, crop_size: int, size: int) -> np.ndarray:
+    """The photo's crop at the working size (sRGB in [0, 1], float32)."""
+    work_to_photo = compose_affine(np.asarray(crop_to_photo, np.float64), resize_affine(crop_size, size))
+    return warp(photo, work_to_photo, size).astype(np.float32) / 255.0
+
+
+def _source_pixels(flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(S, S) int rows and columns each: the pixel the backward ``flow`` takes each output pixel from."""
+    size = flow.shape[0]
+    v, u = np.mgrid[0:size, 0:size].astype(np.float64)
+    rows = np.clip(np.round(v + flow[..., 1]), 0, size - 1).astype(int)
+    return rows, np.clip(np.round(u + flow[..., 0]), 0, size - 1).astype(int)
+
+
 def _warped(
     photo: np.ndarray, crop_to_photo: np.ndarray, crop_size: int, corr: Correspondence, relight: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """The photo at the working size (sRGB in [0, 1]) warped by ``corr``'s flow, and that relit as
     ``compose_edit`` relights it (in ``relight``'s space)."""
     size = corr.size
-    work_to_photo = compose_affine(np.asarray(crop_to_photo, np.float64), resize_affine(crop_size, size))
-    crop = warp(photo, work_to_photo, size).astype(np.float32) / 255.0
+    crop = _work_crop(photo, crop_to_photo, crop_size, size)
     v, u = np.mgrid[0:size, 0:size].astype(np.float32)
     rows, cols = v + corr.flow[..., 1], u + corr.flow[..., 0]  # output pixel p shows p + flow
     moved = np.stack(
