@@ -44,7 +44,6 @@ from rigcli.render.compose import (
     MESH_SHUT_GAP,
     OUTLINE_SMOOTH,
     RELIGHT_SPACES,
-    REVEAL_REACH,
     SILHOUETTE_FADE,
     SLIVER,
     TRUST_LEVELS,
@@ -485,9 +484,11 @@ def test_the_edited_head_keeps_its_outline_by_the_ears_and_moves_it_at_the_chin(
 def test_a_turn_fills_the_cheek_within_the_photos_outline_not_the_meshs(face_model, base_fit, photo):
     """The fitted mesh is often wider than the real cheek: the surface a turn brings into view at
     the mesh's outline lies on the wall there. Given the photo's landmarks, no unseen pixel (skin
-    filled in) lies beyond the photo's own outline grown by REVEAL_REACH; without them, the mesh's
-    outline is trusted and the fill reaches past it. Inside the head, what the mesh shows whose source
-    is beyond the photo's outline (the wall) is filled."""
+    filled in) lies more than a pixel beyond the photo's own outline (moved with the head): a fill
+    reaching further overhangs the cheek's outline where the mesh runs past it (its ears) and steps
+    in where the mesh ends, a notch. Without the landmarks the mesh's outline is trusted and the fill
+    reaches past it. Inside the head, what the mesh shows whose source is beyond the photo's outline
+    (the wall) is filled."""
     size = working_size(CROP_TO_PHOTO, CROP)
     turned = edited(base_fit, face_model, yaw=-12.0)
     mesh = rasterize_fit(face_model, rescale_fit(base_fit, CROP, size), size).screen[0, face_model.landmark_vertices]
@@ -497,7 +498,7 @@ def test_a_turn_fills_the_cheek_within_the_photos_outline_not_the_meshs(face_mod
     trusting = _correspondence(face_model, base_fit, turned, CROP, size)[0]
     bounded = _correspondence(face_model, base_fit, turned, CROP, size, points)[0]
     head0, head1 = photo_head(points[:17], bounded.flow)
-    beyond = ~ndimage.binary_dilation(head1, iterations=max(1, round(REVEAL_REACH * size)))
+    beyond = ~ndimage.binary_dilation(head1)
     print(f"unseen beyond the photo's outline: {int((trusting.unseen & beyond).sum())} px trusting the mesh")
     assert (trusting.unseen & beyond).sum() > 100 and not (bounded.unseen & beyond).any()
     assert np.array_equal(bounded.head, head1)

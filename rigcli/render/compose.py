@@ -81,7 +81,7 @@ MESH_SHUT_GAP = 0.04  # of the eye's width: the face model's lid landmarks' gap 
 LID_MEET = 0.85  # a lid that closes this much of the mesh's opening meets the lower one (the rest is lashes)
 LID_HOLD_REACH = 0.03  # of the working size: how far round shut lids the model's correction is held off
 LID_SHUT = 0.25  # an eye whose opening (over its width) shrinks less than this is left to the warp
-REVEAL_REACH = 0.01  # of the crop: how far beyond the edited head's outline (``photo_head``) a fill may reach
+REVEAL_REACH = 0.002  # of the crop: a fill stops at the edited head's outline (``photo_head``), a pixel past it
 SHADOW_LIFT_MAX = 1.3  # the most the cast shadows' term brightens a point (the photo's own shadows divided out)
 OUTLINE_SMOOTH = 0.008  # of the crop: the edited head's outline is smoothed this much (sigma)
 OUTLINE_BLEND = 0.006  # of the crop: the photo's outline, a blend of skin and wall, is not a fill's source
@@ -387,6 +387,8 @@ def _correspondence(
         # beside it (a pale seam between cheek and fill); what the mesh shows beyond the head is not
         unseen |= covered & head & ~head0[src_row, src_col]
         unseen |= ndimage.binary_dilation(unseen, iterations=2 * blend) & covered & head & ~from_head
+        # the fill ends where the head does: the mesh runs past it by the ears, and a fill reaching
+        # further overhangs the cheek's outline there and steps in where the mesh ends (a notch)
         unseen &= ndimage.binary_dilation(head, iterations=max(1, round(REVEAL_REACH * size)))
     unseen = ndimage.binary_opening(unseen, iterations=max(1, round(SLIVER * size)))
     if lids is not None:
