@@ -550,6 +550,53 @@ def test_a_large_turn_fills_the_revealed_cheek_with_skin_not_the_wall(face_model
     assert changed.sum() <= 10  # the union of the two warps before smoothing: 31
 
 
+def test_a_turn_leaves_no_band_of_the_photos_darker_rim_down_the_cheek(face_model, base_fit, photo):
+    """A cheek darkens over its last pixels before the photo's outline (turning away from the camera
+    and the light, stubble, the blend of skin and wall); the fitted mesh, wider than the cheek, does
+    not model it. A turn carries that rim inward beside the surface it reveals, where it read as a
+    grey band down the cheek (obama-1 at --yaw 12). The same turn of the photo with and without a rim
+    darkened to 0.75 (OUTLINE_RIM wide) must agree on the revealed side, but for the last pixels by
+    the edited outline, where the rim still lies; on the side turning away the rim stays."""
+    image0, _ = photo
+    size = working_size(CROP_TO_PHOTO, CROP)
+    work_to_photo = compose_affine(CROP_TO_PHOTO, resize_affine(CROP, size))
+    mesh = rasterize_fit(face_model, rescale_fit(base_fit, CROP, size), size).screen[0, face_model.landmark_vertices]
+    points = mesh[:, :2].numpy().astype(np.float64)
+    centre = points[27:36].mean(0)
+    points[:17] = centre + 0.85 * (points[:17] - centre)  # the real cheek inside the mesh's outline
+    in_photo_px = points @ work_to_photo[:, :2].T + work_to_photo[:, 2]
+    head_photo = photo_head(in_photo_px[:17], np.zeros((PHOTO, PHOTO, 2), np.float32))[0]
+    image = np.where(head_photo[..., None], image0, np.array([40, 90, 200], np.uint8))
+    rim_px = compose.OUTLINE_RIM * CROP * K  # in photo pixels
+    below = np.arange(PHOTO)[:, None] > in_photo_px[[0, 16], 1].max()  # the jaw's sides, not the scalp
+    rim = head_photo & (ndimage.distance_transform_edt(head_photo) < rim_px) & below
+    dark = np.where(rim[..., None], image * 0.75, image).round().astype(np.uint8)
+    turned = edited(base_fit, face_model, yaw=-12.0)
+    plain, rimmed = (
+        physical_edit(im, CROP_TO_PHOTO, CROP, face_model, base_fit, turned, landmarks=in_photo_px)
+        for im in (image, dark)
+    )
+    corr = _correspondence(face_model, base_fit, turned, CROP, size, points)[0]
+    plain_w, rimmed_w = (warp(r.image, work_to_photo, size).astype(float) for r in (plain, rimmed))
+    filled = warp(np.repeat((plain.fill[..., None] * 255).astype(np.uint8), 3, -1), work_to_photo, size)[..., 0] > 128
+    right = np.arange(size)[None, :] > centre[0]
+    revealed = right if (filled & right).sum() > (filled & ~right).sum() else ~right
+    deep = ndimage.distance_transform_edt(corr.head) > compose.OUTLINE_RIM * size + 3
+    rows = np.arange(size)[:, None]
+    cheek = (rows > points[[0, 16], 1].max()) & (rows < points[[4, 12], 1].min())  # the chin's rim moves with it
+    side = revealed & deep & corr.covered & cheek
+    # the band a rim leaves is broad; the fill's grain, copied from sources the rim shades too, is not
+    step = ndimage.gaussian_filter((rimmed_w - plain_w).mean(-1), 3.0)
+    other = ~revealed & corr.covered & ~deep & cheek
+    print(
+        f"revealed side: {int(side.sum())} px, the rim's trace there {-step[side].min():.1f} levels at most; "
+        f"the side turning away keeps its rim: {-step[other].min():.0f} levels"
+    )
+    assert filled.sum() > 500 and side.sum() > 2000
+    assert -step[side].min() < 15  # before: the rim carried in, 42 levels darker
+    assert -step[other].min() > 12
+
+
 def test_unseen_surface_is_inpainted_from_the_photo_and_openings_keep_the_render():
     """A photo whose colours are linear in x and y (one kind of surface: a skin's shading
     drifting, ``kind_fill`` keeps it whole): a harmonic fill of it is the photo itself, so the unseen

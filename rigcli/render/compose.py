@@ -22,9 +22,11 @@ and after (θ1)) and the model's correction carried onto it.
    ``fill`` (the model's output, crop frame, any size) or else from the photo's own warped and relit
    pixels that border it, inpainted, each kind of surface (skin; hair, brows, lips) from its own
    kind and given its grain (``photo_fill``, ``kind_fill``, ``region_fill``; the mesh's openings,
-   where θ1 has no surface, from the render of θ1). Where that surface lies under hair the warp
-   brings from inside the photo's head (a temple turned into view), the warp is kept: stretched hair
-   reads as hair, a fill as a band across it (``warped_hair``).
+   where θ1 has no surface, from the render of θ1); so is the photo's darker rim of cheek inside its
+   outline (OUTLINE_RIM) where a turn carries it inward beside that surface. Where that surface lies
+   under hair the warp brings from inside the photo's head (a temple turned into view), the warp is
+   kept: stretched hair reads as hair, a fill as a band across it (``warped_hair``; hair in the
+   photo, not a thin line of another colour that the warp stretches).
 3. Composition: a feathered mask over everything that changed; it fades to zero before the crop
    square's edge (where the crop reflects the photo), and outside it the photo is returned bit for bit.
    The per-photo-pixel work (sampling the fields, the warp, the relight, the fill, the blend) runs in
@@ -85,6 +87,7 @@ REVEAL_REACH = 0.002  # of the crop: a fill stops at the edited head's outline (
 SHADOW_LIFT_MAX = 1.3  # the most the cast shadows' term brightens a point (the photo's own shadows divided out)
 OUTLINE_SMOOTH = 0.008  # of the crop: the edited head's outline is smoothed this much (sigma)
 OUTLINE_BLEND = 0.006  # of the crop: the photo's outline, a blend of skin and wall, is not a fill's source
+OUTLINE_RIM = 0.02  # of the crop: the photo's darker rim of cheek inside its outline, filled where a turn moves it in
 SLIVER = 0.008  # of the crop: unseen surface thinner than about twice this is warped, not filled
 FILL_REACH = 0.01  # of the crop: how far round the unseen surface the fill is read (feather, resampling)
 KIND_CHROMA = 0.25  # a fill's source this far (log of a channel over the channels' mean) from the face's colour
@@ -390,6 +393,15 @@ def _correspondence(
         # the fill ends where the head does: the mesh runs past it by the ears, and a fill reaching
         # further overhangs the cheek's outline there and steps in where the mesh ends (a notch)
         unseen &= ndimage.binary_dilation(head, iterations=max(1, round(REVEAL_REACH * size)))
+        # the photo's last pixels of cheek before its outline are darker (a cheek turning away, its
+        # stubble, the blend of skin and wall): a turn carries them inward beside the surface it
+        # reveals, where they read as a grey band down the cheek; they are filled with that surface
+        rim = OUTLINE_RIM * size
+        depth = ndimage.distance_transform_edt(inside)[src_row, src_col] + blend  # the source's, in from the outline
+        moved_in = ndimage.distance_transform_edt(head) - depth > max(2.0, SLIVER * size)
+        carried = ndimage.label(covered & head & (depth < rim) & moved_in)[0]  # the turn may stretch it wide
+        beside = np.unique(carried[ndimage.binary_dilation(unseen) & (carried > 0)])
+        unseen |= np.isin(carried, beside)
     unseen = ndimage.binary_opening(unseen, iterations=max(1, round(SLIVER * size)))
     if lids is not None:
         unseen |= lids
