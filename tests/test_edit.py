@@ -246,6 +246,27 @@ def test_refined_edit_keeps_the_photo_outside_its_mask_and_a_no_op_returns_the_p
     assert diff.max() <= 1
 
 
+def test_a_black_and_white_photo_stays_black_and_white(editor, album, tmp_path):
+    """A grey photo (three equal channels, a one-channel file) edited by the model alone (strength 1,
+    whose correction is not faded where the model knows the photo badly): its colour, kept at a
+    coarse scale, is a tint the photo never had, which a retoucher would have to take out. The
+    output is grey at both sizes (5 levels apart before, 246 in the model's crop), it is edited, and
+    the photo outside the edit's mask is its own bit for bit."""
+    pixels = read_photo(album[0].path).pixels.astype(np.float32)
+    grey = np.repeat(np.round(pixels @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)[..., None], 3, -1)
+    path = tmp_path / "grey.png"
+    iio.imwrite(path, grey[..., 0])  # a one-channel file, as black-and-white scans are
+    (result,) = edit_photos(editor, [path], Controls(expression={"smile": 0.8, "jaw_open": 0.4}), steps=4, strength=1.0)
+    out = result.photo_output.astype(int)
+    tint = max(np.abs(out[..., 0] - out[..., 1]).max(), np.abs(out[..., 1] - out[..., 2]).max())
+    crop_tint = np.abs(result.output.astype(int) - result.output[..., :1].astype(int)).max()
+    changed = np.abs(out - grey).max(-1) > 0
+    print(f"channels apart by at most {tint} levels ({crop_tint} in the crop); {int(changed.sum())} px edited")
+    assert tint == 0 and crop_tint == 0
+    assert changed.sum() > 500
+    assert np.array_equal(out[result.photo_mask == 0], grey[result.photo_mask == 0])
+
+
 def test_default_output_is_the_whole_photo_and_crop_the_aligned_crop(trained_home, album, tmp_path):
     whole, crop = tmp_path / "whole.png", tmp_path / "crop.png"
     result = rig(trained_home, "edit", "astro", str(album[2].path), "--smile", "0.5", "--steps", "2", "-o", str(whole))

@@ -438,6 +438,7 @@ def refine_photos(
         delta = correction[k].permute(1, 2, 0).numpy()
         hold = None if edit is None else edit.lids
         image, mask = transfer(base, base_mask, delta, photo.crop_to_photo, size, faces[k], hold)
+        image = keep_grey(photo.pixels, image)
         db, warnings = None, []
         if strength > 0:
             db = psnr(recon[k], unedited[k], value_range=(-1, 1))
@@ -454,6 +455,16 @@ def refine_photos(
             )
         refined.append(Refined(image, mask, edit, db, "; ".join(warnings) or None))
     return samples, refined
+
+
+def keep_grey(source: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """``image`` (H, W, 3 uint8) as grey, each pixel its channels' mean, when the photo ``source`` is
+    grey (a black-and-white photo, its three channels equal everywhere): the model's correction and
+    the render that fills an opened mouth carry colour the photo never had, a tint in a picture that
+    has none. Pixels whose channels are already equal (all outside the edit) are unchanged."""
+    if not (np.array_equal(source[..., 0], source[..., 1]) and np.array_equal(source[..., 1], source[..., 2])):
+        return image
+    return np.repeat(np.round(image.mean(-1, dtype=np.float32)).astype(np.uint8)[..., None], 3, -1)
 
 
 def unseen_share(unseen: np.ndarray, head: np.ndarray) -> float:
@@ -518,7 +529,8 @@ def edit_photos(
         outputs = to_uint8(out)
         for k, i in enumerate(chunk):
             results[i] = EditResult(
-                results[i].source, prepared=photos[k], before=before, after=after, index=k, output=outputs[k],
+                results[i].source, prepared=photos[k], before=before, after=after, index=k,
+                output=keep_grey(photos[k].pixels, outputs[k]),
                 refined=refined[k],
             )  # fmt: skip
     return results
