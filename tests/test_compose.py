@@ -509,14 +509,11 @@ def test_a_turn_fills_the_cheek_within_the_photos_outline_not_the_meshs(face_mod
     assert claimed.sum() > 100 and bounded.unseen[claimed].all()  # the wall the mesh claims, but not slivers
 
 
-def test_a_large_turn_fills_the_revealed_cheek_with_skin_not_the_wall(face_model, base_fit, photo):
-    """A photo whose real cheek ends inside the mesh's outline (the wall painted blue beyond its jaw
-    line), turned 25 degrees: the surface the turn reveals is filled from the head's own skin and the
-    warped cheek beside it carries no wall. Before: the fill drew from pixels the warp brings from
-    the wall beside the chin (a grey-blue band) and the photo's outline, a blend of skin and wall,
-    was warped in as a pale seam between cheek and fill; the fill's edge stepped where the chin's
-    and the ears' shares of the flow took turns (``photo_head``)."""
-    image0, _ = photo
+def _narrow_cheek(face_model, base_fit, image0: np.ndarray):
+    """A photo whose real cheek ends inside the fitted mesh's outline (its jaw landmarks drawn 0.85 of
+    the way out from the nose), the wall beyond its jaw line painted blue: the working size, working
+    pixels -> photo pixels, the 68 landmarks in working and in photo pixels, the photo's head (photo
+    pixels, ``photo_head``) and the image."""
     size = working_size(CROP_TO_PHOTO, CROP)
     work_to_photo = compose_affine(CROP_TO_PHOTO, resize_affine(CROP, size))
     mesh = rasterize_fit(face_model, rescale_fit(base_fit, CROP, size), size).screen[0, face_model.landmark_vertices]
@@ -525,8 +522,18 @@ def test_a_large_turn_fills_the_revealed_cheek_with_skin_not_the_wall(face_model
     points[:17] = centre + 0.85 * (points[:17] - centre)  # the real cheek inside the mesh's outline
     in_photo_px = points @ work_to_photo[:, :2].T + work_to_photo[:, 2]
     head_photo = photo_head(in_photo_px[:17], np.zeros((PHOTO, PHOTO, 2), np.float32))[0]
-    blue = np.array([40, 90, 200], np.uint8)
-    image = np.where(head_photo[..., None], image0, blue)
+    image = np.where(head_photo[..., None], image0, np.array([40, 90, 200], np.uint8))
+    return size, work_to_photo, points, in_photo_px, head_photo, image
+
+
+def test_a_large_turn_fills_the_revealed_cheek_with_skin_not_the_wall(face_model, base_fit, photo):
+    """A photo whose real cheek ends inside the mesh's outline (the wall painted blue beyond its jaw
+    line), turned 25 degrees: the surface the turn reveals is filled from the head's own skin and the
+    warped cheek beside it carries no wall. Before: the fill drew from pixels the warp brings from
+    the wall beside the chin (a grey-blue band) and the photo's outline, a blend of skin and wall,
+    was warped in as a pale seam between cheek and fill; the fill's edge stepped where the chin's
+    and the ears' shares of the flow took turns (``photo_head``)."""
+    size, work_to_photo, points, in_photo_px, _, image = _narrow_cheek(face_model, base_fit, photo[0])
     turned = edited(base_fit, face_model, yaw=-25.0)
     result = physical_edit(image, CROP_TO_PHOTO, CROP, face_model, base_fit, turned, landmarks=in_photo_px)
     corr = _correspondence(face_model, base_fit, turned, CROP, size, points)[0]
@@ -557,16 +564,7 @@ def test_a_turn_leaves_no_band_of_the_photos_darker_rim_down_the_cheek(face_mode
     grey band down the cheek (obama-1 at --yaw 12). The same turn of the photo with and without a rim
     darkened to 0.75 (OUTLINE_RIM wide) must agree on the revealed side, but for the last pixels by
     the edited outline, where the rim still lies; on the side turning away the rim stays."""
-    image0, _ = photo
-    size = working_size(CROP_TO_PHOTO, CROP)
-    work_to_photo = compose_affine(CROP_TO_PHOTO, resize_affine(CROP, size))
-    mesh = rasterize_fit(face_model, rescale_fit(base_fit, CROP, size), size).screen[0, face_model.landmark_vertices]
-    points = mesh[:, :2].numpy().astype(np.float64)
-    centre = points[27:36].mean(0)
-    points[:17] = centre + 0.85 * (points[:17] - centre)  # the real cheek inside the mesh's outline
-    in_photo_px = points @ work_to_photo[:, :2].T + work_to_photo[:, 2]
-    head_photo = photo_head(in_photo_px[:17], np.zeros((PHOTO, PHOTO, 2), np.float32))[0]
-    image = np.where(head_photo[..., None], image0, np.array([40, 90, 200], np.uint8))
+    size, work_to_photo, points, in_photo_px, head_photo, image = _narrow_cheek(face_model, base_fit, photo[0])
     rim_px = compose.OUTLINE_RIM * CROP * K  # in photo pixels
     below = np.arange(PHOTO)[:, None] > in_photo_px[[0, 16], 1].max()  # the jaw's sides, not the scalp
     rim = head_photo & (ndimage.distance_transform_edt(head_photo) < rim_px) & below
@@ -579,7 +577,7 @@ def test_a_turn_leaves_no_band_of_the_photos_darker_rim_down_the_cheek(face_mode
     corr = _correspondence(face_model, base_fit, turned, CROP, size, points)[0]
     plain_w, rimmed_w = (warp(r.image, work_to_photo, size).astype(float) for r in (plain, rimmed))
     filled = warp(np.repeat((plain.fill[..., None] * 255).astype(np.uint8), 3, -1), work_to_photo, size)[..., 0] > 128
-    right = np.arange(size)[None, :] > centre[0]
+    right = np.arange(size)[None, :] > points[27:36, 0].mean()  # of the nose
     revealed = right if (filled & right).sum() > (filled & ~right).sum() else ~right
     deep = ndimage.distance_transform_edt(corr.head) > compose.OUTLINE_RIM * size + 3
     rows = np.arange(size)[:, None]
