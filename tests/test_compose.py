@@ -481,6 +481,29 @@ def test_the_edited_head_keeps_its_outline_by_the_ears_and_moves_it_at_the_chin(
     assert np.array_equal(photo_head(jaw, np.zeros_like(flow))[1], head0)  # a still head keeps it
 
 
+def _narrow_cheek_landmarks(face_model, base_fit) -> tuple[int, np.ndarray]:
+    """The working size and the 68 landmarks (working pixels) of a photo whose real cheek ends inside
+    the fitted mesh's outline: the mesh's own, its jaw's drawn 0.85 of the way out from the nose."""
+    size = working_size(CROP_TO_PHOTO, CROP)
+    mesh = rasterize_fit(face_model, rescale_fit(base_fit, CROP, size), size).screen[0, face_model.landmark_vertices]
+    points = mesh[:, :2].numpy().astype(np.float64)
+    centre = points[27:36].mean(0)
+    points[:17] = centre + 0.85 * (points[:17] - centre)  # the real cheek inside the mesh's outline
+    return size, points
+
+
+def _narrow_cheek(face_model, base_fit, image0: np.ndarray):
+    """That photo (``_narrow_cheek_landmarks``), the wall beyond its jaw line painted blue: the working
+    size, working pixels -> photo pixels, the 68 landmarks in working and in photo pixels, the
+    photo's head (photo pixels, ``photo_head``) and the image."""
+    size, points = _narrow_cheek_landmarks(face_model, base_fit)
+    work_to_photo = compose_affine(CROP_TO_PHOTO, resize_affine(CROP, size))
+    in_photo_px = points @ work_to_photo[:, :2].T + work_to_photo[:, 2]
+    head_photo = photo_head(in_photo_px[:17], np.zeros((PHOTO, PHOTO, 2), np.float32))[0]
+    image = np.where(head_photo[..., None], image0, np.array([40, 90, 200], np.uint8))
+    return size, work_to_photo, points, in_photo_px, head_photo, image
+
+
 def test_a_turn_fills_the_cheek_within_the_photos_outline_not_the_meshs(face_model, base_fit, photo):
     """The fitted mesh is often wider than the real cheek: the surface a turn brings into view at
     the mesh's outline lies on the wall there. Given the photo's landmarks, no unseen pixel (skin
@@ -489,12 +512,8 @@ def test_a_turn_fills_the_cheek_within_the_photos_outline_not_the_meshs(face_mod
     in where the mesh ends, a notch. Without the landmarks the mesh's outline is trusted and the fill
     reaches past it. Inside the head, what the mesh shows whose source is beyond the photo's outline
     (the wall) is filled."""
-    size = working_size(CROP_TO_PHOTO, CROP)
+    size, points = _narrow_cheek_landmarks(face_model, base_fit)
     turned = edited(base_fit, face_model, yaw=-12.0)
-    mesh = rasterize_fit(face_model, rescale_fit(base_fit, CROP, size), size).screen[0, face_model.landmark_vertices]
-    points = mesh[:, :2].numpy().astype(np.float64)
-    centre = points[27:36].mean(0)
-    points[:17] = centre + 0.85 * (points[:17] - centre)  # the real cheek inside the mesh's outline
     trusting = _correspondence(face_model, base_fit, turned, CROP, size)[0]
     bounded = _correspondence(face_model, base_fit, turned, CROP, size, points)[0]
     head0, head1 = photo_head(points[:17], bounded.flow)
@@ -507,23 +526,6 @@ def test_a_turn_fills_the_cheek_within_the_photos_outline_not_the_meshs(face_mod
                    np.clip(np.round(u + bounded.flow[..., 0]), 0, size - 1).astype(int)]  # fmt: skip
     claimed = ndimage.binary_opening(trusting.covered & head1 & ~source, iterations=max(1, round(SLIVER * size)))
     assert claimed.sum() > 100 and bounded.unseen[claimed].all()  # the wall the mesh claims, but not slivers
-
-
-def _narrow_cheek(face_model, base_fit, image0: np.ndarray):
-    """A photo whose real cheek ends inside the fitted mesh's outline (its jaw landmarks drawn 0.85 of
-    the way out from the nose), the wall beyond its jaw line painted blue: the working size, working
-    pixels -> photo pixels, the 68 landmarks in working and in photo pixels, the photo's head (photo
-    pixels, ``photo_head``) and the image."""
-    size = working_size(CROP_TO_PHOTO, CROP)
-    work_to_photo = compose_affine(CROP_TO_PHOTO, resize_affine(CROP, size))
-    mesh = rasterize_fit(face_model, rescale_fit(base_fit, CROP, size), size).screen[0, face_model.landmark_vertices]
-    points = mesh[:, :2].numpy().astype(np.float64)
-    centre = points[27:36].mean(0)
-    points[:17] = centre + 0.85 * (points[:17] - centre)  # the real cheek inside the mesh's outline
-    in_photo_px = points @ work_to_photo[:, :2].T + work_to_photo[:, 2]
-    head_photo = photo_head(in_photo_px[:17], np.zeros((PHOTO, PHOTO, 2), np.float32))[0]
-    image = np.where(head_photo[..., None], image0, np.array([40, 90, 200], np.uint8))
-    return size, work_to_photo, points, in_photo_px, head_photo, image
 
 
 def test_a_large_turn_fills_the_revealed_cheek_with_skin_not_the_wall(face_model, base_fit, photo):

@@ -95,7 +95,7 @@ KIND_LIGHT = 2.5  # ... or this many times lighter or darker (linear light) is o
 KIND_SPLIT, KIND_BLEND = 0.35, 0.3  # a fill pixel is the other kind's from this share of its border, fully +BLEND
 GRAIN_SIGMA, GRAIN_PATCH = 1.5, 8  # working pixels: a fill's grain is its sources less their blur, in patches
 GRAIN_REACH = 0.1  # of the crop: the grain comes from sources of the fill's kind within this of it
-GRAIN_EDGE = 2.0  # a patch that reaches detail this many times the pool's median energy (a contour): unused
+GRAIN_EDGE = 2.0  # a patch that reaches detail this many times the pool's median energy (a contour) is not copied
 HAIR_WINDOW = 0.02  # of the crop: the photo's hair, where a warp's source lies, is most of the head this wide round it
 
 
