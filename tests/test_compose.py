@@ -118,12 +118,18 @@ def background():
     return np.clip(ramp + (smooth - 0.5) * 2.5, 0, 1)
 
 
-def render(model, fit: FaceFit, background) -> tuple[np.ndarray, dict]:
-    """The oracle photo of ``fit`` (crop frame) and its per-pixel surface (neutral position, mask)."""
+def symmetric_texture(pos: torch.Tensor) -> torch.Tensor:
+    """``texture`` mirrored across the face's plane of symmetry (x = 0): the same on both cheeks."""
+    return texture(torch.cat([pos[..., :1].abs(), pos[..., 1:]], -1))
+
+
+def render(model, fit: FaceFit, background, pattern=texture) -> tuple[np.ndarray, dict]:
+    """The oracle photo of ``fit`` (crop frame) and its per-pixel surface (neutral position, mask);
+    ``pattern``: the albedo's modulation of a surface point (``texture``)."""
     with torch.no_grad():
         geo = rasterize_fit(model, in_photo(fit), PHOTO)
         pos = geo.fragments.interpolate(model.neutral[None], model.triangles)[0]
-        albedo = fit.albedo[0] * texture(pos)
+        albedo = fit.albedo[0] * pattern(pos)
         # with the mesh's cast shadows, as a photo has them (the edit divides θ0's out, puts θ1's in)
         direction, intensity = light_split(fit.light[0], geo.normals[0][skin_mask(model, geo)[0]])
         points = geo.fragments.interpolate(geo.vertices_cam, model.triangles)[0]
@@ -595,6 +601,44 @@ def test_a_turn_leaves_no_band_of_the_photos_darker_rim_down_the_cheek(face_mode
     assert filled.sum() > 500 and side.sum() > 2000
     assert -step[side].min() < 15  # before: the rim carried in, 42 levels darker
     assert -step[other].min() > 12
+
+
+def test_the_face_models_mirror_is_an_involution_across_its_plane_of_symmetry(face_model):
+    index = compose.mirror_vertices(face_model)
+    neutral = face_model.neutral.numpy()
+    assert (index >= 0).all() and np.array_equal(index[index], np.arange(len(index)))
+    assert np.abs(neutral[index] * [-1, 1, 1] - neutral).max() < 1e-3 * np.ptp(neutral, 0).max()
+    assert (index != np.arange(len(index))).mean() > 0.9  # only the midline maps to itself
+
+
+def test_a_turn_fills_the_cheek_it_reveals_with_the_texture_of_its_mirror_image(face_model, base_fit, background,
+                                                                                 monkeypatch):  # fmt: skip
+    """A photo turned 20 degrees away hides much of one cheek and shows the other whole; turned back,
+    the hidden cheek is filled. On a face whose texture is the same on both cheeks, the fill's fine
+    detail (the image less its blur) follows the truth's: it is the shown cheek's, mirrored and
+    relit. Without the mirror image (no point faces the camera enough) the fill's grain is copied
+    from random places and does not."""
+    image0, _ = render(face_model, edited(base_fit, face_model, yaw=20.0), background, symmetric_texture)
+    truth, surf1 = render(face_model, base_fit, background, symmetric_texture)
+    fit0 = edited(base_fit, face_model, yaw=20.0)
+    size = working_size(CROP_TO_PHOTO, CROP)
+    work_to_photo = compose_affine(CROP_TO_PHOTO, resize_affine(CROP, size))
+    mesh = rasterize_fit(face_model, rescale_fit(fit0, CROP, size), size).screen[0, face_model.landmark_vertices]
+    landmarks = mesh[:, :2].numpy().astype(np.float64) @ work_to_photo[:, :2].T + work_to_photo[:, 2]
+
+    def detail(x: np.ndarray) -> np.ndarray:
+        grey = x.astype(np.float64).mean(-1)
+        return grey - ndimage.gaussian_filter(grey, 4.0)
+
+    agreement, facing_default = {}, compose.MIRROR_FACING
+    for facing in (facing_default, 2.0):
+        monkeypatch.setattr(compose, "MIRROR_FACING", facing)
+        result = physical_edit(image0, CROP_TO_PHOTO, CROP, face_model, fit0, base_fit, landmarks=landmarks)
+        filled = ndimage.binary_erosion((result.fill > 0.99) & surf1["face"], iterations=6)
+        agreement[facing] = np.corrcoef(detail(result.image)[filled], detail(truth)[filled])[0, 1]
+        print(f"MIRROR_FACING {facing}: {int(filled.sum())} filled px, detail correlation {agreement[facing]:.2f}")
+        assert filled.sum() > 10000
+    assert agreement[facing_default] > 0.6 and abs(agreement[2.0]) < 0.2
 
 
 def test_unseen_surface_is_inpainted_from_the_photo_and_openings_keep_the_render():

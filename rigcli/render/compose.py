@@ -49,6 +49,7 @@ import torch
 from PIL import Image, ImageDraw
 from scipy import ndimage, sparse
 from scipy.sparse.linalg import spsolve
+from scipy.spatial import cKDTree
 
 from rigcli.face.model import FaceModel, vertex_normals
 from rigcli.face.params import FaceFit, rescale_fit
@@ -97,6 +98,9 @@ GRAIN_SIGMA, GRAIN_PATCH = 1.5, 8  # working pixels: a fill's grain is its sourc
 GRAIN_REACH = 0.1  # of the crop: the grain comes from sources of the fill's kind within this of it
 GRAIN_EDGE = 2.0  # a patch that reaches detail this many times the pool's median energy (a contour) is not copied
 HAIR_WINDOW = 0.02  # of the crop: the photo's hair, where a warp's source lies, is most of the head this wide round it
+MIRROR_TOLERANCE = 1e-3  # of the mesh's extent: a vertex this near another's mirror image is its mirror
+MIRROR_FACING = 0.3  # a mirrored point whose normal points less toward the camera is too foreshortened to read
+MIRROR_DETAIL = 0.03  # of the crop: a fill takes its shading and texture below this scale from the mirrored view
 
 
 @dataclass
@@ -116,6 +120,9 @@ class Correspondence:
     head: np.ndarray | None = None  # (S, S) bool: where the edited head lies (``photo_head``)
     from_head: np.ndarray | None = None  # (S, S) bool: the warp brings the pixel from inside the photo's head
     inside: np.ndarray | None = None  # (S, S) bool: inside the photo's head, less its outline's blend (θ0's frame)
+    mirror: np.ndarray | None = None  # (S, S, 2) backward flow to the mirror image of the pixel's surface point
+    mirror_seen: np.ndarray | None = None  # (S, S) bool: θ0 shows that mirror image, facing the camera
+    mirror_log_ratio: np.ndarray | None = None  # (S, S, 3) log of θ1's shading here over θ0's at the mirror image
 
 
 @dataclass
@@ -275,6 +282,15 @@ def ears(model: FaceModel) -> torch.Tensor:
     return (neutral[:, 0].abs() > 0.95 * half_width) & (neutral[:, 2] < depth)
 
 
+def mirror_vertices(model: FaceModel) -> np.ndarray:
+    """(V,) int: each vertex's mirror image across the face's plane of symmetry (x = 0 of the neutral
+    mesh: ICT's and FLAME's are symmetric), -1 where no vertex lies there."""
+    neutral = model.neutral.cpu().numpy().astype(np.float64)
+    extent = float(np.ptp(neutral, 0).max())
+    dist, index = cKDTree(neutral).query(neutral * np.array([-1.0, 1.0, 1.0]))
+    return np.where(dist <= MIRROR_TOLERANCE * extent, index, -1)
+
+
 def relit_skin(model: FaceModel) -> torch.Tensor:
     """(V,) bool: the skin a relight changes fully: the face region without the ears."""
     return model.regions["face"] & ~ears(model)
@@ -323,6 +339,28 @@ def _visible_points(model: FaceModel, g0, g1) -> tuple[np.ndarray, np.ndarray, t
     return point[..., :2].numpy().astype(np.float64), seen.numpy(), f0.mask[0]
 
 
+def _mirrored_points(model: FaceModel, g0, g1, light0: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per θ1 pixel, for the mirror image of its surface point (``mirror_vertices``): θ0's screen
+    point (u, v), whether θ0 shows it (its z-buffer there holds it, and it faces the camera more than
+    MIRROR_FACING), and θ0's shading there (S, S, 3)."""
+    index = torch.from_numpy(mirror_vertices(model))
+    has = (index >= 0).to(torch.float32)[None, :, None]
+    index = torch.where(index >= 0, index, torch.arange(len(index)))
+    tri, f0, f1 = model.triangles, g0.fragments, g1.fragments
+    point = f1.interpolate(g0.screen[:, index], tri)[0]  # (S, S, 3): u, v, depth under θ0
+    normal = f1.interpolate(vertex_normals(g0.vertices_cam, tri)[:, index], tri)
+    normal = normal / normal.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    size = point.shape[0]
+    zbuf = f0.interpolate(g0.screen[..., 2:], tri)[0, ..., 0]
+    col = point[..., 0].round().long().clamp(0, size - 1)
+    row = point[..., 1].round().long().clamp(0, size - 1)
+    inside = (point[..., :2] >= -0.5).all(-1) & (point[..., :2] <= size - 0.5).all(-1)
+    seen = f1.mask[0] & inside & f0.mask[0, row, col] & (point[..., 2] >= zbuf[row, col] - DEPTH_TOLERANCE)
+    seen &= (normal[0, ..., 2] > MIRROR_FACING) & (f1.interpolate(has, tri)[0, ..., 0] > 0.999)
+    shade = sh_shading(normal, light0)[0]
+    return point[..., :2].numpy().astype(np.float64), seen.numpy(), shade.numpy()
+
+
 def correspondence(model: FaceModel, fit0: FaceFit, fit1: FaceFit, crop_size: int, size: int) -> Correspondence:
     """θ1 -> θ0 of one photo (batch-1 fits in the crop frame of ``crop_size``) at ``size`` working pixels."""
     return _correspondence(model, fit0, fit1, crop_size, size)[0]
@@ -351,6 +389,7 @@ def _correspondence(
         cast1 = _shadowed(model, g1, fit1.light[0], points1, g1.normals[0], shade1, size).numpy()
         cast0 = _shadowed(model, g0, fit0.light[0], points0, n0[0], shade0, size).numpy()
         shade1, shade0 = shade1.numpy(), shade0.numpy()
+        mirror_point, mirror_seen, shade_m = _mirrored_points(model, g0, g1, fit0.light)
         kinds = torch.stack([relit_skin(model), ears(model)], -1).to(torch.float32)[None]
         kinds = g1.fragments.interpolate(kinds, model.triangles)[0].numpy()
     relight_weight = _relight_weight(kinds[..., 0] > 0.999, kinds[..., 1] > 0.001, covered, size)
@@ -410,6 +449,7 @@ def _correspondence(
     # wall), faded to 1 before the skin's edge, where the mesh ends on skin and at the crop's edge
     if not coloured:  # a white light asked: the skin keeps its hue, the ratio is the shading's grey
         shade0, shade1 = shade0.mean(-1, keepdims=True), shade1.mean(-1, keepdims=True)
+        shade_m = shade_m.mean(-1, keepdims=True)
         cast0, cast1 = cast0.mean(-1, keepdims=True), cast1.mean(-1, keepdims=True)
     # second-order SH shading goes negative on the dark side: both are floored alike, so the ratio
     # of a surface point lit the same way is exactly 1 (a no-op edit is one), never a clamp's 1/4
@@ -429,11 +469,15 @@ def _correspondence(
     shadow -= np.log(np.maximum(cast0, floor) / np.maximum(shade0, floor))
     shadow = np.minimum(shadow, math.log(SHADOW_LIFT_MAX))
     log_ratio = np.clip(log_ratio + np.where(seen[..., None], shadow, 0), math.log(RATIO_MIN), math.log(RATIO_MAX))
-    log_ratio *= (relight_weight * edge * _open_edge_weight(screen1, open_edges, size))[..., None]
-    log_ratio = np.broadcast_to(log_ratio, (size, size, 3))
+    fade = (relight_weight * edge * _open_edge_weight(screen1, open_edges, size))[..., None]
+    log_ratio = np.broadcast_to(log_ratio * fade, (size, size, 3))
+    # the mirror image's light made θ1's here, as the seen surface's is (no cast shadows: a fill's)
+    mirror_ratio = np.maximum(shade1, floor) / np.maximum(shade_m, floor)
+    mirror_log_ratio = np.broadcast_to(np.log(np.clip(mirror_ratio, RATIO_MIN, RATIO_MAX)) * fade, (size, size, 3))
+    mirror = np.stack([mirror_point[..., 0] - u, mirror_point[..., 1] - v], -1)
     corr = Correspondence(
         size, flow.astype(np.float32), covered, seen, unseen, log_ratio.astype(np.float32), edge, hole, lids, lashes,
-        head, from_head, inside,
+        head, from_head, inside, mirror.astype(np.float32), mirror_seen, mirror_log_ratio.astype(np.float32),
     )  # fmt: skip
     return corr, g1
 
@@ -714,7 +758,8 @@ def photo_fill(
     the mesh's openings (the mouth's: no surface of θ1) keep the render's dark. Surface the warp
     would stretch (``STRETCH_MIN``: a blink's upper lid) is filled so too."""
     size = corr.size
-    moved, relit = _warped(photo, crop_to_photo, crop_size, corr, relight)
+    crop = _work_crop(photo, crop_to_photo, crop_size, size)
+    moved, relit = _warped(crop, corr.flow, corr.log_ratio, relight)
     source = _fill_sources(corr)
     # the fill is read a few pixels round the unseen surface (its feathered edge); within that reach
     # only the head's pixels bordering it feed it; beyond, the whole head's harmonic fill
@@ -722,11 +767,42 @@ def photo_fill(
     base = harmonic_fill(relit, source)
     grain = corr.unseen if corr.lids is None else corr.unseen & ~corr.lids
     inpainted = kind_fill(relit, base, source, reach, corr.seen & source, grain)
+    inpainted = _mirror_detail(inpainted, crop, corr, grain & ~corr.opening, relight)
     if corr.lids is not None and corr.lids.any():  # a shut lid is the lid's skin, lashes and all (``_closed_lids``)
         near = ndimage.binary_dilation(corr.lids, iterations=max(3, math.ceil(FILL_REACH * size)))
         inpainted = np.where(near[..., None], region_fill(base, source, reach), inpainted)
         inpainted = _closed_lids(inpainted, moved, corr.lids, corr.lashes)
     return np.where(corr.opening[..., None], render, inpainted).astype(np.float32)
+
+
+def _mirror_detail(
+    filled: np.ndarray, crop: np.ndarray, corr: Correspondence, target: np.ndarray, relight: str
+) -> np.ndarray:
+    """``filled`` (the inpainted fill, sRGB in [0, 1]) given, over ``target``, the shading and texture
+    of the same surface's mirror image where the photo shows it (a face is near symmetric; a photo
+    turned away from the side a turn reveals shows that side's mirror image whole): the photo's
+    pixels there (``crop``, the working size), relit to θ1's light here (``mirror_log_ratio``), less
+    their blur at MIRROR_DETAIL, multiply the fill's own blur (its smooth colour, which meets the
+    surface beside it). Read only where the mirror image lies inside the photo's head and deeper than
+    its darker rim (OUTLINE_RIM: the other cheek's outline would draw a line across the fill), faded
+    in a pixel past the edge of where it is read; elsewhere ``filled`` is kept as it is."""
+    if corr.mirror is None or corr.inside is None or not target.any():
+        return filled
+    size = corr.size
+    mirrored = _warped(crop, corr.mirror, corr.mirror_log_ratio, relight)[1]
+    rows, cols = _source_pixels(corr.mirror)
+    deep = ndimage.distance_transform_edt(corr.inside)[rows, cols] > OUTLINE_RIM * size
+    read = corr.mirror_seen & deep
+    weight = np.clip(2 * ndimage.gaussian_filter((target & read).astype(np.float32), 1.0) - 1, 0, 1) * target
+    if not weight.any():
+        return filled
+    sigma = MIRROR_DETAIL * size
+    log_m = np.log(mirrored + 1e-3) * read[..., None]
+    norm = np.maximum(ndimage.gaussian_filter(read.astype(np.float32), sigma), 1e-6)
+    low = np.stack([ndimage.gaussian_filter(log_m[..., c], sigma) for c in range(3)], -1) / norm[..., None]
+    smooth = np.stack([ndimage.gaussian_filter(filled[..., c], GRAIN_SIGMA) for c in range(3)], -1)
+    detailed = np.clip(smooth * np.exp(np.where(read[..., None], log_m - low, 0)), 0, 1)
+    return filled + (detailed - filled) * weight[..., None]
 
 
 def warped_hair(photo: np.ndarray, crop_to_photo: np.ndarray, crop_size: int, corr: Correspondence) -> Correspondence:
@@ -777,19 +853,16 @@ def _source_pixels(flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows, np.clip(np.round(u + flow[..., 0]), 0, size - 1).astype(int)
 
 
-def _warped(
-    photo: np.ndarray, crop_to_photo: np.ndarray, crop_size: int, corr: Correspondence, relight: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """The photo at the working size (sRGB in [0, 1]) warped by ``corr``'s flow, and that relit as
-    ``compose_edit`` relights it (in ``relight``'s space)."""
-    size = corr.size
-    crop = _work_crop(photo, crop_to_photo, crop_size, size)
+def _warped(crop: np.ndarray, flow: np.ndarray, log_ratio: np.ndarray, relight: str) -> tuple[np.ndarray, np.ndarray]:
+    """The photo's crop at the working size (``_work_crop``) warped by the backward ``flow``, and that
+    relit by the log shading ratio as ``compose_edit`` relights it (in ``relight``'s space)."""
+    size = flow.shape[0]
     v, u = np.mgrid[0:size, 0:size].astype(np.float32)
-    rows, cols = v + corr.flow[..., 1], u + corr.flow[..., 0]  # output pixel p shows p + flow
+    rows, cols = v + flow[..., 1], u + flow[..., 0]  # output pixel p shows p + flow
     moved = np.stack(
         [ndimage.map_coordinates(crop[..., c], [rows, cols], order=1, mode="nearest") for c in range(3)], -1
     )
-    ratio = np.exp(corr.log_ratio)
+    ratio = np.exp(log_ratio)
     relit = linear_to_srgb(srgb_to_linear(moved) * ratio) if relight == "linear" else np.clip(moved * ratio, 0, 1)
     return moved, relit
 
