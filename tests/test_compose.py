@@ -615,9 +615,9 @@ def test_a_turn_fills_the_cheek_it_reveals_with_the_texture_of_its_mirror_image(
                                                                                  monkeypatch):  # fmt: skip
     """A photo turned 20 degrees away hides much of one cheek and shows the other whole; turned back,
     the hidden cheek is filled. On a face whose texture is the same on both cheeks, the fill's fine
-    detail (the image less its blur) follows the truth's: it is the shown cheek's, mirrored and
-    relit. Without the mirror image (no point faces the camera enough) the fill's grain is copied
-    from random places and does not."""
+    detail (the image less its blur) follows the truth's: it is the shown cheek's, mirrored. Without
+    the mirror image (no point faces the camera enough) the fill's grain is copied from random places
+    and does not."""
     image0, _ = render(face_model, edited(base_fit, face_model, yaw=20.0), background, symmetric_texture)
     truth, surf1 = render(face_model, base_fit, background, symmetric_texture)
     fit0 = edited(base_fit, face_model, yaw=20.0)

@@ -21,12 +21,14 @@ and after (θ1)) and the model's correction carried onto it.
    Surface θ1 shows and θ0 hid (a cheek turned into view, the opening of the mouth) is filled from
    ``fill`` (the model's output, crop frame, any size) or else from the photo's own warped and relit
    pixels that border it, inpainted, each kind of surface (skin; hair, brows, lips) from its own
-   kind and given its grain (``photo_fill``, ``kind_fill``, ``region_fill``; the mesh's openings,
-   where θ1 has no surface, from the render of θ1); so is the photo's darker rim of cheek inside its
-   outline (OUTLINE_RIM) where a turn carries it inward beside that surface. Where that surface lies
-   under hair the warp brings from inside the photo's head (a temple turned into view), the warp is
-   kept: stretched hair reads as hair, a fill as a band across it (``warped_hair``; hair in the
-   photo, not a thin line of another colour that the warp stretches).
+   kind and given its grain, or the texture of its mirror image where the photo shows that (a photo
+   turned away from the side a turn reveals) (``photo_fill``, ``kind_fill``, ``region_fill``,
+   ``_mirror_detail``; the mesh's openings, where θ1 has no surface, from the render of θ1); so is
+   the photo's darker rim of cheek inside its outline (OUTLINE_RIM) where a turn carries it inward
+   beside that surface. Where that surface lies under hair the warp brings from inside the photo's
+   head (a temple turned into view), the warp is kept: stretched hair reads as hair, a fill as a
+   band across it (``warped_hair``; hair in the photo, not a thin line of another colour that the
+   warp stretches).
 3. Composition: a feathered mask over everything that changed; it fades to zero before the crop
    square's edge (where the crop reflects the photo), and outside it the photo is returned bit for bit.
    The per-photo-pixel work (sampling the fields, the warp, the relight, the fill, the blend) runs in
@@ -99,8 +101,8 @@ GRAIN_REACH = 0.1  # of the crop: the grain comes from sources of the fill's kin
 GRAIN_EDGE = 2.0  # a patch that reaches detail this many times the pool's median energy (a contour) is not copied
 HAIR_WINDOW = 0.02  # of the crop: the photo's hair, where a warp's source lies, is most of the head this wide round it
 MIRROR_TOLERANCE = 1e-3  # of the mesh's extent: a vertex this near another's mirror image is its mirror
-MIRROR_FACING = 0.3  # a mirrored point whose normal points less toward the camera is too foreshortened to read
-MIRROR_DETAIL = 0.03  # of the crop: a fill takes its shading and texture below this scale from the mirrored view
+MIRROR_FACING = 0.65  # a mirror image whose normal points less toward the camera (49 degrees off) is not read
+MIRROR_DETAIL = 0.01  # of the crop: a fill takes its texture below this scale from the mirror image
 
 
 @dataclass
@@ -122,7 +124,6 @@ class Correspondence:
     inside: np.ndarray | None = None  # (S, S) bool: inside the photo's head, less its outline's blend (θ0's frame)
     mirror: np.ndarray | None = None  # (S, S, 2) backward flow to the mirror image of the pixel's surface point
     mirror_seen: np.ndarray | None = None  # (S, S) bool: θ0 shows that mirror image, facing the camera
-    mirror_log_ratio: np.ndarray | None = None  # (S, S, 3) log of θ1's shading here over θ0's at the mirror image
 
 
 @dataclass
@@ -339,10 +340,10 @@ def _visible_points(model: FaceModel, g0, g1) -> tuple[np.ndarray, np.ndarray, t
     return point[..., :2].numpy().astype(np.float64), seen.numpy(), f0.mask[0]
 
 
-def _mirrored_points(model: FaceModel, g0, g1, light0: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _mirrored_points(model: FaceModel, g0, g1) -> tuple[np.ndarray, np.ndarray]:
     """Per θ1 pixel, for the mirror image of its surface point (``mirror_vertices``): θ0's screen
-    point (u, v), whether θ0 shows it (its z-buffer there holds it, and it faces the camera more than
-    MIRROR_FACING), and θ0's shading there (S, S, 3)."""
+    point (u, v), and whether θ0 shows it (its z-buffer there holds it, and it faces the camera more
+    than MIRROR_FACING: a grazing view is foreshortened, and the outline and the ear's root lie there)."""
     index = torch.from_numpy(mirror_vertices(model))
     has = (index >= 0).to(torch.float32)[None, :, None]
     index = torch.where(index >= 0, index, torch.arange(len(index)))
@@ -357,8 +358,7 @@ def _mirrored_points(model: FaceModel, g0, g1, light0: torch.Tensor) -> tuple[np
     inside = (point[..., :2] >= -0.5).all(-1) & (point[..., :2] <= size - 0.5).all(-1)
     seen = f1.mask[0] & inside & f0.mask[0, row, col] & (point[..., 2] >= zbuf[row, col] - DEPTH_TOLERANCE)
     seen &= (normal[0, ..., 2] > MIRROR_FACING) & (f1.interpolate(has, tri)[0, ..., 0] > 0.999)
-    shade = sh_shading(normal, light0)[0]
-    return point[..., :2].numpy().astype(np.float64), seen.numpy(), shade.numpy()
+    return point[..., :2].numpy().astype(np.float64), seen.numpy()
 
 
 def correspondence(model: FaceModel, fit0: FaceFit, fit1: FaceFit, crop_size: int, size: int) -> Correspondence:
@@ -389,7 +389,7 @@ def _correspondence(
         cast1 = _shadowed(model, g1, fit1.light[0], points1, g1.normals[0], shade1, size).numpy()
         cast0 = _shadowed(model, g0, fit0.light[0], points0, n0[0], shade0, size).numpy()
         shade1, shade0 = shade1.numpy(), shade0.numpy()
-        mirror_point, mirror_seen, shade_m = _mirrored_points(model, g0, g1, fit0.light)
+        mirror_point, mirror_seen = _mirrored_points(model, g0, g1)
         kinds = torch.stack([relit_skin(model), ears(model)], -1).to(torch.float32)[None]
         kinds = g1.fragments.interpolate(kinds, model.triangles)[0].numpy()
     relight_weight = _relight_weight(kinds[..., 0] > 0.999, kinds[..., 1] > 0.001, covered, size)
@@ -449,7 +449,6 @@ def _correspondence(
     # wall), faded to 1 before the skin's edge, where the mesh ends on skin and at the crop's edge
     if not coloured:  # a white light asked: the skin keeps its hue, the ratio is the shading's grey
         shade0, shade1 = shade0.mean(-1, keepdims=True), shade1.mean(-1, keepdims=True)
-        shade_m = shade_m.mean(-1, keepdims=True)
         cast0, cast1 = cast0.mean(-1, keepdims=True), cast1.mean(-1, keepdims=True)
     # second-order SH shading goes negative on the dark side: both are floored alike, so the ratio
     # of a surface point lit the same way is exactly 1 (a no-op edit is one), never a clamp's 1/4
@@ -469,15 +468,12 @@ def _correspondence(
     shadow -= np.log(np.maximum(cast0, floor) / np.maximum(shade0, floor))
     shadow = np.minimum(shadow, math.log(SHADOW_LIFT_MAX))
     log_ratio = np.clip(log_ratio + np.where(seen[..., None], shadow, 0), math.log(RATIO_MIN), math.log(RATIO_MAX))
-    fade = (relight_weight * edge * _open_edge_weight(screen1, open_edges, size))[..., None]
-    log_ratio = np.broadcast_to(log_ratio * fade, (size, size, 3))
-    # the mirror image's light made θ1's here, as the seen surface's is (no cast shadows: a fill's)
-    mirror_ratio = np.maximum(shade1, floor) / np.maximum(shade_m, floor)
-    mirror_log_ratio = np.broadcast_to(np.log(np.clip(mirror_ratio, RATIO_MIN, RATIO_MAX)) * fade, (size, size, 3))
+    log_ratio *= (relight_weight * edge * _open_edge_weight(screen1, open_edges, size))[..., None]
+    log_ratio = np.broadcast_to(log_ratio, (size, size, 3))
     mirror = np.stack([mirror_point[..., 0] - u, mirror_point[..., 1] - v], -1)
     corr = Correspondence(
         size, flow.astype(np.float32), covered, seen, unseen, log_ratio.astype(np.float32), edge, hole, lids, lashes,
-        head, from_head, inside, mirror.astype(np.float32), mirror_seen, mirror_log_ratio.astype(np.float32),
+        head, from_head, inside, mirror.astype(np.float32), mirror_seen,
     )  # fmt: skip
     return corr, g1
 
@@ -759,7 +755,9 @@ def photo_fill(
     would stretch (``STRETCH_MIN``: a blink's upper lid) is filled so too."""
     size = corr.size
     crop = _work_crop(photo, crop_to_photo, crop_size, size)
-    moved, relit = _warped(crop, corr.flow, corr.log_ratio, relight)
+    moved = _warp_crop(crop, corr.flow)
+    ratio = np.exp(corr.log_ratio)  # as ``compose_edit`` relights
+    relit = linear_to_srgb(srgb_to_linear(moved) * ratio) if relight == "linear" else np.clip(moved * ratio, 0, 1)
     source = _fill_sources(corr)
     # the fill is read a few pixels round the unseen surface (its feathered edge); within that reach
     # only the head's pixels bordering it feed it; beyond, the whole head's harmonic fill
@@ -767,7 +765,7 @@ def photo_fill(
     base = harmonic_fill(relit, source)
     grain = corr.unseen if corr.lids is None else corr.unseen & ~corr.lids
     inpainted = kind_fill(relit, base, source, reach, corr.seen & source, grain)
-    inpainted = _mirror_detail(inpainted, crop, corr, grain & ~corr.opening, relight)
+    inpainted = _mirror_detail(inpainted, crop, corr, grain & ~corr.opening)
     if corr.lids is not None and corr.lids.any():  # a shut lid is the lid's skin, lashes and all (``_closed_lids``)
         near = ndimage.binary_dilation(corr.lids, iterations=max(3, math.ceil(FILL_REACH * size)))
         inpainted = np.where(near[..., None], region_fill(base, source, reach), inpainted)
@@ -775,34 +773,35 @@ def photo_fill(
     return np.where(corr.opening[..., None], render, inpainted).astype(np.float32)
 
 
-def _mirror_detail(
-    filled: np.ndarray, crop: np.ndarray, corr: Correspondence, target: np.ndarray, relight: str
-) -> np.ndarray:
-    """``filled`` (the inpainted fill, sRGB in [0, 1]) given, over ``target``, the shading and texture
-    of the same surface's mirror image where the photo shows it (a face is near symmetric; a photo
-    turned away from the side a turn reveals shows that side's mirror image whole): the photo's
-    pixels there (``crop``, the working size), relit to θ1's light here (``mirror_log_ratio``), less
-    their blur at MIRROR_DETAIL, multiply the fill's own blur (its smooth colour, which meets the
-    surface beside it). Read only where the mirror image lies inside the photo's head and deeper than
-    its darker rim (OUTLINE_RIM: the other cheek's outline would draw a line across the fill), faded
-    in a pixel past the edge of where it is read; elsewhere ``filled`` is kept as it is."""
+def _mirror_detail(filled: np.ndarray, crop: np.ndarray, corr: Correspondence, target: np.ndarray) -> np.ndarray:
+    """``filled`` (the inpainted fill, sRGB in [0, 1]) given, over ``target``, the texture of the same
+    surface's mirror image where the photo shows it (a face is near symmetric; a photo turned away
+    from the side a turn reveals shows that side's mirror image whole): the photo's pixels there
+    (``crop``, the working size) less their blur at MIRROR_DETAIL multiply the fill's own blur (its
+    colour and light, which meet the surface beside it; the grain ``kind_fill`` copied is replaced).
+    Coarser detail is not taken: a mirrored cheek's folds and highlights lie a little off where this
+    side's would (the fit is not exact, a highlight depends on the view), and drew streaks. Read only
+    where the mirror image lies inside the photo's head, deeper than its darker rim (OUTLINE_RIM),
+    faded in over FILL_REACH; detail stronger than GRAIN_EDGE times the median (a crease, a
+    highlight's edge) is scaled down to it. Elsewhere ``filled`` is kept as it is."""
     if corr.mirror is None or corr.inside is None or not target.any():
         return filled
     size = corr.size
-    mirrored = _warped(crop, corr.mirror, corr.mirror_log_ratio, relight)[1]
     rows, cols = _source_pixels(corr.mirror)
-    deep = ndimage.distance_transform_edt(corr.inside)[rows, cols] > OUTLINE_RIM * size
-    read = corr.mirror_seen & deep
-    weight = np.clip(2 * ndimage.gaussian_filter((target & read).astype(np.float32), 1.0) - 1, 0, 1) * target
+    read = corr.mirror_seen & (ndimage.distance_transform_edt(corr.inside)[rows, cols] > OUTLINE_RIM * size)
+    weight = smoothstep(ndimage.distance_transform_edt(target & read) / max(2.0, FILL_REACH * size))
     if not weight.any():
         return filled
     sigma = MIRROR_DETAIL * size
-    log_m = np.log(mirrored + 1e-3) * read[..., None]
-    norm = np.maximum(ndimage.gaussian_filter(read.astype(np.float32), sigma), 1e-6)
-    low = np.stack([ndimage.gaussian_filter(log_m[..., c], sigma) for c in range(3)], -1) / norm[..., None]
+    log_m = np.log(_warp_crop(crop, corr.mirror) + 1e-3) * read[..., None]
+    norm = np.maximum(ndimage.gaussian_filter(read.astype(np.float32), sigma), 1e-6)[..., None]
+    detail = log_m - np.stack([ndimage.gaussian_filter(log_m[..., c], sigma) for c in range(3)], -1) / norm
+    detail *= read[..., None]
+    energy = ndimage.gaussian_filter(np.square(detail).sum(-1), 2 * GRAIN_SIGMA)
+    limit = GRAIN_EDGE * float(np.median(energy[weight > 0]))
+    detail *= np.sqrt(np.clip(limit / np.maximum(energy, 1e-12), 0, 1))[..., None]
     smooth = np.stack([ndimage.gaussian_filter(filled[..., c], GRAIN_SIGMA) for c in range(3)], -1)
-    detailed = np.clip(smooth * np.exp(np.where(read[..., None], log_m - low, 0)), 0, 1)
-    return filled + (detailed - filled) * weight[..., None]
+    return filled + (np.clip(smooth * np.exp(detail), 0, 1) - filled) * weight[..., None]
 
 
 def warped_hair(photo: np.ndarray, crop_to_photo: np.ndarray, crop_size: int, corr: Correspondence) -> Correspondence:
@@ -853,18 +852,14 @@ def _source_pixels(flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows, np.clip(np.round(u + flow[..., 0]), 0, size - 1).astype(int)
 
 
-def _warped(crop: np.ndarray, flow: np.ndarray, log_ratio: np.ndarray, relight: str) -> tuple[np.ndarray, np.ndarray]:
-    """The photo's crop at the working size (``_work_crop``) warped by the backward ``flow``, and that
-    relit by the log shading ratio as ``compose_edit`` relights it (in ``relight``'s space)."""
+def _warp_crop(crop: np.ndarray, flow: np.ndarray) -> np.ndarray:
+    """The photo's crop at the working size (``_work_crop``) warped by the backward ``flow`` (bilinear)."""
     size = flow.shape[0]
     v, u = np.mgrid[0:size, 0:size].astype(np.float32)
     rows, cols = v + flow[..., 1], u + flow[..., 0]  # output pixel p shows p + flow
-    moved = np.stack(
+    return np.stack(
         [ndimage.map_coordinates(crop[..., c], [rows, cols], order=1, mode="nearest") for c in range(3)], -1
     )
-    ratio = np.exp(log_ratio)
-    relit = linear_to_srgb(srgb_to_linear(moved) * ratio) if relight == "linear" else np.clip(moved * ratio, 0, 1)
-    return moved, relit
 
 
 def _fill_sources(corr: Correspondence) -> np.ndarray:
