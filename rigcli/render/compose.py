@@ -124,6 +124,7 @@ class Correspondence:
     inside: np.ndarray | None = None  # (S, S) bool: inside the photo's head, less its outline's blend (θ0's frame)
     mirror: np.ndarray | None = None  # (S, S, 2) backward flow to the mirror image of the pixel's surface point
     mirror_seen: np.ndarray | None = None  # (S, S) bool: θ0 shows that mirror image, facing the camera
+    jaw_rim: np.ndarray | None = None  # (S, S) bool: the photo's rim along its lower jaw (θ0's frame; ``jaw_rim``)
 
 
 @dataclass
@@ -415,7 +416,7 @@ def _correspondence(
     # surface θ0 shows foreshortened to a sliver (an upper lid folded under the brow that a blink
     # spreads over the eye) would be smeared by the warp: the photo has too few pixels of it
     unseen |= covered & (_source_area(flow) < STRETCH_MIN)
-    lids = lashes = head = from_head = inside = None
+    lids = lashes = head = from_head = inside = rim_of_jaw = None
     if points is not None:
         lm = model.landmark_vertices[36:48]
         lids, lashes = lid_cover(points[36:48], g0.screen[0, lm, :2].numpy(), g1.screen[0, lm, :2].numpy(), flow)
@@ -424,6 +425,7 @@ def _correspondence(
         blend = max(1, round(OUTLINE_BLEND * size))
         inside = ndimage.binary_erosion(head0, iterations=blend)
         from_head = inside[src_row, src_col]
+        rim_of_jaw = jaw_rim(points, inside)
         # the cheek the turn keeps in view whose source is the wall beyond the photo's cheek (the mesh
         # outline's excess) is the person's skin to fill, and so is the outline the warp brings in
         # beside it (a pale seam between cheek and fill); what the mesh shows beyond the head is not
@@ -473,7 +475,7 @@ def _correspondence(
     mirror = np.stack([mirror_point[..., 0] - u, mirror_point[..., 1] - v], -1)
     corr = Correspondence(
         size, flow.astype(np.float32), covered, seen, unseen, log_ratio.astype(np.float32), edge, hole, lids, lashes,
-        head, from_head, inside, mirror.astype(np.float32), mirror_seen,
+        head, from_head, inside, mirror.astype(np.float32), mirror_seen, rim_of_jaw,
     )  # fmt: skip
     return corr, g1
 
@@ -581,6 +583,22 @@ def photo_head(jaw: np.ndarray, flow: np.ndarray) -> tuple[np.ndarray, np.ndarra
         edited = np.maximum(edited, moved)
     # the union of two warps steps where one overtakes the other: an outline is a smooth curve
     return head, ndimage.gaussian_filter(edited, OUTLINE_SMOOTH * size) > 0.5
+
+
+def jaw_rim(points: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """(S, S) bool: the photo's last OUTLINE_RIM of head (``inside``: its head less its outline's blend)
+    along its jaw below the line through the ears' middles (landmarks 1 and 15 of ``points``, the 68
+    in working pixels). There those pixels are skin, its shaded edge, or the wall that the landmarks'
+    jaw line, off the real one by more than the blend, takes in; rarely hair (the sideburns end
+    above; a beard's last pixels are taken for the wall). Those of another hue than the skin are the
+    wall's blend (a white, red or blue tint): neither hair that ``warped_hair`` keeps nor a kind of
+    surface ``kind_fill`` fills a band with."""
+    size = inside.shape[0]
+    v, u = np.mgrid[0:size, 0:size].astype(np.float64)
+    (x1, y1), (x2, y2) = points[1], points[15]
+    side = (x2 - x1) * (v - y1) - (y2 - y1) * (u - x1)  # the cross product: its sign tells the side
+    chin = (x2 - x1) * (points[8, 1] - y1) - (y2 - y1) * (points[8, 0] - x1)
+    return inside & (ndimage.distance_transform_edt(inside) < OUTLINE_RIM * size) & (side * chin > 0)
 
 
 def _polygon(points: np.ndarray, size: int) -> np.ndarray:
@@ -759,6 +777,9 @@ def photo_fill(
     ratio = np.exp(corr.log_ratio)  # as ``compose_edit`` relights
     relit = linear_to_srgb(srgb_to_linear(moved) * ratio) if relight == "linear" else np.clip(moved * ratio, 0, 1)
     source = _fill_sources(corr)
+    if corr.jaw_rim is not None:  # the wall's blend by the jaw is not a kind of surface to fill with
+        rows, cols = _source_pixels(corr.flow)
+        source &= ~corr.jaw_rim[rows, cols] | face_kind(relit, corr.seen & source, light_too=False)
     # the fill is read a few pixels round the unseen surface (its feathered edge); within that reach
     # only the head's pixels bordering it feed it; beyond, the whole head's harmonic fill
     reach = ndimage.binary_dilation(corr.unseen, iterations=max(3, math.ceil(FILL_REACH * size)))
@@ -824,6 +845,8 @@ def warped_hair(photo: np.ndarray, crop_to_photo: np.ndarray, crop_size: int, co
     face = np.zeros(corr.inside.shape, bool)
     face[rows[seen], cols[seen]] = True
     other = ~face_kind(crop, face) & corr.inside
+    if corr.jaw_rim is not None:  # the wall's blend by the jaw is not hair
+        other &= ~corr.jaw_rim | face_kind(crop, face, light_too=False)
     window = max(3, round(HAIR_WINDOW * corr.size)) | 1
     share = ndimage.uniform_filter(other.astype(np.float32), window)
     share /= np.maximum(ndimage.uniform_filter(corr.inside.astype(np.float32), window), 1e-6)
@@ -874,17 +897,20 @@ def _fill_sources(corr: Correspondence) -> np.ndarray:
     return source
 
 
-def face_kind(values: np.ndarray, face: np.ndarray) -> np.ndarray:
+def face_kind(values: np.ndarray, face: np.ndarray, light_too: bool = True) -> np.ndarray:
     """(H, W) bool: the pixels of ``values`` (sRGB in [0, 1]) of the face's colour, the median over
     ``face`` (every pixel where ``face`` is empty): within KIND_CHROMA of it in chromaticity (log of
     each channel over the channels' mean, in linear light, which a change of the light's strength
-    keeps) and within a factor KIND_LIGHT in light. The rest is another kind: hair, brows, lips."""
+    keeps) and, unless not ``light_too``, within a factor KIND_LIGHT in light. The rest is another
+    kind: hair, brows, lips."""
     linear = srgb_to_linear(np.clip(values, 0, 1)) + 1e-3
     light = linear.mean(-1)
     chroma = np.log(linear / light[..., None])
     if not face.any():
         face = np.ones(face.shape, bool)
     like = np.abs(chroma - np.median(chroma[face], 0)).max(-1) < KIND_CHROMA
+    if not light_too:
+        return like
     return like & (np.abs(np.log(light) - np.median(np.log(light[face]))) < math.log(KIND_LIGHT))
 
 
