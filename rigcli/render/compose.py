@@ -390,7 +390,8 @@ def _correspondence(
         cast1 = _shadowed(model, g1, fit1.light[0], points1, g1.normals[0], shade1, size).numpy()
         cast0 = _shadowed(model, g0, fit0.light[0], points0, n0[0], shade0, size).numpy()
         shade1, shade0 = shade1.numpy(), shade0.numpy()
-        mirror_point, mirror_seen = _mirrored_points(model, g0, g1)
+        # the mirror image is read only beside the photo's own outline (``_mirror_detail``)
+        mirror_point, mirror_seen = _mirrored_points(model, g0, g1) if points is not None else (None, None)
         kinds = torch.stack([relit_skin(model), ears(model)], -1).to(torch.float32)[None]
         kinds = g1.fragments.interpolate(kinds, model.triangles)[0].numpy()
     relight_weight = _relight_weight(kinds[..., 0] > 0.999, kinds[..., 1] > 0.001, covered, size)
@@ -472,10 +473,10 @@ def _correspondence(
     log_ratio = np.clip(log_ratio + np.where(seen[..., None], shadow, 0), math.log(RATIO_MIN), math.log(RATIO_MAX))
     log_ratio *= (relight_weight * edge * _open_edge_weight(screen1, open_edges, size))[..., None]
     log_ratio = np.broadcast_to(log_ratio, (size, size, 3))
-    mirror = np.stack([mirror_point[..., 0] - u, mirror_point[..., 1] - v], -1)
+    mirror = None if mirror_point is None else np.stack([mirror_point[..., 0] - u, mirror_point[..., 1] - v], -1)
     corr = Correspondence(
         size, flow.astype(np.float32), covered, seen, unseen, log_ratio.astype(np.float32), edge, hole, lids, lashes,
-        head, from_head, inside, mirror.astype(np.float32), mirror_seen, rim_of_jaw,
+        head, from_head, inside, None if mirror is None else mirror.astype(np.float32), mirror_seen, rim_of_jaw,
     )  # fmt: skip
     return corr, g1
 
