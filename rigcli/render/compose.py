@@ -318,47 +318,48 @@ def _edge_weight(size: int) -> np.ndarray:
     return np.minimum(ramp[:, None], ramp[None, :])
 
 
-def _visible_points(model: FaceModel, g0, g1) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-    """Per θ1 pixel: the θ0 screen point (u, v) of the same surface point, and whether θ0 sees it."""
+def _under_theta0(point: torch.Tensor, g0, zbuf: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """For θ0 screen points (S, S, 3: u, v, depth): the θ0 pixel each rounds to (rows, columns: (S, S)
+    long), whether it lands on θ0's mesh inside the frame, and whether θ0's z-buffer (``zbuf``) there
+    lies no more than DEPTH_TOLERANCE in front of it ((S, S) bool each)."""
+    size = point.shape[0]
+    col = point[..., 0].round().long().clamp(0, size - 1)
+    row = point[..., 1].round().long().clamp(0, size - 1)
+    on = (point[..., :2] >= -0.5).all(-1) & (point[..., :2] <= size - 0.5).all(-1) & g0.fragments.mask[0, row, col]
+    return row, col, on, point[..., 2] >= zbuf[row, col] - DEPTH_TOLERANCE
+
+
+def _visible_points(model: FaceModel, g0, g1, zbuf: torch.Tensor) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """Per θ1 pixel: the θ0 screen point (u, v) of the same surface point, and whether θ0 sees it
+    (``zbuf``: θ0's z-buffer)."""
     f1 = g1.fragments
     tri = model.triangles
     point = f1.interpolate(g0.screen, tri)[0]  # (S, S, 3): u, v, depth under θ0
-    size = point.shape[0]
     s0 = g0.screen[0, :, :2]
     a, b, c = s0[tri[:, 0]], s0[tri[:, 1]], s0[tri[:, 2]]
     area = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (c[:, 0] - a[:, 0]) * (b[:, 1] - a[:, 1])
     front = area < 0  # the rasterizer's front-face test
     f0 = g0.fragments
-    zbuf = f0.interpolate(g0.screen[..., 2:], tri)[0, ..., 0]
-    col = point[..., 0].round().long().clamp(0, size - 1)
-    row = point[..., 1].round().long().clamp(0, size - 1)
-    inside = (point[..., 0] >= -0.5) & (point[..., 0] <= size - 0.5) & (point[..., 1] >= -0.5)
-    inside &= point[..., 1] <= size - 0.5
+    row, col, on, near = _under_theta0(point, g0, zbuf)
     t1 = f1.triangle[0]
-    same = f0.triangle[0, row, col] == t1
-    near = point[..., 2] >= zbuf[row, col] - DEPTH_TOLERANCE
-    seen = f1.mask[0] & inside & front[t1.clamp_min(0)] & f0.mask[0, row, col] & (same | near)
+    seen = f1.mask[0] & on & front[t1.clamp_min(0)] & ((f0.triangle[0, row, col] == t1) | near)
     return point[..., :2].numpy().astype(np.float64), seen.numpy(), f0.mask[0]
 
 
-def _mirrored_points(model: FaceModel, g0, g1) -> tuple[np.ndarray, np.ndarray]:
+def _mirrored_points(model: FaceModel, g0, g1, zbuf: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Per θ1 pixel, for the mirror image of its surface point (``mirror_vertices``): θ0's screen
-    point (u, v), and whether θ0 shows it (its z-buffer there holds it, and it faces the camera more
-    than MIRROR_FACING: a grazing view is foreshortened, and the outline and the ear's root lie there)."""
+    point (u, v), and whether θ0 shows it (its z-buffer ``zbuf`` there holds it, and it faces the
+    camera more than MIRROR_FACING: a grazing view is foreshortened, and the outline and the ear's
+    root lie there)."""
     index = torch.from_numpy(mirror_vertices(model))
     has = (index >= 0).to(torch.float32)[None, :, None]
     index = torch.where(index >= 0, index, torch.arange(len(index)))
-    tri, f0, f1 = model.triangles, g0.fragments, g1.fragments
+    tri, f1 = model.triangles, g1.fragments
     point = f1.interpolate(g0.screen[:, index], tri)[0]  # (S, S, 3): u, v, depth under θ0
     normal = f1.interpolate(vertex_normals(g0.vertices_cam, tri)[:, index], tri)
     normal = normal / normal.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    size = point.shape[0]
-    zbuf = f0.interpolate(g0.screen[..., 2:], tri)[0, ..., 0]
-    col = point[..., 0].round().long().clamp(0, size - 1)
-    row = point[..., 1].round().long().clamp(0, size - 1)
-    inside = (point[..., :2] >= -0.5).all(-1) & (point[..., :2] <= size - 0.5).all(-1)
-    seen = f1.mask[0] & inside & f0.mask[0, row, col] & (point[..., 2] >= zbuf[row, col] - DEPTH_TOLERANCE)
-    seen &= (normal[0, ..., 2] > MIRROR_FACING) & (f1.interpolate(has, tri)[0, ..., 0] > 0.999)
+    _, _, on, near = _under_theta0(point, g0, zbuf)
+    seen = f1.mask[0] & on & near & (normal[0, ..., 2] > MIRROR_FACING) & (f1.interpolate(has, tri)[0, ..., 0] > 0.999)
     return point[..., :2].numpy().astype(np.float64), seen.numpy()
 
 
@@ -376,7 +377,8 @@ def _correspondence(
     with torch.no_grad():
         w0, w1 = rescale_fit(fit0, crop_size, size), rescale_fit(fit1, crop_size, size)
         g0, g1 = rasterize_fit(model, w0, size), rasterize_fit(model, w1, size)
-        point, seen, covered0 = _visible_points(model, g0, g1)
+        zbuf0 = g0.fragments.interpolate(g0.screen[..., 2:], model.triangles)[0, ..., 0]
+        point, seen, covered0 = _visible_points(model, g0, g1, zbuf0)
         covered = g1.fragments.mask[0].numpy()
         # shading of the same surface point: θ0's vertex normals at θ1's barycentrics
         n0 = g1.fragments.interpolate(vertex_normals(g0.vertices_cam, model.triangles), model.triangles)
@@ -391,7 +393,7 @@ def _correspondence(
         cast0 = _shadowed(model, g0, fit0.light[0], points0, n0[0], shade0, size).numpy()
         shade1, shade0 = shade1.numpy(), shade0.numpy()
         # the mirror image is read only beside the photo's own outline (``_mirror_detail``)
-        mirror_point, mirror_seen = _mirrored_points(model, g0, g1) if points is not None else (None, None)
+        mirror_point, mirror_seen = _mirrored_points(model, g0, g1, zbuf0) if points is not None else (None, None)
         kinds = torch.stack([relit_skin(model), ears(model)], -1).to(torch.float32)[None]
         kinds = g1.fragments.interpolate(kinds, model.triangles)[0].numpy()
     relight_weight = _relight_weight(kinds[..., 0] > 0.999, kinds[..., 1] > 0.001, covered, size)
@@ -426,7 +428,8 @@ def _correspondence(
         blend = max(1, round(OUTLINE_BLEND * size))
         inside = ndimage.binary_erosion(head0, iterations=blend)
         from_head = inside[src_row, src_col]
-        rim_of_jaw = jaw_rim(points, inside)
+        inside_depth = ndimage.distance_transform_edt(inside)  # from the photo's outline, less the blend
+        rim_of_jaw = jaw_rim(points, inside_depth)
         # the cheek the turn keeps in view whose source is the wall beyond the photo's cheek (the mesh
         # outline's excess) is the person's skin to fill, and so is the outline the warp brings in
         # beside it (a pale seam between cheek and fill); what the mesh shows beyond the head is not
@@ -439,7 +442,7 @@ def _correspondence(
         # stubble, the blend of skin and wall): a turn carries them inward beside the surface it
         # reveals, where they read as a grey band down the cheek; they are filled with that surface
         rim = OUTLINE_RIM * size
-        depth = ndimage.distance_transform_edt(inside)[src_row, src_col] + blend  # the source's, in from the outline
+        depth = inside_depth[src_row, src_col] + blend  # the source's, in from the outline
         moved_in = ndimage.distance_transform_edt(head) - depth > max(2.0, SLIVER * size)
         carried = ndimage.label(covered & head & (depth < rim) & moved_in)[0]  # the turn may stretch it wide
         beside = np.unique(carried[ndimage.binary_dilation(unseen) & (carried > 0)])
@@ -586,20 +589,21 @@ def photo_head(jaw: np.ndarray, flow: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return head, ndimage.gaussian_filter(edited, OUTLINE_SMOOTH * size) > 0.5
 
 
-def jaw_rim(points: np.ndarray, inside: np.ndarray) -> np.ndarray:
-    """(S, S) bool: the photo's last OUTLINE_RIM of head (``inside``: its head less its outline's blend)
-    along its jaw below the line through the ears' middles (landmarks 1 and 15 of ``points``, the 68
-    in working pixels). There those pixels are skin, its shaded edge, or the wall that the landmarks'
+def jaw_rim(points: np.ndarray, depth: np.ndarray) -> np.ndarray:
+    """(S, S) bool: the photo's last OUTLINE_RIM of head (``depth``: the distance of each pixel of its
+    head less its outline's blend from that head's edge, 0 beyond) along its jaw below the line
+    through the ears' middles (landmarks 1 and 15 of ``points``, the 68 in working pixels). There
+    those pixels are skin, its shaded edge, or the wall that the landmarks'
     jaw line, off the real one by more than the blend, takes in; rarely hair (the sideburns end
     above; a beard's last pixels are taken for the wall). Those of another hue than the skin are the
     wall's blend (a white, red or blue tint): neither hair that ``warped_hair`` keeps nor a kind of
     surface ``kind_fill`` fills a band with."""
-    size = inside.shape[0]
+    size = depth.shape[0]
     v, u = np.mgrid[0:size, 0:size].astype(np.float64)
     (x1, y1), (x2, y2) = points[1], points[15]
     side = (x2 - x1) * (v - y1) - (y2 - y1) * (u - x1)  # the cross product: its sign tells the side
     chin = (x2 - x1) * (points[8, 1] - y1) - (y2 - y1) * (points[8, 0] - x1)
-    return inside & (ndimage.distance_transform_edt(inside) < OUTLINE_RIM * size) & (side * chin > 0)
+    return (depth > 0) & (depth < OUTLINE_RIM * size) & (side * chin > 0)
 
 
 def _polygon(points: np.ndarray, size: int) -> np.ndarray:
