@@ -480,7 +480,7 @@ def test_the_edited_head_keeps_its_outline_by_the_ears_and_moves_it_at_the_chin(
     jaw = np.stack([32 + 12 * np.cos(angle), 30 + 12 * np.sin(angle)], -1)
     flow = np.zeros((size, size, 2), np.float32)
     flow[..., 0] = 4.0  # output p shows p + 4: the head moves 4 px to the left
-    head0, head1 = photo_head(jaw, flow)
+    head0, head1, _ = photo_head(jaw, flow)
     assert head0[41, 35] and head0[5, 32] and head0[5, 12] and not head0[40, 10]  # inside, scalp, temple; wall
     assert head1[31, 43] and head1[31, 17] and not head0[31, 17]  # by the ears: kept, and moved
     assert head0[41, 35] and not head1[41, 35] and head1[41, 24]  # at the chin: moved only
@@ -522,7 +522,7 @@ def test_a_turn_fills_the_cheek_within_the_photos_outline_not_the_meshs(face_mod
     turned = edited(base_fit, face_model, yaw=-12.0)
     trusting = _correspondence(face_model, base_fit, turned, CROP, size)[0]
     bounded = _correspondence(face_model, base_fit, turned, CROP, size, points)[0]
-    head0, head1 = photo_head(points[:17], bounded.flow)
+    head0, head1, _ = photo_head(points[:17], bounded.flow)
     beyond = ~ndimage.binary_dilation(head1)
     print(f"unseen beyond the photo's outline: {int((trusting.unseen & beyond).sum())} px trusting the mesh")
     assert (trusting.unseen & beyond).sum() > 100 and not (bounded.unseen & beyond).any()
@@ -596,6 +596,51 @@ def test_the_wall_inside_the_landmarks_jaw_line_is_neither_hair_nor_a_fill_sourc
           f"{int((inside & wall & cheek).sum())} inside the edited head by the revealed cheek")  # fmt: skip
     assert filled.sum() > 500 and not (filled & wall).any()
     assert not (inside & wall & cheek).any()  # before: 2103 and 2070 px
+
+
+def test_the_revealed_cheeks_outline_is_a_smooth_blend_with_the_wall_not_a_staircase(face_model, base_fit, photo):
+    """The fill of a revealed cheek ends at the edited head's outline. A binary outline at the working
+    size, sampled up to the photo's pixels, stepped along the wall a working pixel at a time (a
+    jagged cheek; a 12 MP photo's face may span 5 photo pixels to a working one). The photo of the
+    narrow cheek before a blue wall, edited at a working size of 192 (4.7 photo pixels to one),
+    turned -12: along each row of the revealed cheek the outline's place (the row's share of skin,
+    unmixed from the wall's colour, summed across the edge) lies on a smooth curve, and the edge is a
+    blend a few pixels wide."""
+    _, _, _, in_photo_px, _, image = _narrow_cheek(face_model, base_fit, photo[0])
+    turned = edited(base_fit, face_model, yaw=-12.0)
+    result = physical_edit(
+        image, CROP_TO_PHOTO, CROP, face_model, base_fit, turned, work_size=192, landmarks=in_photo_px
+    )
+    out, fill = result.image.astype(float), result.fill
+    wall = np.array([40.0, 90.0, 200.0])
+    nose = in_photo_px[27:36, 0].mean()
+    step = 1 if fill[:, int(nose) :].sum() > fill[:, : int(nose)].sum() else -1  # toward the revealed side
+    top, bottom = int(in_photo_px[[1, 15], 1].max()), int(in_photo_px[[3, 13], 1].min())
+    skin = np.median(out[top:bottom][fill[top:bottom] > 0.99], 0)  # the fill's colour
+    places, widths = [], []
+    for row in range(top, bottom):
+        line, filled = (out[row], fill[row]) if step == 1 else (out[row, ::-1], fill[row, ::-1])
+        start = int(nose) if step == 1 else PHOTO - 1 - int(nose)
+        whole = np.nonzero(filled[start:] > 0.99)[0]  # the fill's last whole pixel, toward the wall
+        if not len(whole):
+            continue
+        inner = start + int(whole.max())
+        span = slice(inner - 4, inner + 12)
+        share = np.clip(((line[span] - wall) @ (skin - wall)) / ((skin - wall) @ (skin - wall)), 0, 1)
+        if share[-1] > 0.05 or share[0] < 0.95:  # the row's edge is not fill against the wall
+            continue
+        places.append((row, span.start + share.sum()))
+        widths.append(int(((share > 0.05) & (share < 0.95)).sum()))
+    t, places = np.asarray(places).T
+    # the outline's curve over some 20 rows (a local fit of a parabola) against the rows' places
+    ragged = [places[k] - np.polyval(np.polyfit(t[k - 10 : k + 11], places[k - 10 : k + 11], 2), t[k])
+              for k in range(10, len(places) - 10)]  # fmt: skip
+    rms = float(np.sqrt(np.mean(np.square(ragged))))
+    print(f"{len(places)} rows of the outline against the wall: off a smooth curve by {rms:.2f} px (rms), "
+          f"blend {np.median(widths):.0f} px wide")  # fmt: skip
+    assert len(places) > 60
+    assert rms < 0.3  # before: 0.52 px, the working pixels' steps
+    assert 2 <= np.median(widths) <= 12  # from 5 to 95 % skin: under 3 working pixels
 
 
 def test_a_turn_leaves_no_band_of_the_photos_darker_rim_down_the_cheek(face_model, base_fit, photo):

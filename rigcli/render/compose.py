@@ -120,6 +120,7 @@ class Correspondence:
     lids: np.ndarray | None = None  # (S, S) bool: the closing lids over the photo's eyes (``lid_cover``), in ``unseen``
     lashes: np.ndarray | None = None  # (S, S) in [0, 1]: the lash line where closing lids meet (``lid_cover``)
     head: np.ndarray | None = None  # (S, S) bool: where the edited head lies (``photo_head``)
+    head_cover: np.ndarray | None = None  # (S, S) float32: ... and its outline's blend (``photo_head``)
     from_head: np.ndarray | None = None  # (S, S) bool: the warp brings the pixel from inside the photo's head
     inside: np.ndarray | None = None  # (S, S) bool: inside the photo's head, less its outline's blend (θ0's frame)
     mirror: np.ndarray | None = None  # (S, S, 2) backward flow to the mirror image of the pixel's surface point
@@ -419,11 +420,11 @@ def _correspondence(
     # surface θ0 shows foreshortened to a sliver (an upper lid folded under the brow that a blink
     # spreads over the eye) would be smeared by the warp: the photo has too few pixels of it
     unseen |= covered & (_source_area(flow) < STRETCH_MIN)
-    lids = lashes = head = from_head = inside = rim_of_jaw = None
+    lids = lashes = head = head_cover = from_head = inside = rim_of_jaw = None
     if points is not None:
         lm = model.landmark_vertices[36:48]
         lids, lashes = lid_cover(points[36:48], g0.screen[0, lm, :2].numpy(), g1.screen[0, lm, :2].numpy(), flow)
-        head0, head = photo_head(points[:17], flow)
+        head0, head, head_cover = photo_head(points[:17], flow)
         # the photo's outline is a blend of skin and wall a few pixels wide: not the person's colour
         blend = max(1, round(OUTLINE_BLEND * size))
         inside = ndimage.binary_erosion(head0, iterations=blend)
@@ -479,7 +480,8 @@ def _correspondence(
     mirror = None if mirror_point is None else np.stack([mirror_point[..., 0] - u, mirror_point[..., 1] - v], -1)
     corr = Correspondence(
         size, flow.astype(np.float32), covered, seen, unseen, log_ratio.astype(np.float32), edge, hole, lids, lashes,
-        head, from_head, inside, None if mirror is None else mirror.astype(np.float32), mirror_seen, rim_of_jaw,
+        head, head_cover, from_head, inside, None if mirror is None else mirror.astype(np.float32), mirror_seen,
+        rim_of_jaw,
     )  # fmt: skip
     return corr, g1
 
@@ -559,12 +561,16 @@ def _lid_gap(eye: np.ndarray) -> float:
     return float(((eye[5] - eye[1]) @ down + (eye[4] - eye[2]) @ down) / (2 * width))
 
 
-def photo_head(jaw: np.ndarray, flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(S, S) bool each: where the photo's head is (inside its jaw line, landmarks 0-16 in working
+def photo_head(jaw: np.ndarray, flow: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(S, S) each: where the photo's head is (bool: inside its jaw line, landmarks 0-16 in working
     pixels, or above the jaw's ends: forehead, temples, scalp, where the mesh's outline is trusted),
-    and where the edited head lies: that moved by the backward ``flow``, or moved by a part of it
-    that grows from none at the jaw's ends (by the ears) to all of it at the chin, its outline
-    smoothed (``OUTLINE_SMOOTH``); a head the flow leaves still keeps its own outline exactly.
+    and where the edited head lies (bool): that moved by the backward ``flow``, or moved by a part
+    of it that grows from none at the jaw's ends (by the ears) to all of it at the chin, its outline
+    smoothed (``OUTLINE_SMOOTH``); a head the flow leaves still keeps its own outline exactly. Third,
+    the edited head's cover (float32 in [0, 1]): 1 inside, 0 beyond, and across the outline a ramp
+    OUTLINE_BLEND wide, placed to a fraction of a pixel (the smoothed outline's signed distance), as
+    a photo's own outline is a blend of skin and wall: the fill ends through it, where a binary
+    outline, sampled up to the photo's pixels, steps along the wall a working pixel at a time.
 
     A head turning about the neck keeps its outline by the temples and cheeks nearly in place while
     its features move; the chin, in front of the axis, moves with them. The fitted mesh is often
@@ -576,7 +582,7 @@ def photo_head(jaw: np.ndarray, flow: np.ndarray) -> tuple[np.ndarray, np.ndarra
     above = [[far, jaw[-1, 1]], [far, top], [-far, top], [-far, jaw[0, 1]]]  # level with the jaw's ends, to either side
     head = _polygon(np.concatenate([jaw, above]), size)
     if float(np.abs(flow).max(initial=0.0)) < 0.5:  # a still head (a relight, a no-op) keeps its outline exactly
-        return head, head.copy()
+        return head, head.copy(), head.astype(np.float32)
     v, u = np.mgrid[0:size, 0:size].astype(np.float32)
     ends, chin = (jaw[0, 1] + jaw[-1, 1]) / 2, jaw[8, 1]
     part = np.clip((v - ends) / max(chin - ends, 1.0), 0, 1)
@@ -586,7 +592,11 @@ def photo_head(jaw: np.ndarray, flow: np.ndarray) -> tuple[np.ndarray, np.ndarra
         moved = ndimage.map_coordinates(inside, [v + t * flow[..., 1], u + t * flow[..., 0]], order=1, mode="nearest")
         edited = np.maximum(edited, moved)
     # the union of two warps steps where one overtakes the other: an outline is a smooth curve
-    return head, ndimage.gaussian_filter(edited, OUTLINE_SMOOTH * size) > 0.5
+    smooth = ndimage.gaussian_filter(edited, OUTLINE_SMOOTH * size)
+    slope = np.hypot(*np.gradient(smooth))
+    distance = (smooth - 0.5) / np.maximum(slope, 1e-6)  # signed, in pixels, from the 0.5 level
+    cover = np.clip(0.5 + distance / max(1.0, OUTLINE_BLEND * size), 0, 1).astype(np.float32)
+    return head, smooth > 0.5, cover
 
 
 def jaw_rim(points: np.ndarray, depth: np.ndarray) -> np.ndarray:
@@ -1044,6 +1054,8 @@ def compose_edit(
     mask_w[corr.edge_weight == 0] = 0
     around = ndimage.binary_dilation(corr.unseen).astype(np.float32)
     fill_w = np.maximum(corr.unseen, np.clip(ndimage.gaussian_filter(around, 0.5 * feather) * 2, 0, 1))
+    if corr.head_cover is not None:  # the fill ends through the edited head's outline, a blend with the wall
+        fill_w = fill_w * corr.head_cover
     lids = np.zeros((size, size), np.float32) if corr.lids is None else corr.lids.astype(np.float32)
     reach = max(1, round(LID_HOLD_REACH * size))
     lids = np.clip(ndimage.gaussian_filter(ndimage.maximum_filter(lids, 2 * reach + 1), reach / 2) * 2, 0, 1)
