@@ -643,6 +643,37 @@ def test_the_revealed_cheeks_outline_is_a_smooth_blend_with_the_wall_not_a_stair
     assert 2 <= np.median(widths) <= 12  # from 5 to 95 % skin: under 3 working pixels
 
 
+def test_a_ragged_edge_of_the_seen_surface_leaves_no_teeth_in_the_shading_ratio(face_model, base_fit, monkeypatch):
+    """Where θ0's jaw hid the neck, the edge of the surface θ0 sees is ragged at a pixel's scale (the
+    z-buffer's test, a pixel at a time, at a grazing view). The ratio stepped to 1 along it, and the
+    warped neck beside the relit one showed the teeth (obama-4 at --yaw 20). A relight whose seen
+    surface ends, right of a column through the cheek, in such a comb (every other row's last 3
+    pixels not seen): along the comb the ratio of one row matches the next's."""
+    size = working_size(CROP_TO_PHOTO, CROP)
+    relit = edited(base_fit, face_model, light=[-1.0, 0.2, 0.6])
+    plain = _correspondence(face_model, base_fit, relit, CROP, size)[0]
+    rows = np.nonzero(plain.seen[:, size // 2 + 40])[0]
+    rows = rows[(rows > rows.min() + 40) & (rows < rows.max() - 40)]  # the cheek's, off the mesh's outline
+    column = size // 2 + 40
+    visible = compose._visible_points
+
+    def ragged(*args):
+        point, seen, covered0 = visible(*args)
+        seen = seen.copy()
+        seen[rows, column + 3 :] = False  # the hidden side
+        seen[rows[::2], column : column + 3] = False  # the comb
+        return point, seen, covered0
+
+    monkeypatch.setattr(compose, "_visible_points", ragged)
+    corr = _correspondence(face_model, base_fit, relit, CROP, size)[0]
+    comb = corr.log_ratio[rows, column : column + 3, 0]
+    teeth = np.abs(np.diff(comb, axis=0)).mean()
+    lit = np.abs(plain.log_ratio[rows, column - 8, 0]).mean()
+    print(f"log ratio beside the comb {lit:.3f}; between one row of the comb and the next {teeth:.4f}")
+    assert lit > 0.1
+    assert teeth < 0.1 * lit
+
+
 def test_a_turn_leaves_no_band_of_the_photos_darker_rim_down_the_cheek(face_model, base_fit, photo):
     """A cheek darkens over its last pixels before the photo's outline (turning away from the camera
     and the light, stubble, the blend of skin and wall); the fitted mesh, wider than the cheek, does

@@ -77,6 +77,7 @@ SILHOUETTE_FADE = 0.025  # of the crop: the shading ratio is 1 on the mesh's out
 HAIR_FADE = 0.08  # of the crop: off the skin (the scalp under the hair) the ratio falls to 1 over this
 OPEN_EDGE_BAND = 0.07  # of the crop: the ratio fades to 1 over this band inside the mesh's open edge
 EDGE_MARGIN, EDGE_RAMP = 0.02, 0.06  # of the crop: nothing changes within MARGIN of its edge, fully from +RAMP
+SEEN_SMOOTH = 0.006  # of the crop: the seen surface's ragged edge is smoothed this much (sigma) for the ratio
 RATIO_SIGMA = 0.75 / 1024  # of the crop: smoothing of the log ratio (0.75 px of a 1024 px crop)
 STRETCH_MIN = 0.4  # a surface the warp stretches to more than 1 / this of its area in the photo is filled
 LASH_WIDTH = 0.05  # of the eye's width: the spread (sigma) of a closed eye's lash line
@@ -460,12 +461,17 @@ def _correspondence(
     # second-order SH shading goes negative on the dark side: both are floored alike, so the ratio
     # of a surface point lit the same way is exactly 1 (a no-op edit is one), never a clamp's 1/4
     floor = SHADE_FLOOR * max(float(np.abs(shade0[seen]).mean()) if seen.any() else 1.0, 1e-6)
-    ratio = np.where(seen[..., None], np.maximum(shade1, floor) / np.maximum(shade0, floor), 1.0)
+    # the seen surface's edge where θ0's jaw hid the neck is ragged (the z-buffer's test, a pixel at a
+    # time at a grazing view): the ratio's support is that edge smoothed, the ratio faded out beyond
+    # it over as much (a ratio stepping from seen to warped neck drew its teeth across the neck)
+    reach = SEEN_SMOOTH * size
+    lit = (ndimage.gaussian_filter(seen.astype(np.float32), reach) > 0.5) & covered
+    ratio = np.where(lit[..., None], np.maximum(shade1, floor) / np.maximum(shade0, floor), 1.0)
     log_ratio = np.log(np.clip(ratio, RATIO_MIN, RATIO_MAX)).astype(np.float32)
     sigma = RATIO_SIGMA * size
-    weight = ndimage.gaussian_filter(seen.astype(np.float32), sigma)
-    smooth = [ndimage.gaussian_filter(log_ratio[..., c] * seen, sigma) for c in range(log_ratio.shape[-1])]
-    log_ratio = np.where(seen[..., None], np.stack(smooth, -1) / np.maximum(weight, 1e-6)[..., None], 0)
+    weight = ndimage.gaussian_filter(lit.astype(np.float32), sigma)
+    smooth = [ndimage.gaussian_filter(log_ratio[..., c] * lit, sigma) for c in range(log_ratio.shape[-1])]
+    log_ratio = np.where(lit[..., None], np.stack(smooth, -1) / np.maximum(weight, 1e-6)[..., None], 0)
     # the cast shadows multiply in after that smoothing, at their own softness (the shadow map's PCF):
     # what θ1's shadows take from its shading over what θ0's took (exactly 0 where the two lights and
     # poses agree). The photo's own shadows are divided out, but they are only as sure as the fitted
@@ -474,7 +480,14 @@ def _correspondence(
     shadow = np.log(np.maximum(cast1, floor) / np.maximum(shade1, floor))
     shadow -= np.log(np.maximum(cast0, floor) / np.maximum(shade0, floor))
     shadow = np.minimum(shadow, math.log(SHADOW_LIFT_MAX))
-    log_ratio = np.clip(log_ratio + np.where(seen[..., None], shadow, 0), math.log(RATIO_MIN), math.log(RATIO_MAX))
+    log_ratio = np.clip(log_ratio + np.where(lit[..., None], shadow, 0), math.log(RATIO_MIN), math.log(RATIO_MAX))
+    # the edge's own pixels are the least sure (a normal interpolated across a fold: a lip's edge
+    # read as a bright dot beside its darkened neighbours): they take the extension too
+    core = ndimage.binary_erosion(lit)
+    near = ndimage.gaussian_filter(core.astype(np.float32), reach)
+    beyond = [ndimage.gaussian_filter(log_ratio[..., c] * core, reach) for c in range(log_ratio.shape[-1])]
+    beyond = np.stack(beyond, -1) / np.maximum(near, 1e-6)[..., None] * np.clip(2 * near, 0, 1)[..., None]
+    log_ratio = np.where(core[..., None], log_ratio, beyond)
     log_ratio *= (relight_weight * edge * _open_edge_weight(screen1, open_edges, size))[..., None]
     log_ratio = np.broadcast_to(log_ratio, (size, size, 3))
     mirror = None if mirror_point is None else np.stack([mirror_point[..., 0] - u, mirror_point[..., 1] - v], -1)
