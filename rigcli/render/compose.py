@@ -49,9 +49,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from scipy import ndimage, sparse
+from scipy import ndimage, signal, sparse
 from scipy.sparse.linalg import spsolve
-from scipy.spatial import cKDTree
+from scipy.spatial import ConvexHull, cKDTree
 
 from rigcli.face.model import FaceModel, vertex_normals
 from rigcli.face.params import FaceFit, rescale_fit
@@ -104,6 +104,28 @@ HAIR_WINDOW = 0.02  # of the crop: the photo's hair, where a warp's source lies,
 MIRROR_TOLERANCE = 1e-3  # of the mesh's extent: a vertex this near another's mirror image is its mirror
 MIRROR_FACING = 0.65  # a mirror image whose normal points less toward the camera (49 degrees off) is not read
 MIRROR_DETAIL = 0.01  # of the crop: a fill takes its texture below this scale from the mirror image
+EAR_STRETCH = 0.6  # an ear whose warp spreads the photo's pixels over more than 1 / this of their area is redrawn
+EAR_REACH = 0.09  # of the crop: how far round the mesh's ear the photo's ear is looked for
+EAR_SHIFT = 0.08  # of the crop: how far the mesh's ear may lie off the photo's
+EAR_MARGIN = 0.05  # of the crop: how far the photo's ear may reach past the mesh's, moved onto it
+EAR_SATURATION = 0.35  # skin: red over green over blue, blue under 1 - this of red (linear light)
+EAR_LIGHT = 0.35  # ... lighter than this share of the ear's median (the temple's shaded skin is not the ear)
+EAR_CLOSE = 0.01  # of the crop: gaps in the photo's ear this wide are closed (its shaded rim, a crease)
+EAR_SIZE = 2.0  # the photo's ear is within this factor of the mesh's ear's size, or no ear was found
+EAR_HOLD = 0.5  # the mesh's ear, moved onto the photo's, must hold skin over at least this share more than not
+EAR_EDGE = 0.35  # the photo's ear ends where its colour does: at most this share of a ring round it is skin
+EAR_RING = 0.016  # of the crop: that ring's outer edge, its inner one past the ear's outline blend (OUTLINE_BLEND)
+
+
+@dataclass
+class EarMap:
+    """An ear a turn brings into view that the photo shows too thinly to warp (a sliver the warp would
+    spread past EAR_STRETCH), to be drawn from the photo's other ear, mirrored (``mirrored_ears``)."""
+
+    affine: np.ndarray  # (3, 2): a working pixel (x, y, 1) under θ1 -> the θ0 pixel of its mirror image
+    source: np.ndarray  # (S, S) bool, θ0: the hull of the mesh's other ear, which the photo's ear is matched to
+    search: np.ndarray  # (S, S) bool, θ0: where the photo's other ear may lie (off the face, beyond the jaw's end)
+    sliver: np.ndarray  # (S, S) bool, θ0: where the photo's own sliver of this ear may lie (the same, this side)
 
 
 @dataclass
@@ -127,6 +149,8 @@ class Correspondence:
     mirror: np.ndarray | None = None  # (S, S, 2) backward flow to the mirror image of the pixel's surface point
     mirror_seen: np.ndarray | None = None  # (S, S) bool: θ0 shows that mirror image, facing the camera
     jaw_rim: np.ndarray | None = None  # (S, S) bool: the photo's rim along its lower jaw (θ0's frame; ``jaw_rim``)
+    ear_maps: tuple[EarMap, ...] = ()  # the ears to draw from the photo's other ear (``_ear_maps``)
+    front: np.ndarray | None = None  # (S, S) float32: what stands in front of an ear (the head, not its ears)
 
 
 @dataclass
@@ -284,6 +308,16 @@ def ears(model: FaceModel) -> torch.Tensor:
     neutral, ends = model.neutral, model.neutral[model.landmark_vertices[[0, 16]]]
     half_width, depth = float(ends[:, 0].abs().mean()), float(ends[:, 2].mean())
     return (neutral[:, 0].abs() > 0.95 * half_width) & (neutral[:, 2] < depth)
+
+
+def ear_proper(model: FaceModel) -> np.ndarray:
+    """(V,) bool: the ears themselves, the part of ``ears`` that stands out past the jaw's ends,
+    between the nose's foot and the brows' height (not the side of the head behind them, nor the neck)."""
+    neutral = model.neutral.cpu().numpy()
+    half_width = float(np.abs(neutral[model.landmark_vertices.cpu().numpy()[[0, 16]], 0]).mean())
+    bottom, top = neutral[model.landmark_vertices.cpu().numpy()[[33, 19]], 1]
+    lateral, height = np.abs(neutral[:, 0]), neutral[:, 1]
+    return ears(model).cpu().numpy() & (lateral > 1.05 * half_width) & (height > bottom - 2.0) & (height < top)
 
 
 def mirror_vertices(model: FaceModel) -> np.ndarray:
@@ -491,12 +525,67 @@ def _correspondence(
     log_ratio *= (relight_weight * edge * _open_edge_weight(screen1, open_edges, size))[..., None]
     log_ratio = np.broadcast_to(log_ratio, (size, size, 3))
     mirror = None if mirror_point is None else np.stack([mirror_point[..., 0] - u, mirror_point[..., 1] - v], -1)
+    ear_maps, front = (), None
+    if points is not None:
+        ear_maps = _ear_maps(model, g0, g1, flow, points)
+        # in front of an ear: the head's surface but its ears, no further out than the edited head's outline
+        body = ndimage.gaussian_filter((covered & (kinds[..., 1] < 0.5)).astype(np.float32), 1.0)
+        front = np.minimum(head_cover, body).astype(np.float32)
     corr = Correspondence(
         size, flow.astype(np.float32), covered, seen, unseen, log_ratio.astype(np.float32), edge, hole, lids, lashes,
         head, head_cover, from_head, inside, None if mirror is None else mirror.astype(np.float32), mirror_seen,
-        rim_of_jaw,
+        rim_of_jaw, ear_maps, front,
     )  # fmt: skip
     return corr, g1
+
+
+def _ear_maps(model: FaceModel, g0, g1, flow: np.ndarray, points: np.ndarray) -> tuple[EarMap, ...]:
+    """The ears a turn brings into view that the photo shows as a sliver: the mesh's ear (``ear_proper``)
+    on a side of the face whose warp spreads the photo's pixels over more than 1 / EAR_STRETCH of
+    their area (its median). Each is drawn from the photo's other ear: the affine map (least squares
+    over the ear's vertices) from this ear under θ1 to its mirror image under θ0, and where in the
+    photo to look for that ear (``points``: the photo's 68 landmarks, working pixels)."""
+    size = flow.shape[0]
+    proper = ear_proper(model)
+    mirror = mirror_vertices(model)
+    lateral = np.sign(model.neutral[:, 0].cpu().numpy())
+    s0 = g0.screen[0, :, :2].numpy().astype(np.float64)
+    s1 = g1.screen[0, :, :2].numpy().astype(np.float64)
+    with torch.no_grad():
+        weight = torch.from_numpy(proper).to(torch.float32)[None, :, None]
+        ear1 = g1.fragments.interpolate(weight, model.triangles)[0, ..., 0].numpy() > 0.5
+    area = _source_area(flow)
+    v, u = np.mgrid[0:size, 0:size].astype(np.float64)
+    nose = float(points[27:31, 0].mean())
+    face = _polygon(np.concatenate([points[:17], points[26:16:-1]]), size)  # the jaw's and the brows' outline
+
+    def around(ear: np.ndarray, screen_side: float) -> tuple[np.ndarray, np.ndarray]:
+        """The hull of the mesh's ``ear`` (vertex ids) under θ0, and where beside it the photo's ear may
+        lie: off the face, past the jaw's end on its side of the nose, level with it."""
+        corners = s0[ear]
+        hull = _polygon(corners[ConvexHull(corners).vertices], size)
+        end = points[0] if screen_side < 0 else points[16]  # dlib's 0 is at the image's left
+        reach = EAR_REACH * size
+        level = (v > corners[:, 1].min() - reach) & (v < corners[:, 1].max() + reach)
+        beyond = (u - end[0]) * screen_side > 0
+        search = ndimage.binary_dilation(hull, iterations=max(1, round(reach))) & level & beyond & ~face
+        return hull, search
+
+    maps = []
+    for side in (-1.0, 1.0):
+        ear = proper & (lateral == side) & (mirror >= 0)
+        if ear.sum() < 3:
+            continue
+        screen_side = float(np.sign(s1[ear, 0].mean() - nose))
+        shown = ear1 & (np.sign(u - nose) == screen_side)
+        if shown.sum() < 20 or float(np.median(area[shown])) > EAR_STRETCH:
+            continue
+        other = mirror[ear]
+        affine = np.linalg.lstsq(np.c_[s1[ear], np.ones(len(s1[ear]))], s0[other], rcond=None)[0]
+        source, search = around(other, float(np.sign(s0[other, 0].mean() - nose)))
+        _, sliver = around(np.nonzero(ear)[0], float(np.sign(s0[ear, 0].mean() - nose)))
+        maps.append(EarMap(affine, source, search, sliver))
+    return tuple(maps)
 
 
 def _shadowed(
@@ -780,6 +869,7 @@ def physical_edit(
     if fill is None:
         render = render_fill(model, fit1, crop_size, size, g1)
         fill = photo_fill(photo, crop_to_photo, crop_size, corr, render, relight)
+        corr, fill = mirrored_ears(photo, crop_to_photo, crop_size, corr, fill, relight)
     return compose_edit(photo, crop_to_photo, crop_size, corr, fill, relight)
 
 
@@ -887,6 +977,103 @@ def warped_hair(photo: np.ndarray, crop_to_photo: np.ndarray, crop_size: int, co
     if corr.lids is not None:
         unseen |= corr.lids
     return replace(corr, unseen=unseen)
+
+
+def mirrored_ears(
+    photo: np.ndarray,
+    crop_to_photo: np.ndarray,
+    crop_size: int,
+    corr: Correspondence,
+    fill: np.ndarray,
+    relight: str = "linear",
+) -> tuple[Correspondence, np.ndarray]:
+    """``corr`` and ``fill`` (``photo_fill``'s) with each ear of ``corr.ear_maps`` drawn from the photo's
+    other ear: a turn toward the camera that reveals an ear the photo shows as a sliver spread that
+    sliver into a flat, smeared shape. A face is near symmetric, and a photo turned away from that ear
+    shows the other whole: it is cut out (``_photo_ear``), mirrored by the map, and laid behind the
+    head (``corr.front``) over the wall, which is inpainted where the sliver was. Where no clean cut of
+    the other ear is found (hair over it, a background of its colour) the ear is left to the warp."""
+    if not corr.ear_maps or corr.front is None or corr.head_cover is None:
+        return corr, fill
+    size = corr.size
+    crop = _work_crop(photo, crop_to_photo, crop_size, size)
+    linear = srgb_to_linear(crop)
+    skin = (linear[..., 0] > linear[..., 1]) & (linear[..., 1] > linear[..., 2])
+    skin &= linear[..., 2] < (1 - EAR_SATURATION) * linear[..., 0]
+    moved = _warp_crop(crop, corr.flow)
+    ratio = np.exp(corr.log_ratio)  # as ``compose_edit`` relights
+    relit = linear_to_srgb(srgb_to_linear(moved) * ratio) if relight == "linear" else np.clip(moved * ratio, 0, 1)
+    shown = np.where(corr.unseen[..., None], fill, relit)  # the edit without the ear
+    rows, cols = _source_pixels(corr.flow)
+    v, u = np.mgrid[0:size, 0:size].astype(np.float64)
+    front = corr.front
+    unseen, cover, fill = corr.unseen.copy(), corr.head_cover.copy(), fill.copy()
+    for ear in corr.ear_maps:
+        matte = _photo_ear(skin, linear.mean(-1), ear.source, ear.search)
+        if matte is None:
+            continue
+        src = (np.stack([u, v, np.ones_like(u)], -1) @ ear.affine).astype(np.float32)
+        at = [src[..., 1], src[..., 0]]
+        soft = ndimage.gaussian_filter(matte.astype(np.float32), 0.7)  # its outline a blend, as a photo's is
+        alpha = ndimage.map_coordinates(soft, at, order=1)
+        colour = np.stack([ndimage.map_coordinates(crop[..., c], at, order=1, mode="nearest") for c in range(3)], -1)
+        # the photo's own sliver of this ear, wherever the warp carries it: the wall (or the hair) there
+        sliver = (ear.sliver & skin)[rows, cols] & (front < 0.5)
+        region = ndimage.binary_dilation((alpha * (1 - front) > 0.01) | sliver) & (front < 0.99)
+        ring = ndimage.binary_dilation(region, iterations=3)
+        wall = region_fill(relit, ring & ~region & ~sliver & (front < 0.01) & ~skin[rows, cols], ring)
+        behind = alpha[..., None] * colour + (1 - alpha[..., None]) * wall  # the ear over the wall
+        fill = np.where(region[..., None], front[..., None] * shown + (1 - front[..., None]) * behind, fill)
+        # the feather beyond the region blends into what shows there
+        fill = np.where((ring & ~region & ~unseen)[..., None], relit, fill)
+        unseen |= region
+        cover = np.maximum(cover, region.astype(np.float32))
+    return replace(corr, unseen=unseen, head_cover=cover), fill.astype(np.float32)
+
+
+def _photo_ear(skin: np.ndarray, light: np.ndarray, hull: np.ndarray, search: np.ndarray) -> np.ndarray | None:
+    """(S, S) bool: the photo's ear beside the mesh's (``hull``, θ0), or None where no clean cut of it
+    is found. The mesh's ear lies off the photo's (the fit's ears are the model's, not the person's):
+    its hull is moved (at most EAR_SHIFT) to where it holds the most ``skin`` of ``search`` and the
+    least else; the ear is the skin there (within EAR_MARGIN), lighter than EAR_LIGHT of its median
+    (``light``: the temple's shaded skin beside it is not the ear), its largest piece, closed and
+    its holes (the shaded bowl, a highlight) filled. Refused when the moved hull holds too little
+    skin (EAR_HOLD), when the cut is off the mesh ear's size (EAR_SIZE), or when the skin goes on past
+    it (EAR_EDGE of a ring out to EAR_RING: a background of the skin's colour, hair of it)."""
+    size = skin.shape[0]
+    reach = max(1, round(EAR_SHIFT * size))
+    rows, cols = np.nonzero(hull)
+    if not len(rows):
+        return None
+    top, left = rows.min(), cols.min()
+    kernel = hull[top : rows.max() + 1, left : cols.max() + 1].astype(np.float32)
+    candidates = skin & search
+    score = np.pad(np.where(candidates, 1.0, -1.0).astype(np.float32), reach, constant_values=-1.0)
+    window = score[top : top + kernel.shape[0] + 2 * reach, left : left + kernel.shape[1] + 2 * reach]
+    scores = signal.correlate(window, kernel, mode="valid", method="fft")  # (2 reach + 1) squared shifts
+    dy, dx = np.unravel_index(int(np.argmax(scores)), scores.shape)
+    if float(scores[dy, dx]) < EAR_HOLD * float(kernel.sum()):
+        return None
+    placed = ndimage.shift(hull.astype(np.float32), (dy - reach, dx - reach), order=0) > 0.5
+    held = np.nonzero(placed.any(1))[0]
+    level = (np.arange(size)[:, None] >= held.min()) & (np.arange(size)[:, None] <= held.max() + EAR_MARGIN * size)
+    near = candidates & level & ndimage.binary_dilation(placed, iterations=max(1, round(EAR_MARGIN * size)))
+    if not (near & placed).any():
+        return None
+    near &= light > EAR_LIGHT * float(np.median(light[near & placed]))
+    near = ndimage.binary_opening(near, iterations=2)
+    labels, count = ndimage.label(near)
+    if not count:
+        return None
+    ear = labels == 1 + int(np.argmax(ndimage.sum(near, labels, range(1, count + 1))))
+    ear = ndimage.binary_fill_holes(ear | ndimage.binary_closing(ear, iterations=max(1, round(EAR_CLOSE * size))))
+    if not 1 / EAR_SIZE < ear.sum() / kernel.sum() < EAR_SIZE:
+        return None
+    inner = ndimage.binary_dilation(ear, iterations=max(1, round(OUTLINE_BLEND * size)))
+    ring = ndimage.binary_dilation(ear, iterations=max(2, round(EAR_RING * size))) & ~inner & search
+    if ring.any() and float(skin[ring].mean()) > EAR_EDGE:
+        return None
+    return ear
 
 
 def _work_crop(photo: np.ndarray, crop_to_photo: np.ndarray, crop_size: int, size: int) -> np.ndarray:
