@@ -28,7 +28,9 @@ and after (θ1)) and the model's correction carried onto it.
    beside that surface. Where that surface lies under hair the warp brings from inside the photo's
    head (a temple turned into view), the warp is kept: stretched hair reads as hair, a fill as a
    band across it (``warped_hair``; hair in the photo, not a thin line of another colour that the
-   warp stretches).
+   warp stretches). An ear a turn brings into view that the photo shows as a sliver (the warp would
+   spread it into a flat smear) is the photo's other ear, cut out, mirrored by the mesh's ears and
+   laid behind the head (``mirrored_ears``).
 3. Composition: a feathered mask over everything that changed; it fades to zero before the crop
    square's edge (where the crop reflects the photo), and outside it the photo is returned bit for bit.
    The per-photo-pixel work (sampling the fields, the warp, the relight, the fill, the blend) runs in
@@ -892,8 +894,7 @@ def photo_fill(
     size = corr.size
     crop = _work_crop(photo, crop_to_photo, crop_size, size)
     moved = _warp_crop(crop, corr.flow)
-    ratio = np.exp(corr.log_ratio)  # as ``compose_edit`` relights
-    relit = linear_to_srgb(srgb_to_linear(moved) * ratio) if relight == "linear" else np.clip(moved * ratio, 0, 1)
+    relit = _relit(moved, corr, relight)
     source = _fill_sources(corr)
     if corr.jaw_rim is not None:  # the wall's blend by the jaw is not a kind of surface to fill with
         rows, cols = _source_pixels(corr.flow)
@@ -1000,9 +1001,7 @@ def mirrored_ears(
     linear = srgb_to_linear(crop)
     skin = (linear[..., 0] > linear[..., 1]) & (linear[..., 1] > linear[..., 2])
     skin &= linear[..., 2] < (1 - EAR_SATURATION) * linear[..., 0]
-    moved = _warp_crop(crop, corr.flow)
-    ratio = np.exp(corr.log_ratio)  # as ``compose_edit`` relights
-    relit = linear_to_srgb(srgb_to_linear(moved) * ratio) if relight == "linear" else np.clip(moved * ratio, 0, 1)
+    relit = _relit(_warp_crop(crop, corr.flow), corr, relight)
     shown = np.where(corr.unseen[..., None], fill, relit)  # the edit without the ear
     rows, cols = _source_pixels(corr.flow)
     v, u = np.mgrid[0:size, 0:size].astype(np.float64)
@@ -1080,6 +1079,13 @@ def _work_crop(photo: np.ndarray, crop_to_photo: np.ndarray, crop_size: int, siz
     """The photo's crop at the working size (sRGB in [0, 1], float32)."""
     work_to_photo = compose_affine(np.asarray(crop_to_photo, np.float64), resize_affine(crop_size, size))
     return warp(photo, work_to_photo, size).astype(np.float32) / 255.0
+
+
+def _relit(moved: np.ndarray, corr: Correspondence, relight: str) -> np.ndarray:
+    """The warped crop (``moved``, sRGB in [0, 1]) relit by ``corr``'s ratio as ``compose_edit`` relights
+    it, in ``relight``'s space (RELIGHT_SPACES)."""
+    ratio = np.exp(corr.log_ratio)
+    return linear_to_srgb(srgb_to_linear(moved) * ratio) if relight == "linear" else np.clip(moved * ratio, 0, 1)
 
 
 def _source_pixels(flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
