@@ -527,9 +527,9 @@ def _correspondence(
     log_ratio *= (relight_weight * edge * _open_edge_weight(screen1, open_edges, size))[..., None]
     log_ratio = np.broadcast_to(log_ratio, (size, size, 3))
     mirror = None if mirror_point is None else np.stack([mirror_point[..., 0] - u, mirror_point[..., 1] - v], -1)
-    ear_maps, front = (), None
-    if points is not None:
-        ear_maps = _ear_maps(model, g0, g1, flow, points)
+    ear_maps = () if points is None else _ear_maps(model, g0, g1, flow, points)
+    front = None
+    if ear_maps:
         # in front of an ear: the head's surface but its ears, no further out than the edited head's outline
         body = ndimage.gaussian_filter((covered & (kinds[..., 1] < 0.5)).astype(np.float32), 1.0)
         front = np.minimum(head_cover, body).astype(np.float32)
