@@ -48,6 +48,7 @@ from rigcli.render.compose import (
     SLIVER,
     TRUST_LEVELS,
     Correspondence,
+    EarMap,
     _closed_lids,
     _correspondence,
     _source_area,
@@ -797,6 +798,33 @@ def test_a_turn_that_reveals_an_ear_draws_it_from_the_photos_other_ear_mirrored(
     assert ear.sum() > 5000 and error[0] < 0.6 * error[1]  # 31.5 and 62.7
     mirrored, warped, *_ = edits([0.75, 0.55, 0.4])  # a wall of the skin's colour
     assert np.array_equal(mirrored, warped)
+
+
+def test_a_revealed_ear_stands_where_the_photos_own_sliver_of_it_says_not_where_the_mirror_puts_it():
+    """The fit's place across the face is off by a few pixels: the mesh's ears lie off the person's,
+    one outward, one inward, and the mirror turns that round and doubles it (obama-4 at --yaw -12: the
+    other ear, mirrored, stood out from the head 24 working pixels past the photo's own sliver of the
+    revealed ear). The sliver is that ear's outer rim against the wall: ``_sliver_offset`` is how far
+    its outer edge lies from the mirrored ear's, row by row, the temple's skin beside it aside."""
+    size = 128
+    v, u = np.mgrid[0:size, 0:size].astype(np.float64)
+    matte = ((u - 30) / 9) ** 2 + ((v - 64) / 20) ** 2 < 1  # the photo's other ear, on the image's left
+    mirror = np.array([[-1.0, 0.0], [0.0, 1.0], [128.0, 0.0]])  # x -> 128 - x: that ear's place on the right
+    true = ((u - 92) / 9) ** 2 + ((v - 64) / 20) ** 2 < 1  # this ear stands 6 px nearer the face than that
+    head = u < 95  # the head hides all of it but its outer rim
+    temple = (u > 90) & (u < 95) & (v > 40) & (v < 50)  # skin at the head's outline, level with the ear's top
+    skin = (true & ~head) | temple
+    ear = EarMap(
+        affine=np.zeros((3, 2)), source=matte, search=u < 64, sliver=u > 80, mirror=mirror, outward=1.0,
+        beyond=~head | temple,
+    )  # fmt: skip
+    offset = compose._sliver_offset(matte, ear, skin)
+    assert offset[1] == 0 and abs(offset[0] - -6) <= 1, offset
+    assert np.array_equal(compose._sliver_offset(matte, replace(ear, outward=-1.0), skin * 0), [0, 0])  # none seen
+    far = ((u - 60) / 9) ** 2 + ((v - 64) / 20) ** 2 < 1  # a sliver far off the ear: the move is bounded
+    assert compose._sliver_offset(matte, replace(ear, sliver=u > 40, beyond=~(u < 63)), far & (u >= 63))[0] == (
+        -compose.EAR_SHIFT * size
+    )
 
 
 def test_unseen_surface_is_inpainted_from_the_photo_and_openings_keep_the_render():

@@ -116,6 +116,7 @@ EAR_CLOSE = 0.01  # of the crop: gaps in the photo's ear this wide are closed (i
 EAR_SIZE = 2.0  # the photo's ear is within this factor of the mesh's ear's size, or no ear was found
 EAR_HOLD = 0.5  # the mesh's ear, moved onto the photo's, must hold skin over at least this share more than not
 EAR_EDGE = 0.35  # the photo's ear ends where its colour does: at most this share of a ring round it is skin
+EAR_ROWS = 0.02  # of the crop: the rows the sliver and the mirrored ear must share to place the ear by the sliver
 EAR_RING = 0.016  # of the crop: that ring's outer edge, its inner one past the ear's outline blend (OUTLINE_BLEND)
 
 
@@ -128,6 +129,9 @@ class EarMap:
     source: np.ndarray  # (S, S) bool, θ0: the hull of the mesh's other ear, which the photo's ear is matched to
     search: np.ndarray  # (S, S) bool, θ0: where the photo's other ear may lie (off the face, beyond the jaw's end)
     sliver: np.ndarray  # (S, S) bool, θ0: where the photo's own sliver of this ear may lie (the same, this side)
+    mirror: np.ndarray  # (3, 2): a working pixel under θ0 -> the θ0 pixel of its mirror image (this ear's)
+    outward: float  # +1 or -1: the image's x away from the face on this ear's side under θ0
+    beyond: np.ndarray  # (S, S) bool, θ0: off the mesh's head (its ears aside), where a sliver of ear shows
 
 
 @dataclass
@@ -556,6 +560,8 @@ def _ear_maps(model: FaceModel, g0, g1, flow: np.ndarray, points: np.ndarray) ->
     with torch.no_grad():
         weight = torch.from_numpy(proper).to(torch.float32)[None, :, None]
         ear1 = g1.fragments.interpolate(weight, model.triangles)[0, ..., 0].numpy() > 0.5
+        ear0 = g0.fragments.interpolate(weight, model.triangles)[0, ..., 0].numpy() > 0.5
+    beyond = ~ndimage.binary_dilation(g0.fragments.mask[0].numpy() & ~ear0, iterations=2)
     area = _source_area(flow)
     v, u = np.mgrid[0:size, 0:size].astype(np.float64)
     nose = float(points[27:31, 0].mean())
@@ -584,9 +590,11 @@ def _ear_maps(model: FaceModel, g0, g1, flow: np.ndarray, points: np.ndarray) ->
             continue
         other = mirror[ear]
         affine = np.linalg.lstsq(np.c_[s1[ear], np.ones(len(s1[ear]))], s0[other], rcond=None)[0]
+        mirrored = np.linalg.lstsq(np.c_[s0[ear], np.ones(len(s0[ear]))], s0[other], rcond=None)[0]
         source, search = around(other, float(np.sign(s0[other, 0].mean() - nose)))
-        _, sliver = around(np.nonzero(ear)[0], float(np.sign(s0[ear, 0].mean() - nose)))
-        maps.append(EarMap(affine, source, search, sliver))
+        outward = float(np.sign(s0[ear, 0].mean() - nose))
+        _, sliver = around(np.nonzero(ear)[0], outward)
+        maps.append(EarMap(affine, source, search, sliver, mirrored, outward, beyond))
     return tuple(maps)
 
 
@@ -991,9 +999,10 @@ def mirrored_ears(
     """``corr`` and ``fill`` (``photo_fill``'s) with each ear of ``corr.ear_maps`` drawn from the photo's
     other ear: a turn toward the camera that reveals an ear the photo shows as a sliver spread that
     sliver into a flat, smeared shape. A face is near symmetric, and a photo turned away from that ear
-    shows the other whole: it is cut out (``_photo_ear``), mirrored by the map, and laid behind the
-    head (``corr.front``) over the wall, which is inpainted where the sliver was. Where no clean cut of
-    the other ear is found (hair over it, a background of its colour) the ear is left to the warp."""
+    shows the other whole: it is cut out (``_photo_ear``), mirrored by the map, moved to where the
+    photo's sliver of this ear says it stands (``_sliver_offset``), and laid behind the head
+    (``corr.front``) over the wall, which is inpainted where the sliver was. Where no clean cut of the
+    other ear is found (hair over it, a background of its colour) the ear is left to the warp."""
     if not corr.ear_maps or corr.front is None or corr.head_cover is None:
         return corr, fill
     size = corr.size
@@ -1011,13 +1020,15 @@ def mirrored_ears(
         matte = _photo_ear(skin, linear.mean(-1), ear.source, ear.search)
         if matte is None:
             continue
-        src = (np.stack([u, v, np.ones_like(u)], -1) @ ear.affine).astype(np.float32)
+        offset = _sliver_offset(matte, ear, skin)
+        src = (np.stack([u, v, np.ones_like(u)], -1) @ ear.affine - offset @ ear.mirror[:2]).astype(np.float32)
         at = [src[..., 1], src[..., 0]]
         soft = ndimage.gaussian_filter(matte.astype(np.float32), 0.7)  # its outline a blend, as a photo's is
         alpha = ndimage.map_coordinates(soft, at, order=1)
         colour = np.stack([ndimage.map_coordinates(crop[..., c], at, order=1, mode="nearest") for c in range(3)], -1)
-        # the photo's own sliver of this ear, wherever the warp carries it: the wall (or the hair) there
-        sliver = (ear.sliver & skin)[rows, cols] & (front < 0.5)
+        # the photo's own sliver of this ear, its outline's blend with the wall included, wherever the
+        # warp carries it: the wall (or the hair) there
+        sliver = ndimage.binary_dilation(ear.sliver & skin, iterations=2)[rows, cols] & (front < 0.5)
         region = ndimage.binary_dilation((alpha * (1 - front) > 0.01) | sliver) & (front < 0.99)
         ring = ndimage.binary_dilation(region, iterations=3)
         wall = region_fill(relit, ring & ~region & ~sliver & (front < 0.01) & ~skin[rows, cols], ring)
@@ -1028,6 +1039,30 @@ def mirrored_ears(
         unseen |= region
         cover = np.maximum(cover, region.astype(np.float32))
     return replace(corr, unseen=unseen, head_cover=cover), fill.astype(np.float32)
+
+
+def _sliver_offset(matte: np.ndarray, ear: EarMap, skin: np.ndarray) -> np.ndarray:
+    """(2,): how far (θ0 working pixels, along x) the photo's own sliver of ``ear`` says the ear lies
+    from where its mirror image (``matte``, the photo's other ear) puts it. The mirror doubles any
+    error of the fit's place and turn across the face (the other ear lies off the mesh's one way,
+    this one the other). The sliver (skin past the mesh's head, its ears aside) is this ear's outer
+    rim against the wall: the median, over the rows both show, of its outer edge less the mirrored
+    ear's, within EAR_SHIFT of the crop; none where the photo shows no sliver (the mirror alone)."""
+    size = matte.shape[0]
+    v, u = np.mgrid[0:size, 0:size].astype(np.float64)
+    src = np.stack([u, v, np.ones_like(u)], -1) @ ear.mirror
+    placed = ndimage.map_coordinates(matte.astype(np.float32), [src[..., 1], src[..., 0]], order=1) > 0.5
+    sliver = ear.sliver & ear.beyond & skin
+    both = placed.any(1) & sliver.any(1)
+    if both.sum() < EAR_ROWS * size:
+        return np.zeros(2)
+    outer = u * ear.outward  # the larger, the farther from the face
+
+    def edge(mask: np.ndarray) -> np.ndarray:
+        return np.where(mask, outer, -np.inf)[both].max(1) * ear.outward
+
+    reach = EAR_SHIFT * size
+    return np.array([float(np.clip(np.median(edge(sliver) - edge(placed)), -reach, reach)), 0.0])
 
 
 def _photo_ear(skin: np.ndarray, light: np.ndarray, hull: np.ndarray, search: np.ndarray) -> np.ndarray | None:
