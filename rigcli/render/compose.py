@@ -1032,7 +1032,11 @@ def mirrored_ears(
         region = ndimage.binary_dilation((alpha * (1 - front) > 0.01) | sliver) & (front < 0.99)
         ring = ndimage.binary_dilation(region, iterations=3)
         wall = region_fill(relit, ring & ~region & ~sliver & (front < 0.01) & ~skin[rows, cols], ring)
-        behind = alpha[..., None] * colour + (1 - alpha[..., None]) * wall  # the ear over the wall
+        # the ear over what lies behind it: the edit without the ear within the edited head's outline
+        # (the mesh's ear, which ``front`` leaves out, may lie over a cheek the drawn ear does not
+        # reach once the sliver has moved it), the wall beyond
+        head = corr.head_cover[..., None]
+        behind = alpha[..., None] * colour + (1 - alpha[..., None]) * (head * shown + (1 - head) * wall)
         fill = np.where(region[..., None], front[..., None] * shown + (1 - front[..., None]) * behind, fill)
         # the feather beyond the region blends into what shows there
         fill = np.where((ring & ~region & ~unseen)[..., None], relit, fill)
