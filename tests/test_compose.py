@@ -805,7 +805,8 @@ def test_a_revealed_ear_stands_where_the_photos_own_sliver_of_it_says_not_where_
     one outward, one inward, and the mirror turns that round and doubles it (obama-4 at --yaw -12: the
     other ear, mirrored, stood out from the head 24 working pixels past the photo's own sliver of the
     revealed ear). The sliver is that ear's outer rim against the wall: ``_sliver_offset`` is how far
-    its outer edge lies from the mirrored ear's, row by row, the temple's skin beside it aside."""
+    its outer edge lies from the mirrored ear's, row by row, the temple's skin beside it aside; none
+    where no sliver shows, or where the skin runs on past it (a background of its colour)."""
     size = 128
     v, u = np.mgrid[0:size, 0:size].astype(np.float64)
     matte = ((u - 30) / 9) ** 2 + ((v - 64) / 20) ** 2 < 1  # the photo's other ear, on the image's left
@@ -820,7 +821,8 @@ def test_a_revealed_ear_stands_where_the_photos_own_sliver_of_it_says_not_where_
     )  # fmt: skip
     offset = compose._sliver_offset(matte, ear, skin)
     assert offset[1] == 0 and abs(offset[0] - -6) <= 1, offset
-    assert np.array_equal(compose._sliver_offset(matte, replace(ear, outward=-1.0), skin * 0), [0, 0])  # none seen
+    assert np.array_equal(compose._sliver_offset(matte, ear, skin * 0), [0, 0])  # no sliver shown
+    assert np.array_equal(compose._sliver_offset(matte, ear, skin | (u > 95)), [0, 0])  # a wall of skin's colour
     far = ((u - 60) / 9) ** 2 + ((v - 64) / 20) ** 2 < 1  # a sliver far off the ear: the move is bounded
     assert compose._sliver_offset(matte, replace(ear, sliver=u > 40, beyond=~(u < 63)), far & (u >= 63))[0] == (
         -compose.EAR_SHIFT * size

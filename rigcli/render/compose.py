@@ -117,6 +117,7 @@ EAR_SIZE = 2.0  # the photo's ear is within this factor of the mesh's ear's size
 EAR_HOLD = 0.5  # the mesh's ear, moved onto the photo's, must hold skin over at least this share more than not
 EAR_EDGE = 0.35  # the photo's ear ends where its colour does: at most this share of a ring round it is skin
 EAR_ROWS = 0.02  # of the crop: the rows the sliver and the mirrored ear must share to place the ear by the sliver
+EAR_WALL = 0.006  # of the crop: how far past the sliver's edge the wall must show for that row to count
 EAR_RING = 0.016  # of the crop: that ring's outer edge, its inner one past the ear's outline blend (OUTLINE_BLEND)
 
 
@@ -1050,8 +1051,10 @@ def _sliver_offset(matte: np.ndarray, ear: EarMap, skin: np.ndarray) -> np.ndarr
     from where its mirror image (``matte``, the photo's other ear) puts it. The mirror doubles any
     error of the fit's place and turn across the face (the other ear lies off the mesh's one way,
     this one the other). The sliver (skin past the mesh's head, its ears aside) is this ear's outer
-    rim against the wall: the median, over the rows both show, of its outer edge less the mirrored
-    ear's, within EAR_SHIFT of the crop; none where the photo shows no sliver (the mirror alone)."""
+    rim against the wall: the median, over the rows both show and where the wall follows the sliver
+    (EAR_WALL), of its outer edge less the mirrored ear's, within EAR_SHIFT of the crop; none where
+    the photo shows no sliver (the mirror alone) or no wall past it (a background of the skin's
+    colour)."""
     size = matte.shape[0]
     v, u = np.mgrid[0:size, 0:size].astype(np.float64)
     src = np.stack([u, v, np.ones_like(u)], -1) @ ear.mirror
@@ -1065,8 +1068,16 @@ def _sliver_offset(matte: np.ndarray, ear: EarMap, skin: np.ndarray) -> np.ndarr
     def edge(mask: np.ndarray) -> np.ndarray:
         return np.where(mask, outer, -np.inf)[both].max(1) * ear.outward
 
+    rim, mirrored = edge(sliver), edge(placed)
+    # a row counts where the wall (not skin, still where the sliver may lie) follows the sliver's edge:
+    # skin that runs on to the end of that search is a background of its colour, not an ear's rim
+    rows = np.nonzero(both)[0]
+    past = np.clip(np.round(rim + EAR_WALL * size * ear.outward).astype(int), 0, size - 1)
+    walled = ear.sliver[rows, past] & ~skin[rows, past]
+    if walled.sum() < EAR_ROWS * size:
+        return np.zeros(2)
     reach = EAR_SHIFT * size
-    return np.array([float(np.clip(np.median(edge(sliver) - edge(placed)), -reach, reach)), 0.0])
+    return np.array([float(np.clip(np.median((rim - mirrored)[walled]), -reach, reach)), 0.0])
 
 
 def _photo_ear(skin: np.ndarray, light: np.ndarray, hull: np.ndarray, search: np.ndarray) -> np.ndarray | None:
