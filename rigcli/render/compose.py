@@ -561,8 +561,6 @@ def _ear_maps(model: FaceModel, g0, g1, flow: np.ndarray, points: np.ndarray) ->
     with torch.no_grad():
         weight = torch.from_numpy(proper).to(torch.float32)[None, :, None]
         ear1 = g1.fragments.interpolate(weight, model.triangles)[0, ..., 0].numpy() > 0.5
-        ear0 = g0.fragments.interpolate(weight, model.triangles)[0, ..., 0].numpy() > 0.5
-    beyond = ~ndimage.binary_dilation(g0.fragments.mask[0].numpy() & ~ear0, iterations=2)
     area = _source_area(flow)
     v, u = np.mgrid[0:size, 0:size].astype(np.float64)
     nose = float(points[27:31, 0].mean())
@@ -595,8 +593,13 @@ def _ear_maps(model: FaceModel, g0, g1, flow: np.ndarray, points: np.ndarray) ->
         source, search = around(other, float(np.sign(s0[other, 0].mean() - nose)))
         outward = float(np.sign(s0[ear, 0].mean() - nose))
         _, sliver = around(np.nonzero(ear)[0], outward)
-        maps.append(EarMap(affine, source, search, sliver, mirrored, outward, beyond))
-    return tuple(maps)
+        maps.append((affine, source, search, sliver, mirrored, outward))
+    if not maps:
+        return ()
+    with torch.no_grad():  # off the mesh's head under θ0, its ears aside: where a sliver of ear shows
+        ear0 = g0.fragments.interpolate(weight, model.triangles)[0, ..., 0].numpy() > 0.5
+    beyond = ~ndimage.binary_dilation(g0.fragments.mask[0].numpy() & ~ear0, iterations=2)
+    return tuple(EarMap(*fields, beyond) for fields in maps)
 
 
 def _shadowed(
