@@ -461,7 +461,8 @@ def _correspondence(
     unseen = (covered & ~seen) | (hole & covered0.numpy()[src_row, src_col])
     # surface θ0 shows foreshortened to a sliver (an upper lid folded under the brow that a blink
     # spreads over the eye) would be smeared by the warp: the photo has too few pixels of it
-    unseen |= covered & (_source_area(flow) < STRETCH_MIN)
+    area = _source_area(flow)
+    unseen |= covered & (area < STRETCH_MIN)
     lids = lashes = head = head_cover = from_head = inside = rim_of_jaw = None
     if points is not None:
         lm = model.landmark_vertices[36:48]
@@ -532,7 +533,7 @@ def _correspondence(
     log_ratio *= (relight_weight * edge * _open_edge_weight(screen1, open_edges, size))[..., None]
     log_ratio = np.broadcast_to(log_ratio, (size, size, 3))
     mirror = None if mirror_point is None else np.stack([mirror_point[..., 0] - u, mirror_point[..., 1] - v], -1)
-    ear_maps = () if points is None else _ear_maps(model, g0, g1, flow, points)
+    ear_maps = () if points is None else _ear_maps(model, g0, g1, area, points)
     front = None
     if ear_maps:
         # in front of an ear: the head's surface but its ears, no further out than the edited head's outline
@@ -546,13 +547,14 @@ def _correspondence(
     return corr, g1
 
 
-def _ear_maps(model: FaceModel, g0, g1, flow: np.ndarray, points: np.ndarray) -> tuple[EarMap, ...]:
+def _ear_maps(model: FaceModel, g0, g1, area: np.ndarray, points: np.ndarray) -> tuple[EarMap, ...]:
     """The ears a turn brings into view that the photo shows as a sliver: the mesh's ear (``ear_proper``)
     on a side of the face whose warp spreads the photo's pixels over more than 1 / EAR_STRETCH of
-    their area (its median). Each is drawn from the photo's other ear: the affine map (least squares
-    over the ear's vertices) from this ear under θ1 to its mirror image under θ0, and where in the
-    photo to look for that ear (``points``: the photo's 68 landmarks, working pixels)."""
-    size = flow.shape[0]
+    their area (its median; ``area``: the flow's ``_source_area``). Each is drawn from the photo's
+    other ear: the affine map (least squares over the ear's vertices) from this ear under θ1 to its
+    mirror image under θ0, and where in the photo to look for that ear (``points``: the photo's 68
+    landmarks, working pixels)."""
+    size = area.shape[0]
     proper = ear_proper(model)
     mirror = mirror_vertices(model)
     lateral = np.sign(model.neutral[:, 0].cpu().numpy())
@@ -561,7 +563,6 @@ def _ear_maps(model: FaceModel, g0, g1, flow: np.ndarray, points: np.ndarray) ->
     with torch.no_grad():
         weight = torch.from_numpy(proper).to(torch.float32)[None, :, None]
         ear1 = g1.fragments.interpolate(weight, model.triangles)[0, ..., 0].numpy() > 0.5
-    area = _source_area(flow)
     v, u = np.mgrid[0:size, 0:size].astype(np.float64)
     nose = float(points[27:31, 0].mean())
     face = _polygon(np.concatenate([points[:17], points[26:16:-1]]), size)  # the jaw's and the brows' outline
@@ -1018,7 +1019,7 @@ def mirrored_ears(
     shown = np.where(corr.unseen[..., None], fill, relit)  # the edit without the ear
     rows, cols = _source_pixels(corr.flow)
     v, u = np.mgrid[0:size, 0:size].astype(np.float64)
-    front = corr.front
+    front, head = corr.front, corr.head_cover[..., None]
     unseen, cover, fill = corr.unseen.copy(), corr.head_cover.copy(), fill.copy()
     for ear in corr.ear_maps:
         matte = _photo_ear(skin, linear.mean(-1), ear.source, ear.search)
@@ -1039,7 +1040,6 @@ def mirrored_ears(
         # the ear over what lies behind it: the edit without the ear within the edited head's outline
         # (the mesh's ear, which ``front`` leaves out, may lie over a cheek the drawn ear does not
         # reach once the sliver has moved it), the wall beyond
-        head = corr.head_cover[..., None]
         behind = alpha[..., None] * colour + (1 - alpha[..., None]) * (head * shown + (1 - head) * wall)
         fill = np.where(region[..., None], front[..., None] * shown + (1 - front[..., None]) * behind, fill)
         # the feather beyond the region blends into what shows there
